@@ -1,0 +1,36 @@
+"""Summaries of a feature-cache folder for ``ltclip cache info``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import LtclipError
+from .store import FeatureCache, load_text_embeddings
+
+PROVENANCE_KEYS = ("model", "pretrained", "checkpoint_sha256", "quick_gelu", "preprocess", "dataset", "ltclip_version", "schema_version", "num_classes")
+
+
+def describe_cache(path: str | Path) -> dict:
+    """Per-file rows/shapes/completeness/size and the shared provenance attributes."""
+    path = Path(path)
+    files = sorted(path.glob("*.h5")) if path.is_dir() else [path]
+    if not files or not all(f.exists() for f in files):
+        raise LtclipError(f"{path}: no feature cache here (expected train.h5/val.h5/test.h5); run `ltclip extract`")
+    out, provenance = [], {}
+    for f in files:
+        if f.name == "text.h5":
+            text = load_text_embeddings(f)
+            out.append({"file": f.name, "rows": len(text.classnames), "embeds": list(text.embeds.shape),
+                        "templates": len(text.templates), "complete": True, "bytes": f.stat().st_size})
+            continue
+        with FeatureCache(f, allow_incomplete=True) as cache:
+            attrs = cache.attrs
+            done = attrs.get("complete", False)
+            out.append({
+                "file": f.name, "split": attrs.get("split"), "rows": cache.num_rows, "views": cache.views,
+                "embeds": [cache.num_rows, cache.views, cache.embed_dim],
+                "tokens": list(cache.token_shape) if cache.has_tokens else None,
+                "complete": bool(done), "bytes": cache.nbytes_on_disk, "manifest_sha256": attrs.get("manifest_sha256"),
+            })
+            provenance.update({k: attrs[k] for k in PROVENANCE_KEYS if k in attrs})
+    return {"path": str(path), "files": out, "provenance": provenance}

@@ -1,0 +1,1 @@
+"""Datasets: split manifests, the dataset registry, image loading, samplers."""

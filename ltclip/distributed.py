@@ -1,0 +1,54 @@
+"""torch.distributed helpers: process-group set-up from torchrun's environment, row ranges."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_type: str) -> DistContext:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1): NCCL on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(device: str, ctx: DistContext) -> torch.device:
+    """``auto`` → the rank's GPU when CUDA is available, else CPU."""
+    from .errors import LtclipError
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LtclipError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+        if device == "cuda":
+            device = f"cuda:{ctx.local_rank}"
+    elif device != "cpu":
+        raise LtclipError(f"--device {device!r}: choose auto, cpu or cuda")
+    return torch.device(device)

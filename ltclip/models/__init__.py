@@ -1,0 +1,1 @@
+"""Models: the open_clip backbone, text classifiers, heads, parameter-efficient fine-tuning."""

@@ -1,0 +1,1 @@
+"""One function per stage: extract, train-head, finetune, evaluate."""

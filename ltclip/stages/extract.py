@@ -1,0 +1,173 @@
+"""``ltclip extract``: run the frozen backbone once over every split; write the feature cache."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import ExtractConfig, provenance, save_json, to_dict
+from ..data.images import ImageSplit
+from ..data.registry import load_dataset
+from ..data.views import make_views
+from ..distributed import init_distributed, resolve_device
+from ..errors import LtclipError
+from ..models.backbone import load_backbone
+from ..models.text import text_classifier
+from ..progress import Progress
+from ..store import FeatureCache, FeatureWriter, join_shards, load_text_embeddings, save_text_embeddings, shard_path
+
+log = logging.getLogger(__name__)
+
+
+def _views_for(cfg: ExtractConfig, split: str, backbone):
+    if split == "train" and cfg.train_views > 0:
+        return make_views("train", backbone.preprocess, backbone.preprocess_cfg, count=cfg.train_views, seed=cfg.seed)
+    return make_views("center" if split == "train" else cfg.test_views, backbone.preprocess, backbone.preprocess_cfg)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise LtclipError("--precision fp16 needs --device cuda; use fp32 or bf16 on a CPU")
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def _complete(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        with FeatureCache(path, allow_incomplete=True) as cache:
+            return bool(cache.attrs.get("complete", False))
+    except LtclipError:
+        return False
+
+
+def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progress: Progress) -> dict:
+    """Write (or resume) one split's cache; with several ranks, each writes a shard and rank 0 joins."""
+    final = out / f"{split}.h5"
+    rows = dataset.split(split)
+    views = _views_for(cfg, split, backbone)
+    embed_dim, token_shape = backbone.encode_dims()
+    attrs = {
+        **{k: v for k, v in backbone.identity.items()},
+        "dataset": dataset.name,
+        "split": split,
+        "manifest": rows.source,
+        "manifest_sha256": rows.sha256,
+        "views_description": views.description,
+        "tokens_stored": bool(cfg.tokens),
+        "bad_images": cfg.bad_images,
+    }
+    if _complete(final):
+        # Same identity or a one-line refusal: opening for resume checks every attribute.
+        FeatureWriter.open(
+            final, num_rows=len(rows), embed_dim=embed_dim, block_size=cfg.block_size, attrs=attrs,
+            labels=rows.labels, classnames=dataset.classnames, paths=rows.keys,
+            token_shape=token_shape if cfg.tokens else None, views=views.count,
+        ).close()
+        return {"split": split, "rows": len(rows), "written": 0, "status": "up to date"}
+    writer = FeatureWriter.open(
+        final, num_rows=len(rows), embed_dim=embed_dim, block_size=cfg.block_size, attrs=attrs,
+        labels=rows.labels, classnames=dataset.classnames, paths=rows.keys,
+        token_shape=token_shape if cfg.tokens else None, views=views.count,
+        shard=(ctx.rank, ctx.world_size) if ctx.enabled else None,
+    )
+    skipped = []
+    with writer:
+        pending = writer.pending_blocks()
+        local_rows = [r for b in pending for r in range(*writer.block_range(b))]
+        todo = ImageSplit(dataset, split, views, cfg.bad_images, [writer.row_start + r for r in local_rows])
+        loader = DataLoader(
+            todo, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+            persistent_workers=False, shuffle=False,
+        )
+        block_iter = iter(pending)
+        block = next(block_iter, None)
+        buf_e = buf_t = None
+        filled = 0
+        with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), _autocast(device, cfg.precision):
+            for images, _, row_ids, ok in loader:
+                b, v = images.shape[:2]
+                x = images.flatten(0, 1).to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                emb, tok = backbone.encode(x, tokens=cfg.tokens)
+                emb = emb.float().view(b, v, -1).cpu().numpy().astype(np.float16)
+                tok = None if tok is None else tok.float().view(b, v, *tok.shape[1:]).cpu().numpy().astype(np.float16)
+                skipped.extend(int(r) for r, good in zip(row_ids, ok) if not good)
+                start = 0
+                while start < b:  # rows arrive in order; cut them into the writer's blocks
+                    lo, hi = writer.block_range(block)
+                    if buf_e is None:
+                        buf_e = np.empty((hi - lo, v, emb.shape[-1]), np.float16)
+                        buf_t = None if tok is None else np.empty((hi - lo, v, *tok.shape[2:]), np.float16)
+                    take = min(hi - lo - filled, b - start)
+                    buf_e[filled : filled + take] = emb[start : start + take]
+                    if buf_t is not None:
+                        buf_t[filled : filled + take] = tok[start : start + take]
+                    filled += take
+                    start += take
+                    if filled == hi - lo:
+                        squeeze = (lambda a: a[:, 0]) if v == 1 else (lambda a: a)
+                        writer.write_block(block, squeeze(buf_e), None if buf_t is None else squeeze(buf_t))
+                        block, buf_e, buf_t, filled = next(block_iter, None), None, None, 0
+                advance(b)
+        writer.finalise()
+    if skipped:
+        log.warning("%s: %d unreadable images were skipped (zero features): rows %s", split, len(skipped), skipped[:20])
+    ctx.barrier()
+    if ctx.enabled and ctx.is_main:
+        join_shards([shard_path(final, r) for r in range(ctx.world_size)], final)
+    ctx.barrier()
+    return {"split": split, "rows": len(rows), "written": len(todo), "skipped": skipped, "status": "written"}
+
+
+def _text_file(cfg, dataset, backbone, device, out: Path, progress: Progress) -> dict:
+    path = out / "text.h5"
+    templates = dataset.prompt_templates()
+    attrs = {**backbone.identity, "dataset": dataset.name}
+    if path.exists():
+        old = load_text_embeddings(path)
+        if old.classnames == dataset.classnames and old.templates == templates and all(
+            str(old.attrs.get(k)) == str(v) for k, v in attrs.items()
+        ):
+            return {"split": "text", "rows": len(templates) * dataset.num_classes, "status": "up to date"}
+    with progress.task(f"text ({dataset.num_classes:,} classes × {len(templates)} templates)", dataset.num_classes, "cls") as advance:
+        weights = text_classifier(backbone, dataset.classnames, templates, device=device, progress=advance)
+    save_text_embeddings(path, weights, dataset.classnames, templates, attrs)
+    return {"split": "text", "rows": dataset.num_classes, "status": "written"}
+
+
+def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
+    """Extract every requested split (resumable), then the class text embeddings. Returns a summary."""
+    progress = progress or Progress()
+    d = cfg.data
+    dataset = load_dataset(
+        d.dataset, d.data_root, manifest_dir=d.manifest_dir, split_files=d.split_files(), classnames_file=d.classnames,
+        templates=d.templates, imbalance=d.imbalance, download=d.download, seed=d.seed,
+    )
+    for split in cfg.splits:
+        dataset.split(split)  # refuse unknown splits before any work
+    if cfg.batch_size < 1 or cfg.block_size < 1 or cfg.workers < 0:
+        raise LtclipError("--batch-size and --block-size must be >= 1 and --workers >= 0")
+    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    ctx = init_distributed(device_type)
+    device = resolve_device(cfg.device, ctx)
+    backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
+    if cfg.tokens and not backbone.has_tokens:
+        raise LtclipError(f"--tokens: {cfg.model} is not an open_clip ViT, so it has no token sequence; pass --no-tokens")
+    if device.type == "cuda":
+        backbone.model.to(memory_format=torch.channels_last)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress) for s in cfg.splits]
+    if ctx.is_main:
+        results.append(_text_file(cfg, dataset, backbone, device, out, progress))
+        save_json(out / "extract.json", {"config": to_dict(cfg), "provenance": provenance(), "identity": backbone.identity})
+    return {"out": str(out), "splits": results, "identity": backbone.identity}
