@@ -75,25 +75,45 @@ def _display_name(text: str) -> str:
     return text.strip("/").split("/")[-1].replace("_", " ").strip()
 
 
-def read_classnames(path: str | Path) -> list[str]:
-    """Class names in label order from ``key name…`` lines, a bare name per line, or an iNat categories JSON."""
+def read_classnames(path: str | Path) -> list[tuple[str, str]]:
+    """``(key, display name)`` per line in file order, from ``key name…`` lines, a bare name per line,
+    or an iNaturalist categories JSON (keys are the ids, rows in id order)."""
     path = Path(path)
     if not path.is_file():
         raise LtclipError(f"{path}: class-name file not found; pass --classnames or put it in the data root")
     if path.suffix == ".json":
-        return _read_categories_json(path)
-    names = []
+        return [(str(i), name) for i, name in enumerate(_read_categories_json(path))]
+    pairs = []
     with open(path, encoding="utf-8") as f:
         for lineno, raw in enumerate(f, 1):
             parts = raw.split(maxsplit=1)
             if not parts:
                 continue
-            names.append(_display_name(parts[1] if len(parts) == 2 else parts[0]))
-            if not names[-1]:
+            pairs.append((parts[0], _display_name(parts[1] if len(parts) == 2 else parts[0])))
+            if not pairs[-1][1]:
                 raise LtclipError(f"{path}:{lineno}: empty class name")
-    if not names:
+    if not pairs:
         raise LtclipError(f"{path}: class-name file is empty")
-    return names
+    return pairs
+
+
+def align_classnames(pairs: list[tuple[str, str]], train: Split, source: str) -> list[str]:
+    """Class names in label order.
+
+    When the file's keys are folder names that appear in the train paths (Places-LT, ImageNet
+    wnids), each label takes the name whose key its images live under: the published
+    ``Places_LT_classnames.txt`` is sorted differently from the labels for 5 classes. Otherwise
+    the file's line order is the label order.
+    """
+    keys = {key: name for key, name in pairs}
+    by_label: dict[int, str] = {}
+    for path, label in zip(train.keys, train.labels.tolist()):
+        key = next((part for part in path.split("/")[:-1] if part in keys), None)
+        if key is None:
+            return [name for _, name in pairs]
+        if by_label.setdefault(label, key) != key:
+            raise LtclipError(f"{source}: label {label} has images under both {by_label[label]!r} and {key!r}; fix the split file")
+    return [keys[by_label[label]] for label in range(len(by_label))] if len(by_label) == len(pairs) else [name for _, name in pairs]
 
 
 def _read_categories_json(path: Path) -> list[str]:

@@ -12,6 +12,7 @@ from PIL import Image
 from ..errors import LtclipError
 from .base import LTDataset, Split
 from .manifests import (
+    align_classnames,
     check_train_covers_classes,
     classnames_from_folders,
     manifest_from_inat_json,
@@ -120,11 +121,13 @@ def load_dataset(
     dirs.append(root)
     files = {**spec.splits, **(split_files or {})}
     num_classes = spec.num_classes
+    pairs = None
     classnames = None
     names_file = classnames_file or spec.classnames.get("file")
     names_path = Path(names_file) if names_file and Path(names_file).is_file() else (names_file and _find(names_file, dirs))
     if names_path:
-        classnames = read_classnames(names_path)
+        pairs = read_classnames(names_path)
+        classnames = [name for _, name in pairs]
     elif "builtin" in spec.classnames:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
@@ -158,6 +161,8 @@ def load_dataset(
         if int(split.labels.max()) >= num_classes:  # labels from JSON are not range-checked while read
             raise LtclipError(f"{split.source}: label {int(split.labels.max())} >= number of classes {num_classes}")
     check_train_covers_classes(splits["train"], num_classes)
+    if pairs is not None:
+        classnames = align_classnames(pairs, splits["train"], str(names_path))
     if classnames is None:
         if "folder_depth" not in spec.classnames:
             raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")

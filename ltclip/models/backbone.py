@@ -7,7 +7,6 @@ One call builds the model, its evaluation preprocessing, its tokenizer and an id
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -106,6 +105,55 @@ def preprocess_fingerprint(cfg: dict) -> str:
     return json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.items())}, sort_keys=True)
 
 
+def resolve_weights(model_name: str, pretrained: str, preprocess_from: str | None = None) -> tuple[str | None, dict, dict]:
+    """Decide how open_clip loads ``pretrained`` for ``model_name``, before anything is built.
+
+    Returns open_clip's ``pretrained`` argument, extra ``create_model`` kwargs (QuickGELU,
+    preprocessing) and the identity record. OpenAI-style tags that were trained with QuickGELU get
+    it automatically. A checkpoint file gets the preprocessing of ``preprocess_from`` (a tag of the
+    model) or, when every tag of the model agrees, that one.
+    """
+    import open_clip
+
+    register_tiny_configs()
+    kwargs: dict = {}
+    identity = {"model": model_name, "pretrained": pretrained, "checkpoint_sha256": "", "quick_gelu": False}
+    if model_name.startswith("local-dir:"):
+        return None, kwargs, identity  # the folder's own config and preprocessing
+    if model_name not in open_clip.list_models():
+        raise LtclipError(f"--model {model_name!r}: unknown open_clip model{_close(model_name, open_clip.list_models())}")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained in ("none", ""):
+        return None, kwargs, identity
+    if os.path.isfile(pretrained):
+        identity["checkpoint_sha256"] = file_sha256(pretrained)
+        cfg = open_clip.get_pretrained_cfg(model_name, preprocess_from) if preprocess_from else _tag_preprocess(model_name)
+        if preprocess_from and not cfg:
+            raise LtclipError(f"--preprocess-from {preprocess_from!r}: not a tag of {model_name}{_close(preprocess_from, tags)}")
+        if cfg is None and tags:
+            raise LtclipError(
+                f"--pretrained {pretrained}: the tags of {model_name} use different preprocessing; "
+                "name the one this checkpoint needs with --preprocess-from TAG"
+            )
+        if cfg:
+            kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+            kwargs["force_quick_gelu"] = bool(preprocess_from and cfg.get("quick_gelu", False))
+        gelus = {bool(open_clip.get_pretrained_cfg(model_name, t).get("quick_gelu", False)) for t in tags}
+        if not preprocess_from and len(gelus) > 1:
+            log.warning(
+                "--pretrained %s: tags of %s differ in QuickGELU; loading with GELU. For OpenAI weights pass "
+                "--preprocess-from openai (or use %s-quickgelu)", pretrained, model_name, model_name,
+            )
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not tag_cfg:
+            listed = _close(pretrained, tags) or (f" (tags: {', '.join(tags[:8])})" if tags else " (it has no pretrained tags)")
+            raise LtclipError(f"--pretrained {pretrained!r}: not a file nor a tag of {model_name}{listed}")
+        kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+    identity["quick_gelu"] = bool(kwargs.get("force_quick_gelu", False))
+    return pretrained, kwargs, identity
+
+
 def load_backbone(
     model_name: str,
     pretrained: str = "none",
@@ -115,56 +163,20 @@ def load_backbone(
     preprocess_from: str | None = None,
     cache_dir: str | None = None,
 ) -> Backbone:
-    """Build an open_clip model + eval preprocessing.
+    """Build an open_clip model + eval preprocessing, frozen, in eval mode.
 
     ``pretrained``: an open_clip tag (downloaded once into open_clip's cache; set
-    ``HF_HUB_OFFLINE=1`` to use the cache offline), a checkpoint file, ``local-dir:/path`` via
-    ``model_name``, or ``none`` (random weights: warned about and recorded). OpenAI-style tags that
-    were trained with QuickGELU get it automatically. A checkpoint file gets the preprocessing of
-    ``preprocess_from`` (a tag of the model) or, when every tag of the model agrees, that one.
+    ``HF_HUB_OFFLINE=1`` to use the cache offline), a checkpoint file, or ``none`` (random weights:
+    warned about and recorded); ``model_name`` may be ``local-dir:/path`` (config + weights +
+    preprocessing from that folder). See :func:`resolve_weights`.
     """
     import open_clip
 
-    register_tiny_configs()
     if precision not in PRECISIONS:
         raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    kwargs: dict = {}
-    identity = {"model": model_name, "pretrained": pretrained, "checkpoint_sha256": "", "quick_gelu": False}
-    is_local_dir = model_name.startswith("local-dir:")
-    if not is_local_dir and model_name not in open_clip.list_models():
-        raise LtclipError(f"--model {model_name!r}: unknown open_clip model{_close(model_name, open_clip.list_models())}")
-    if is_local_dir:
-        pretrained_arg = None
-    elif pretrained in ("none", ""):
+    pretrained_arg, kwargs, identity = resolve_weights(model_name, pretrained, preprocess_from)
+    if pretrained_arg is None and not model_name.startswith("local-dir:"):
         log.warning("--pretrained none: %s has RANDOM weights; features are meaningless for real data", model_name)
-        pretrained_arg = None
-    elif os.path.isfile(pretrained):
-        identity["checkpoint_sha256"] = file_sha256(pretrained)
-        source = preprocess_from
-        cfg = open_clip.get_pretrained_cfg(model_name, source) if source else _tag_preprocess(model_name)
-        if source and not cfg:
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            raise LtclipError(f"--preprocess-from {source!r}: not a tag of {model_name}{_close(source, tags)}")
-        if cfg is None and open_clip.list_pretrained_tags_by_model(model_name):
-            raise LtclipError(
-                f"--pretrained {pretrained}: the tags of {model_name} use different preprocessing; "
-                "name the one this checkpoint needs with --preprocess-from TAG"
-            )
-        if cfg:
-            kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-            kwargs["force_quick_gelu"] = bool(source and cfg.get("quick_gelu", False))
-        pretrained_arg = pretrained
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-        if not tag_cfg:
-            raise LtclipError(
-                f"--pretrained {pretrained!r}: not a file nor a tag of {model_name}"
-                f"{_close(pretrained, tags) or ' (tags: ' + ', '.join(tags[:8]) + ')' if tags else ''}"
-            )
-        kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
-        pretrained_arg = pretrained
-    identity["quick_gelu"] = bool(kwargs.get("force_quick_gelu", False))
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained_arg, precision=precision, device=device, cache_dir=cache_dir, **kwargs
@@ -179,5 +191,4 @@ def load_backbone(
     model.requires_grad_(False)
     cfg = dict(model.visual.preprocess_cfg)
     identity["preprocess"] = preprocess_fingerprint(cfg)
-    identity["preprocess_sha256"] = hashlib.sha256(identity["preprocess"].encode()).hexdigest()[:16]
     return Backbone(model, preprocess, cfg, open_clip.get_tokenizer(model_name), identity)
