@@ -77,7 +77,7 @@ def test_load_builds_long_tailed_train_and_balanced_test(fake_cifar):
     assert set(ds.splits) == {"train", "test"}
     assert ds.num_classes == CLASSES and ds.name == "cifar100_lt"
     assert ds.classnames[-1] == "maple tree"
-    assert ds.templates == list(CIFAR100_TEMPLATES)
+    assert ds.prompt_templates() == list(CIFAR100_TEMPLATES)
     assert ds.train_counts().tolist() == long_tail_counts(CLASSES, TRAIN_PER_CLASS, 10)
     assert ds.split("test").class_counts(CLASSES).tolist() == [TEST_PER_CLASS] * CLASSES
     assert ds.info == {"imbalance": 10.0, "seed": 0, "official_files": False}
