@@ -126,7 +126,8 @@ def resolve_weights(model_name: str, pretrained: str, preprocess_from: str | Non
     if pretrained in ("none", ""):
         return None, kwargs, identity
     if os.path.isfile(pretrained):
-        identity["checkpoint_sha256"] = file_sha256(pretrained)
+        # the bytes identify a checkpoint, not its path: a moved file still matches its caches
+        identity.update(pretrained="file", checkpoint_sha256=file_sha256(pretrained))
         cfg = open_clip.get_pretrained_cfg(model_name, preprocess_from) if preprocess_from else _tag_preprocess(model_name)
         if preprocess_from and not cfg:
             raise LtclipError(f"--preprocess-from {preprocess_from!r}: not a tag of {model_name}{_close(preprocess_from, tags)}")
@@ -178,9 +179,11 @@ def load_backbone(
     if pretrained_arg is None and not model_name.startswith("local-dir:"):
         log.warning("--pretrained none: %s has RANDOM weights; features are meaningless for real data", model_name)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained_arg, precision=precision, device=device, cache_dir=cache_dir, **kwargs
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random weights ('none') are the same in every process and run
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained_arg, precision=precision, device=device, cache_dir=cache_dir, **kwargs
+            )
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LtclipError(

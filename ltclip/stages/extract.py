@@ -65,12 +65,10 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
         "bad_images": cfg.bad_images,
     }
     if _complete(final):
-        # Same identity or a one-line refusal: opening for resume checks every attribute.
-        FeatureWriter.open(
-            final, num_rows=len(rows), embed_dim=embed_dim, block_size=cfg.block_size, attrs=attrs,
-            labels=rows.labels, classnames=dataset.classnames, paths=rows.keys,
-            token_shape=token_shape if cfg.tokens else None, views=views.count,
-        ).close()
+        with FeatureCache(final) as cache:  # read-only: a finished cache is never reopened for writing
+            cache.expect(**attrs, num_rows=len(rows), views=views.count)
+            if cfg.tokens != cache.has_tokens:
+                raise LtclipError(f"{final} was made with{'out' if cfg.tokens else ''} tokens; pass another --out or delete it")
         return {"split": split, "rows": len(rows), "written": 0, "status": "up to date"}
     writer = FeatureWriter.open(
         final, num_rows=len(rows), embed_dim=embed_dim, block_size=cfg.block_size, attrs=attrs,
@@ -100,7 +98,11 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
                 emb, tok = backbone.encode(x, tokens=cfg.tokens)
                 emb = emb.float().view(b, v, -1).cpu().numpy().astype(np.float16)
                 tok = None if tok is None else tok.float().view(b, v, *tok.shape[1:]).cpu().numpy().astype(np.float16)
-                skipped.extend(int(r) for r, good in zip(row_ids, ok) if not good)
+                if not ok.all():  # skipped images: zero features, rows listed in the summary
+                    emb[~ok.numpy()] = 0
+                    if tok is not None:
+                        tok[~ok.numpy()] = 0
+                    skipped.extend(int(r) for r, good in zip(row_ids, ok) if not good)
                 start = 0
                 while start < b:  # rows arrive in order; cut them into the writer's blocks
                     lo, hi = writer.block_range(block)
