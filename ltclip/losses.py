@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import LtclipError
-from .registry import Registry
+from .registry import Registry, parse_options
 
 Counts = Union[Tensor, Sequence[float]]
 LossFn = Callable[..., Tensor]
@@ -61,28 +61,8 @@ def loss_defaults(name: str) -> dict:
 
 
 def parse_loss_opts(name: str, opts: Sequence[str]) -> dict:
-    """Parse ``["key=value", ...]`` into options of loss ``name``, typed like their defaults.
-
-    Option defaults are int, float or str; each value is converted with the default's type.
-    """
-    defaults = loss_defaults(name)
-    valid = ", ".join(defaults) or "none"
-    parsed = {}
-    for opt in opts:
-        key, sep, text = opt.partition("=")
-        key, text = key.strip(), text.strip()
-        if not sep:
-            raise LtclipError(f"--loss-opt {opt!r} must look like key=value; keys for loss {name!r}: {valid}")
-        if key not in defaults:
-            raise LtclipError(f"--loss-opt {key!r} is not an option of loss {name!r}; valid keys: {valid}")
-        kind = type(defaults[key])
-        try:
-            parsed[key] = kind(text)
-        except ValueError:
-            raise LtclipError(
-                f"--loss-opt {key}={text!r}: expected {kind.__name__} (default {defaults[key]!r})"
-            ) from None
-    return parsed
+    """Parse ``["key=value", ...]`` into options of loss ``name``, typed like their defaults."""
+    return parse_options("--loss-opt", f"loss {name!r}", loss_defaults(name), opts)
 
 
 def compute_loss(

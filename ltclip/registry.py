@@ -42,3 +42,39 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(text: str, default):
+    """``text`` as the type of ``default`` (bool accepts true/false, yes/no, on/off, 1/0)."""
+    if isinstance(default, bool):
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(text)
+    return type(default)(text)
+
+
+def parse_options(flag: str, owner: str, defaults: dict, opts) -> dict:
+    """Parse ``["key=value", ...]`` (the values of option ``flag``) against ``owner``'s ``defaults``.
+
+    Each value is converted to its default's type (bool, int, float or str); a malformed pair, an
+    unknown key or an unconvertible value raises a one-line LtclipError naming the valid keys.
+    """
+    valid = ", ".join(defaults) or "none"
+    parsed = {}
+    for opt in opts:
+        key, sep, text = opt.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep:
+            raise LtclipError(f"{flag} {opt!r} must look like key=value; keys for {owner}: {valid}")
+        if key not in defaults:
+            raise LtclipError(f"{flag} {key!r} is not an option of {owner}; valid keys: {valid}")
+        try:
+            parsed[key] = _convert(text, defaults[key])
+        except ValueError:
+            raise LtclipError(
+                f"{flag} {key}={text!r}: expected {type(defaults[key]).__name__} (default {defaults[key]!r})"
+            ) from None
+    return parsed

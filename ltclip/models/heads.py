@@ -1,0 +1,372 @@
+"""Classification heads on cached CLIP features: one registry, built by name with :func:`create_head`.
+
+A head reads either the pooled image embeddings ``embeds`` [B, D] or the frozen ViT's final token
+sequence ``tokens`` [B, T, W] (CLS at index 0, before ``ln_post`` and the projection), as float32
+(the cache's float16 is cast by the reader). ``features(x)`` is the penultimate representation
+[B, feature_dim] that two-stage methods retrain on; ``forward(x) == classifier(features(x))``.
+
+Every head records its constructor keywords in ``head.config`` (JSON-serialisable, without
+``text_embeds``), so ``create_head(name, **config, from_checkpoint=True)`` followed by
+``load_state_dict`` rebuilds a trained head. Keyword-only constructor parameters are the head's
+options (``--head-opt key=value``): :func:`head_defaults` reads them from the signature.
+
+Cost estimates (:func:`head_flops`, :func:`vit_flops`) count the multiply-accumulates (MACs) of
+matrix products only; normalisations, activations, softmax and residual adds are left out. One
+MAC is two FLOPs in ``torch.utils.flop_counter``'s convention.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import LtclipError
+from ..registry import Registry, parse_options
+
+HEADS: Registry[type["Head"]] = Registry("head")
+
+
+def _register(name: str):
+    """Register a head class under ``name`` and record the name on the class."""
+
+    def decorator(cls):
+        cls.name = name
+        return HEADS.register(name)(cls)
+
+    return decorator
+
+
+def _require(ok: bool, option: str, value, requirement: str) -> None:
+    if not ok:
+        raise LtclipError(f"--head-opt {option}={value!r}: {requirement}")
+
+
+def _check_dropout(dropout: float) -> None:
+    _require(0.0 <= dropout < 1.0, "dropout", dropout, "must be in [0, 1) (e.g. dropout=0.1)")
+
+
+class CosineClassifier(nn.Module):
+    """Logits ``scale · cos(x, w_j)``: normalised inputs and weights, a learned (or fixed) scale."""
+
+    def __init__(self, in_features: int, out_features: int, init_scale: float = 16.0, learn_scale: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.init_scale = in_features, out_features, float(init_scale)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if learn_scale:
+            self.scale = nn.Parameter(torch.empty(()))
+        else:
+            self.register_buffer("scale", torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random unit-scale rows (normal, std ``1/sqrt(in_features)``) and the initial scale."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.in_features))
+            self.scale.fill_(self.init_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+class Head(nn.Module):
+    """Base class: records the constructor keywords; subclasses set ``classifier`` and ``features``.
+
+    ``name`` is the registered name (set by registration), ``input`` the cache dataset it reads.
+    """
+
+    name: str
+    input = "embeds"
+    feature_dim: int
+    classifier: nn.Module
+
+    def __init__(self, num_classes: int, embed_dim: int, token_shape: Sequence[int] | None, **options):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.config = {
+            "num_classes": self.num_classes,
+            "embed_dim": int(embed_dim),
+            "token_shape": [int(n) for n in token_shape] if token_shape is not None else None,
+            **options,
+        }
+
+    def features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    def sample_macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-accumulates of one sample's forward (each weight matrix used once per sample)."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, (nn.Linear, CosineClassifier)))
+
+
+def _maybe_normalize(x: Tensor, normalize: bool) -> Tensor:
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+@_register("linear")
+class LinearHead(Head):
+    """Linear probe ``W x + b`` on the (by default L2-normalised) embedding."""
+
+    def __init__(self, num_classes, embed_dim, token_shape=None, text_embeds=None, *, normalize: bool = True):
+        super().__init__(num_classes, embed_dim, token_shape, normalize=normalize)
+        self.normalize = normalize
+        self.feature_dim = embed_dim
+        self.classifier = nn.Linear(embed_dim, num_classes)
+
+    def features(self, x):
+        return _maybe_normalize(x, self.normalize)
+
+
+@_register("cosine")
+class CosineHead(Head):
+    """Cosine classifier on the normalised embedding, scale learned from ``init_scale``."""
+
+    def __init__(
+        self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
+        init_scale: float = 16.0, learn_scale: bool = True,
+    ):
+        super().__init__(num_classes, embed_dim, token_shape, init_scale=init_scale, learn_scale=learn_scale)
+        _require(init_scale > 0, "init_scale", init_scale, "must be positive (e.g. init_scale=16)")
+        self.feature_dim = embed_dim
+        self.classifier = CosineClassifier(embed_dim, num_classes, init_scale, learn_scale)
+
+    def features(self, x):
+        return F.normalize(x, dim=-1)
+
+
+@_register("mlp")
+class MLPHead(Head):
+    """(Normalised) input → Linear(D, hidden) → GELU → dropout = features; Linear(hidden, C).
+
+    ``hidden=0`` means ``hidden = D``.
+    """
+
+    def __init__(
+        self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
+        hidden: int = 0, dropout: float = 0.0, normalize: bool = True,
+    ):
+        super().__init__(num_classes, embed_dim, token_shape, hidden=hidden, dropout=dropout, normalize=normalize)
+        _require(hidden >= 0, "hidden", hidden, "must be >= 0 (0 means the embedding size)")
+        _check_dropout(dropout)
+        self.normalize = normalize
+        self.feature_dim = hidden or embed_dim
+        self.fc = nn.Linear(embed_dim, self.feature_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x):
+        return self.dropout(F.gelu(self.fc(_maybe_normalize(x, self.normalize))))
+
+
+@_register("text-init")
+class TextInitHead(Head):
+    """Linear head on normalised embeddings starting as the zero-shot classifier.
+
+    The weight starts as ``logit_scale · text_embeds`` (rows as the zero-shot classifier has them,
+    normalised) and the bias as 0, so before training the logits are CLIP's zero-shot logits.
+    """
+
+    def __init__(self, num_classes, embed_dim, token_shape=None, text_embeds=None, *, logit_scale: float = 100.0):
+        if text_embeds is None:
+            raise LtclipError(
+                "--head text-init needs the class text embeddings (text.h5, written by extract beside the cache); "
+                "rerun extract or choose another --head"
+            )
+        super().__init__(num_classes, embed_dim, token_shape, logit_scale=logit_scale)
+        text_embeds = torch.as_tensor(text_embeds, dtype=torch.float32)
+        if tuple(text_embeds.shape) != (num_classes, embed_dim):
+            raise LtclipError(
+                f"--head text-init: text embeddings have shape {tuple(text_embeds.shape)}, expected "
+                f"({num_classes}, {embed_dim}); use the text.h5 extracted with this cache"
+            )
+        self.feature_dim = embed_dim
+        self.classifier = nn.Linear(embed_dim, num_classes)
+        with torch.no_grad():
+            self.classifier.weight.copy_(logit_scale * text_embeds)
+            self.classifier.bias.zero_()
+
+    def features(self, x):
+        return F.normalize(x, dim=-1)
+
+
+def _init_vit_weights(module: nn.Module) -> None:
+    """timm ViT initialisation: trunc-normal(std .02) linears, zero biases, LayerNorm ones/zeros."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _block_macs(tokens: int, width: int, mlp_hidden: int) -> int:
+    """MACs of one pre-norm transformer block over ``tokens`` tokens of ``width``.
+
+    Per token: qkv ``3W²``, attention scores and weighted sum ``2TW``, output projection ``W²``,
+    MLP ``2Wh``.
+    """
+    return tokens * (4 * width * width + 2 * tokens * width + 2 * width * mlp_hidden)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (GELU).
+
+    ``dropout`` applies to the attention probabilities and to both residual branches.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_hidden: int, qkv_bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, mlp_hidden)
+        self.fc2 = nn.Linear(mlp_hidden, width)
+
+    def attention(self, x: Tensor) -> Tensor:
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, t, w))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + F.dropout(self.attention(self.norm1(x)), self.dropout, self.training)
+        mlp = self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x + F.dropout(mlp, self.dropout, self.training)
+
+
+@_register("decoder")
+class DecoderHead(Head):
+    """The lightweight decoder of Wang et al. (IJCV 2023) over the ViT token sequence.
+
+    ``depth`` pre-norm blocks (``heads`` attention heads with qkv bias, MLP hidden
+    ``mlp_ratio · W``), a final LayerNorm, and the CLS token (index 0) → Linear(W, C).
+    """
+
+    input = "tokens"
+
+    def __init__(
+        self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
+        depth: int = 3, heads: int = 4, mlp_ratio: float = 0.5, qkv_bias: bool = True, dropout: float = 0.0,
+    ):
+        if token_shape is None:
+            raise LtclipError("--head decoder needs token sequences; re-extract with --tokens")
+        super().__init__(
+            num_classes, embed_dim, token_shape, depth=depth, heads=heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+            dropout=dropout,
+        )
+        width = int(token_shape[-1])
+        self.mlp_hidden = int(width * mlp_ratio)
+        _require(depth >= 0, "depth", depth, "must be >= 0 (e.g. depth=3)")
+        _require(heads >= 1 and width % heads == 0, "heads", heads, f"must divide the token width {width} (e.g. 4)")
+        _require(self.mlp_hidden >= 1, "mlp_ratio", mlp_ratio, f"mlp_ratio · {width} must be >= 1 (e.g. 0.5)")
+        _check_dropout(dropout)
+        self.feature_dim = width
+        self.blocks = nn.ModuleList(
+            DecoderBlock(width, heads, self.mlp_hidden, qkv_bias, dropout) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, num_classes)
+        self.apply(_init_vit_weights)
+
+    def features(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x[:, 0])
+
+    def sample_macs(self, input_shape):
+        tokens, width = input_shape[-2:]
+        return len(self.blocks) * _block_macs(tokens, width, self.mlp_hidden) + self.classifier.weight.numel()
+
+
+# ---------------------------------------------------------------- factory
+
+
+def list_heads(pattern: str = "*") -> list[str]:
+    """Sorted registered head names matching a glob pattern."""
+    return HEADS.names(pattern)
+
+
+def head_defaults(name: str) -> dict:
+    """The head's own options and their defaults, read from its constructor's keyword-only parameters."""
+    params = inspect.signature(HEADS.get(name).__init__).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def parse_head_opts(name: str, opts: Sequence[str]) -> dict:
+    """Parse ``["key=value", ...]`` into options of head ``name``, typed like their defaults."""
+    return parse_options("--head-opt", f"head {name!r}", head_defaults(name), opts)
+
+
+def create_head(
+    name: str,
+    *,
+    num_classes: int,
+    embed_dim: int,
+    token_shape: Sequence[int] | None = None,
+    text_embeds: Tensor | None = None,
+    from_checkpoint: bool = False,
+    **params,
+) -> Head:
+    """Build head ``name`` for ``num_classes`` classes on embeddings of ``embed_dim`` (tokens [T, W]).
+
+    ``text_embeds`` [C, D] is the zero-shot classifier (used by ``text-init``). With
+    ``from_checkpoint=True`` missing text embeddings are replaced by zeros, to be overwritten by
+    ``load_state_dict``: ``create_head(name, **head.config, from_checkpoint=True)`` rebuilds ``head``.
+    """
+    cls = HEADS.get(name)
+    defaults = head_defaults(name)
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        valid = ", ".join(defaults) or "none"
+        raise LtclipError(f"--head-opt {', '.join(unknown)}: not an option of head {name!r}; valid keys: {valid}")
+    if from_checkpoint and text_embeds is None:
+        text_embeds = torch.zeros(num_classes, embed_dim)
+    return cls(num_classes, embed_dim, token_shape, text_embeds, **params)
+
+
+# ---------------------------------------------------------------- cost estimates
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (only those with ``requires_grad`` when ``trainable_only``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def head_flops(head: Head, batch_inputs_shape: Sequence[int]) -> int:
+    """Forward MACs of ``head`` on a batch of inputs shaped ``[B, D]`` or ``[B, T, W]`` (see module doc)."""
+    return int(batch_inputs_shape[0]) * head.sample_macs(tuple(batch_inputs_shape[1:]))
+
+
+def vit_flops(visual: nn.Module, image_size: int | Sequence[int]) -> int:
+    """Forward MACs of one image through an open_clip ``VisionTransformer`` (matrix products only).
+
+    With patch size ``p``, ``N = (H/p)(W/p)`` patches, ``T = N + 1`` tokens (CLS), width ``W``, MLP
+    hidden ``h``, ``L`` blocks and output dim ``D``::
+
+        MACs = N · 3p²W                                 patch embedding (a p×p, stride-p convolution)
+             + L · T · (4W² + 2TW + 2Wh)                per block: qkv, attention, projection, MLP
+             + W · D                                    projection of the pooled token
+    """
+    if getattr(visual, "attn_pool", None) is not None:
+        raise LtclipError("vit_flops: attentional-pooler ViTs are not supported; use a standard open_clip ViT")
+    height, width_px = (image_size, image_size) if isinstance(image_size, int) else image_size
+    conv = visual.conv1
+    ph, pw = conv.kernel_size
+    patches = (height // ph) * (width_px // pw)
+    width = visual.transformer.width
+    blocks = visual.transformer.resblocks
+    mlp_hidden = blocks[0].mlp.c_fc.out_features
+    macs = patches * conv.weight.numel() + len(blocks) * _block_macs(patches + 1, width, mlp_hidden)
+    if visual.proj is not None:
+        macs += visual.proj.numel()
+    return macs

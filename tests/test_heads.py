@@ -1,0 +1,252 @@
+"""Heads against independent references: nn.MultiheadAttention blocks, closed-form parameter
+counts, zero-shot logits, numpy cosines, and torch's FLOP counter for the cost estimates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ltclip.errors import LtclipError
+from ltclip.models.heads import (
+    CosineClassifier,
+    count_params,
+    create_head,
+    head_defaults,
+    head_flops,
+    list_heads,
+    parse_head_opts,
+    vit_flops,
+)
+
+C, D, T, W = 7, 24, 9, 32
+TEXT = F.normalize(torch.randn(C, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+
+
+def build(name, seed=0, **params):
+    torch.manual_seed(seed)
+    return create_head(name, num_classes=C, embed_dim=D, token_shape=(T, W), text_embeds=TEXT, **params).eval()
+
+
+def batch(head, n=5, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, T, W, generator=g) if head.input == "tokens" else torch.randn(n, D, generator=g)
+
+
+def test_registry_lists_every_head():
+    assert list_heads() == ["cosine", "decoder", "linear", "mlp", "text-init"]
+    assert [build(n).input for n in list_heads()] == ["embeds", "tokens", "embeds", "embeds", "embeds"]
+    assert head_defaults("decoder") == {"depth": 3, "heads": 4, "mlp_ratio": 0.5, "qkv_bias": True, "dropout": 0.0}
+
+
+@pytest.mark.parametrize("name", ["cosine", "decoder", "linear", "mlp", "text-init"])
+def test_head_contract(name):
+    head = build(name)
+    assert head.name == name
+    x = batch(head)
+    logits = head(x)
+    feats = head.features(x)
+    assert logits.shape == (5, C)
+    assert feats.shape == (5, head.feature_dim)
+    assert torch.equal(head.classifier(feats), logits)
+    assert torch.equal(build(name)(x), logits)  # same seed, same head
+
+    with torch.no_grad():  # move away from the initial weights so the rebuild must load them
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    config = json.loads(json.dumps(head.config))
+    assert "text_embeds" not in config
+    torch.manual_seed(123)
+    rebuilt = create_head(name, **config, from_checkpoint=True)
+    rebuilt.load_state_dict(head.state_dict())
+    rebuilt.eval()
+    assert torch.equal(rebuilt(x), head(x))
+
+
+def test_mlp_hidden_zero_means_embedding_size():
+    assert build("mlp").feature_dim == D
+    assert build("mlp", hidden=10).feature_dim == 10
+
+
+def test_linear_without_normalisation_is_affine():
+    head = build("linear", normalize=False)
+    x = batch(head)
+    torch.testing.assert_close(head(x), x @ head.classifier.weight.T + head.classifier.bias)
+
+
+# ---------------------------------------------------------------- decoder vs an independent reference
+
+
+def layer_norm(x, ln):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def reference_block(block, x, heads):
+    """The same block computed with nn.MultiheadAttention and hand-written LayerNorm / MLP."""
+    mha = torch.nn.MultiheadAttention(x.shape[-1], heads, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(block.qkv.weight)
+        mha.in_proj_bias.copy_(block.qkv.bias)
+        mha.out_proj.weight.copy_(block.proj.weight)
+        mha.out_proj.bias.copy_(block.proj.bias)
+    mha.train()  # keeps nn.MultiheadAttention off its fused fast path
+    h = layer_norm(x, block.norm1)
+    x = x + mha(h, h, h, need_weights=False)[0]
+    h = layer_norm(x, block.norm2)
+    return x + (gelu(h @ block.fc1.weight.T + block.fc1.bias) @ block.fc2.weight.T + block.fc2.bias)
+
+
+def test_decoder_matches_multihead_attention_reference():
+    head = build("decoder", depth=2)
+    with torch.no_grad():  # non-trivial LayerNorm and bias parameters
+        for name, p in head.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("norm1.weight") else 0.0))
+    x = batch(head)
+    with torch.no_grad():
+        ref = x
+        for block in head.blocks:
+            out = block(ref)
+            ref = reference_block(block, ref, heads=4)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        ref = layer_norm(ref[:, 0], head.norm) @ head.classifier.weight.T + head.classifier.bias
+        torch.testing.assert_close(head(x), ref, rtol=0, atol=1e-5)
+
+
+def test_decoder_parameter_count_closed_form():
+    depth, width, h = 3, W, int(W * 0.5)
+    per_block = 4 * width + (3 * width**2 + 3 * width) + (width**2 + width) + (2 * width * h + h + width)
+    expected = depth * per_block + 2 * width + (width * C + C)
+    assert count_params(build("decoder")) == expected
+
+
+def test_decoder_initialisation_is_timm_style():
+    head = build("decoder")
+    assert torch.equal(head.norm.weight, torch.ones(W)) and torch.equal(head.blocks[0].qkv.bias, torch.zeros(3 * W))
+    w = torch.cat([b.fc1.weight.flatten() for b in head.blocks])
+    assert abs(w.std().item() - 0.02) < 0.004
+
+
+def test_count_params_trainable_only():
+    head = build("cosine", learn_scale=False)
+    assert count_params(head) == count_params(head, trainable_only=True) == C * D
+    head.classifier.weight.requires_grad_(False)
+    assert count_params(head, trainable_only=True) == 0
+
+
+# ---------------------------------------------------------------- text-init and cosine
+
+
+def test_text_init_reproduces_zero_shot_logits():
+    head = build("text-init")
+    x = batch(head)
+    zero_shot = 100.0 * F.normalize(x, dim=-1) @ TEXT.T
+    torch.testing.assert_close(head(x), zero_shot, rtol=1e-6, atol=1e-5)
+    assert torch.equal(head(x).argmax(1), zero_shot.argmax(1))
+
+
+def test_cosine_logits_match_numpy():
+    head = build("cosine", init_scale=10.0)
+    with torch.no_grad():
+        head.classifier.scale.fill_(12.5)
+    x = batch(head)
+    xn, wn = x.double().numpy(), head.classifier.weight.detach().double().numpy()
+    cos = (xn / np.linalg.norm(xn, axis=1, keepdims=True)) @ (wn / np.linalg.norm(wn, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(head(x).detach().numpy(), 12.5 * cos, rtol=1e-5, atol=1e-5)
+    assert isinstance(head.classifier.scale, torch.nn.Parameter)
+    head.classifier.reset_parameters()  # what cRT calls to re-initialise a classifier
+    assert head.classifier.scale.item() == 10.0
+    fixed = CosineClassifier(D, C, init_scale=3.0, learn_scale=False)
+    assert "scale" in dict(fixed.named_buffers()) and "scale" not in dict(fixed.named_parameters())
+
+
+# ---------------------------------------------------------------- errors and options
+
+
+def test_decoder_without_tokens_is_refused():
+    with pytest.raises(LtclipError, match="^--head decoder needs token sequences; re-extract with --tokens$"):
+        create_head("decoder", num_classes=C, embed_dim=D)
+
+
+def test_text_init_without_text_embeds_is_refused_unless_rebuilding():
+    with pytest.raises(LtclipError, match="text-init needs the class text embeddings"):
+        create_head("text-init", num_classes=C, embed_dim=D)
+    with pytest.raises(LtclipError, match=r"text embeddings have shape \(7, 3\)"):
+        create_head("text-init", num_classes=C, embed_dim=D, text_embeds=torch.zeros(C, 3))
+    assert create_head("text-init", num_classes=C, embed_dim=D, from_checkpoint=True).config["logit_scale"] == 100.0
+
+
+def test_unknown_head_and_bad_options():
+    with pytest.raises(LtclipError, match="unknown head 'linera'.*did you mean linear"):
+        create_head("linera", num_classes=C, embed_dim=D)
+    with pytest.raises(LtclipError, match="--head-opt depht: not an option of head 'decoder'"):
+        build("decoder", depht=2)
+    with pytest.raises(LtclipError, match="--head-opt heads=5: must divide the token width 32"):
+        build("decoder", heads=5)
+    with pytest.raises(LtclipError, match="--head-opt dropout=1.0"):
+        build("mlp", dropout=1.0)
+    with pytest.raises(LtclipError, match="--head-opt init_scale=0.0"):
+        build("cosine", init_scale=0.0)
+
+
+def test_parse_head_opts():
+    assert parse_head_opts("decoder", ["depth=2", " heads = 8", "qkv_bias=false", "dropout=0.1"]) == {
+        "depth": 2, "heads": 8, "qkv_bias": False, "dropout": 0.1,
+    }
+    assert parse_head_opts("cosine", ["learn_scale=yes"]) == {"learn_scale": True}
+    with pytest.raises(LtclipError, match="must look like key=value"):
+        parse_head_opts("decoder", ["depth"])
+    with pytest.raises(LtclipError, match="'width' is not an option of head 'decoder'; valid keys: depth"):
+        parse_head_opts("decoder", ["width=3"])
+    with pytest.raises(LtclipError, match=r"depth='2.5': expected int"):
+        parse_head_opts("decoder", ["depth=2.5"])
+    with pytest.raises(LtclipError, match=r"qkv_bias='maybe': expected bool"):
+        parse_head_opts("decoder", ["qkv_bias=maybe"])
+
+
+# ---------------------------------------------------------------- cost estimates vs FlopCounterMode
+
+
+def counted_macs(fn, *args) -> int:
+    """Multiply-accumulates counted by torch (2 FLOPs per MAC).
+
+    The counter does not see the fused CPU attention kernels, so attention runs on the math
+    backend, whose matrix products it counts.
+    """
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops() // 2
+
+
+def test_vit_flops_matches_flop_counter():
+    import open_clip
+
+    from ltclip.models.backbone import register_tiny_configs
+
+    register_tiny_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("ltclip-tiny-vit")
+    size = model.visual.image_size
+    counted = counted_macs(model.encode_image, torch.zeros(3, 3, *size))
+    # 1 %: dropping the attention term alone would be off by ~4 % on this tiny model
+    assert abs(3 * vit_flops(model.visual, size) - counted) / counted < 0.01
+
+
+@pytest.mark.parametrize("name", ["decoder", "mlp", "linear"])
+def test_head_flops_matches_flop_counter(name):
+    head = build(name)
+    x = batch(head, n=4)
+    counted = counted_macs(head, x)
+    assert abs(head_flops(head, tuple(x.shape)) - counted) / counted < 0.01
