@@ -25,12 +25,11 @@ def describe_cache(path: str | Path) -> dict:
             continue
         with FeatureCache(f, allow_incomplete=True) as cache:
             attrs = cache.attrs
-            done = attrs.get("complete", False)
             out.append({
                 "file": f.name, "split": attrs.get("split"), "rows": cache.num_rows, "views": cache.views,
                 "embeds": [cache.num_rows, cache.views, cache.embed_dim],
                 "tokens": list(cache.token_shape) if cache.has_tokens else None,
-                "complete": bool(done), "bytes": cache.nbytes_on_disk, "manifest_sha256": attrs.get("manifest_sha256"),
+                "complete": cache.complete, "bytes": cache.nbytes_on_disk, "manifest_sha256": attrs.get("manifest_sha256"),
             })
             provenance.update({k: attrs[k] for k in PROVENANCE_KEYS if k in attrs})
     return {"path": str(path), "files": out, "provenance": provenance}

@@ -43,7 +43,7 @@ def _complete(path: Path) -> bool:
         return False
     try:
         with FeatureCache(path, allow_incomplete=True) as cache:
-            return bool(cache.attrs.get("complete", False))
+            return cache.complete
     except LtclipError:
         return False
 
