@@ -63,7 +63,12 @@ def _load_config(ctx: typer.Context, param, value: Optional[str]):
             data = load_config_file(value)
         except LtclipError as err:
             raise typer.BadParameter(str(err)) from None
-        ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        known = {p.name for p in ctx.command.params} - {"config"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise typer.BadParameter(f"{value}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 
 
@@ -328,10 +333,98 @@ def _not_built(stage: str):
     raise typer.Exit(2)
 
 
-@app.command("train-head", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train_head():
-    """Train a decoder/linear head with an imbalance-aware loss on a feature cache."""
-    _not_built("train-head")
+def _choices(kind: str) -> str:
+    """The registered names of ``kind`` for help texts (read from the registries, imported lazily)."""
+    import importlib
+
+    module, attr = {"loss": ("ltclip.losses", "LOSSES"), "head": ("ltclip.models.heads", "HEADS"),
+                    "sampler": ("ltclip.data.samplers", "SAMPLERS"), "two-stage": ("ltclip.two_stage", "TWO_STAGE")}[kind]
+    return ", ".join(getattr(importlib.import_module(module), attr).names())
+
+
+def _check_choice(kind: str, value: str | None) -> None:
+    if value is not None and value not in _choices(kind).split(", "):
+        import difflib
+
+        close = difflib.get_close_matches(value, _choices(kind).split(", "), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise LtclipError(f"--{kind} {value!r}: unknown{hint}; choose one of {_choices(kind)}")
+
+
+@app.command("train-head")
+@guarded
+def train_head(
+    out: Annotated[str, typer.Option("--out", "-o", help="Run folder (config, checkpoints, train_log.jsonl, model.pt).")],
+    config: ConfigFile = None,
+    features: Annotated[str, typer.Option("--features", "-f", help="Feature cache folder from `ltclip extract`.")] = "",
+    head: Annotated[str, typer.Option("--head", help="decoder, linear, cosine, mlp or text-init (`ltclip list heads`).")] = "decoder",
+    head_opts: Annotated[list[str], typer.Option("--head-opt", help="Head option key=value (repeatable), e.g. depth=3.")] = [],
+    loss: Annotated[str, typer.Option("--loss", help="Loss name (`ltclip list losses`).")] = "ce",
+    loss_opts: Annotated[list[str], typer.Option("--loss-opt", help="Loss option key=value (repeatable), e.g. tau=1.")] = [],
+    sampler: Annotated[str, typer.Option("--sampler", help="instance, class-balanced, sqrt or progressive.")] = "instance",
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (one epoch = as many draws as training rows).")] = 10,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Total optimiser steps instead of --epochs.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sgd.")] = "adamw",
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
+    warmup: Annotated[float, typer.Option("--warmup", help="Linear warm-up, in epochs.")] = 0.0,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the gradient norm (0: off).")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    max_ram: Annotated[Optional[str], typer.Option("--max-ram", help="Stream token caches larger than this (e.g. 8G).")] = None,
+    val_split: Annotated[str, typer.Option("--val-split", help="Split for model selection.")] = "val",
+    from_run: Annotated[Optional[str], typer.Option("--from", help="Finished first-stage run for --two-stage / --posthoc-la.")] = None,
+    two_stage: Annotated[Optional[str], typer.Option("--two-stage", help="crt, lws, tau-norm, disalign, marc or ncm.")] = None,
+    two_stage_opts: Annotated[list[str], typer.Option("--two-stage-opt", help="Second-stage option key=value (repeatable).")] = [],
+    posthoc_la: Annotated[bool, typer.Option("--posthoc-la", help="Post-hoc logit adjustment, tau chosen on val.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+):
+    """Train a decoder/linear head with an imbalance-aware loss on a feature cache (or a second stage)."""
+    from .config import TrainHeadConfig
+    from .progress import RichProgress
+    from .stages.train_head import run_train_head
+
+    _check_choice("head", head)
+    _check_choice("loss", loss)
+    _check_choice("sampler", sampler)
+    _check_choice("two-stage", two_stage)
+    if not features and not from_run:
+        raise LtclipError("--features DIR is required (or --from RUN for a second stage)")
+    cfg = TrainHeadConfig(
+        features=features, out=out, head=head, head_opts=tuple(head_opts), loss=loss, loss_opts=tuple(loss_opts),
+        sampler=sampler, epochs=epochs, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
+        weight_decay=weight_decay, momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip, seed=seed,
+        device=device, max_ram=max_ram, val_split=val_split, from_run=from_run, two_stage=two_stage,
+        two_stage_opts=tuple(two_stage_opts), posthoc_la=posthoc_la,
+    )
+    progress = RichProgress()
+    result = run_train_head(cfg, progress, resume=resume)
+    best = result["best"] or {}
+    tail = f", best val balanced accuracy {best['val_balanced_accuracy']:.2f}% (epoch {best['epoch']})" if best.get("val_balanced_accuracy") is not None and best.get("epoch") is not None else ""
+    progress.log(f"run: {result['out']}{tail}")
+
+
+@app.command("list")
+@guarded
+def list_registered(kind: Annotated[str, typer.Argument(help="losses, heads, samplers or two-stage.")]):
+    """Names (and options with defaults) of the registered losses, heads, samplers, two-stage methods."""
+    singular = {"losses": "loss", "heads": "head", "samplers": "sampler", "two-stage": "two-stage"}
+    if kind not in singular:
+        raise LtclipError(f"ltclip list {kind!r}: choose losses, heads, samplers or two-stage")
+    for name in _choices(singular[kind]).split(", "):
+        defaults = ""
+        if kind == "losses":
+            from .losses import loss_defaults
+
+            defaults = " ".join(f"{k}={v}" for k, v in loss_defaults(name).items())
+        elif kind == "heads":
+            from .models.heads import head_defaults
+
+            defaults = " ".join(f"{k}={v}" for k, v in head_defaults(name).items())
+        typer.echo(f"{name:20s} {defaults}".rstrip())
 
 
 @app.command("finetune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -340,10 +433,44 @@ def finetune():
     _not_built("finetune")
 
 
-@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def evaluate():
-    """Shot-group metrics for runs and zero-shot / kNN baselines; reports and plots."""
-    _not_built("eval")
+@app.command("eval")
+@guarded
+def evaluate(
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Run folders from `ltclip train-head`.")] = None,
+    config: ConfigFile = None,
+    split: Annotated[str, typer.Option("--split", help="Split of each run's cache to evaluate.")] = "test",
+    features: Annotated[Optional[str], typer.Option("--features", "-f", help="Cache folder for the baselines.")] = None,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Zero-shot CLIP with the cache's text embeddings.")] = False,
+    knn: Annotated[int, typer.Option("--knn", help="kNN baseline with K neighbours from the train cache (0: off).")] = 0,
+    ncm: Annotated[bool, typer.Option("--ncm", help="Nearest-class-mean baseline.")] = False,
+    retrieval_mix: Annotated[float, typer.Option("--retrieval-mix", help="Blend each run with kNN votes: weight alpha in [0, 1].")] = 0.0,
+    retrieval_k: Annotated[int, typer.Option("--retrieval-k", help="Neighbours for --retrieval-mix.")] = 10,
+    temperature: Annotated[float, typer.Option("--temperature", help="kNN vote temperature.")] = 0.07,
+    views: Annotated[str, typer.Option("--views", help="Test views: mean (average logits) or first.")] = "mean",
+    many: ManyThreshold = 100,
+    few: FewThreshold = 20,
+    backend: Annotated[str, typer.Option("--backend", help="kNN search: auto, faiss or torch.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 1024,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="Allow runs of different datasets in one report.")] = False,
+    report: Annotated[Optional[str], typer.Option("--report", help="Markdown table to write.")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="JSON results to write.")] = None,
+    csv_out: Annotated[Optional[str], typer.Option("--csv", help="CSV results to write.")] = None,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="PNG of per-class accuracy vs training frequency.")] = None,
+):
+    """Shot-group metrics (many/medium/few/all) for runs and zero-shot / kNN / NCM baselines."""
+    from .config import EvalConfig
+    from .report import markdown_table
+    from .stages.evaluate import run_eval
+
+    cfg = EvalConfig(
+        runs=tuple(runs or ()), features=features, split=split, zero_shot=zero_shot, knn=knn, ncm=ncm,
+        retrieval_mix=retrieval_mix, retrieval_k=retrieval_k, temperature=temperature, views=views, many=many, few=few,
+        backend=backend, batch_size=batch_size, device=device, allow_mixed=allow_mixed, report=report, json=json_out,
+        csv=csv_out, plot=plot,
+    )
+    results = run_eval(cfg)
+    typer.echo(markdown_table(results))
 
 
 def main() -> None:

@@ -54,6 +54,59 @@ class ExtractConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class TrainHeadConfig:
+    features: str
+    out: str
+    head: str = "decoder"
+    head_opts: tuple[str, ...] = ()
+    loss: str = "ce"
+    loss_opts: tuple[str, ...] = ()
+    sampler: str = "instance"
+    epochs: int = 10
+    steps: int | None = None
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup: float = 0.0
+    grad_clip: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    max_ram: str | None = None
+    val_split: str = "val"
+    from_run: str | None = None
+    two_stage: str | None = None
+    two_stage_opts: tuple[str, ...] = ()
+    posthoc_la: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    runs: tuple[str, ...] = ()
+    features: str | None = None  # for baselines without a run
+    split: str = "test"
+    zero_shot: bool = False
+    knn: int = 0
+    ncm: bool = False
+    retrieval_mix: float = 0.0
+    retrieval_k: int = 10
+    temperature: float = 0.07
+    views: str = "mean"
+    many: int = 100
+    few: int = 20
+    backend: str = "auto"
+    batch_size: int = 1024
+    device: str = "auto"
+    allow_mixed: bool = False
+    report: str | None = None
+    json: str | None = None
+    csv: str | None = None
+    plot: str | None = None
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -133,4 +186,4 @@ def save_json(path: str | Path, data: dict) -> None:
     tmp.replace(path)
 
 
-__all__ = ["DataConfig", "ExtractConfig", "load_config_file", "provenance", "save_json", "to_dict", "from_dict"]
+__all__ = ["DataConfig", "EvalConfig", "ExtractConfig", "TrainHeadConfig", "load_config_file", "provenance", "save_json", "to_dict", "from_dict"]

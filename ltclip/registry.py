@@ -48,7 +48,10 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _convert(text: str, default):
-    """``text`` as the type of ``default`` (bool accepts true/false, yes/no, on/off, 1/0)."""
+    """``text`` as the type of ``default`` (bool accepts true/false, yes/no, on/off, 1/0; a tuple
+    takes comma-separated numbers)."""
+    if isinstance(default, tuple):
+        return tuple(float(v) for v in text.split(","))
     if isinstance(default, bool):
         if text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE

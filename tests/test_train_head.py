@@ -1,0 +1,203 @@
+"""`ltclip train-head`: learning on long-tailed Gaussian features, resume, streaming, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import gaussian_lt, write_cache
+from ltclip.cli import app
+from ltclip.config import TrainHeadConfig
+from ltclip.data.feature_batches import FeatureInputs
+from ltclip.errors import LtclipError
+from ltclip.metrics import average_views, evaluate
+from ltclip.runs import load_run
+from ltclip.stages.train_head import lr_factor, run_train_head
+from ltclip.store import FeatureCache
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def places_profile(shared_manifests) -> np.ndarray:
+    """100 classes spanning the real Places-LT train profile (4,980 … 5 images per class)."""
+    labels = [int(line.split()[-1]) for line in open(shared_manifests / "Places_LT_train.txt")]
+    counts = np.sort(np.bincount(labels, minlength=365))[::-1]
+    return counts[np.linspace(0, 364, 100).astype(int)]
+
+
+@pytest.fixture(scope="module")
+def gaussian(places_profile, tmp_path_factory):
+    means, splits = gaussian_lt(0, places_profile, dim=32, separation=4.0, per_class_eval=50)
+    root = tmp_path_factory.mktemp("gaussian")
+    for split, (x, y) in splits.items():
+        write_cache(root / "features", split, x, y, len(places_profile))
+    x, y = splits["test"]
+    bayes = evaluate(-((x[:, None] - means[None]) ** 2).sum(-1), y, places_profile)  # nearest true mean
+    return root, bayes
+
+
+def test_metrics(run_dir: Path, features: Path, counts) -> dict:
+    run = load_run(run_dir)
+    with FeatureCache(features / "test.h5") as cache:
+        logits = average_views(run.model.predict(FeatureInputs(cache, run.model.head.input)))
+        return evaluate(logits, cache.labels, counts)
+
+
+test_metrics.__test__ = False  # a helper, not a test
+
+
+def train(root: Path, name: str, **kw) -> Path:
+    cfg = TrainHeadConfig(features=str(root / "features"), out=str(root / name), device="cpu", **kw)
+    run_train_head(cfg)
+    return root / name
+
+
+def test_balanced_losses_and_crt_beat_cross_entropy_on_the_tail(gaussian, places_profile):
+    root, bayes = gaussian
+    common = dict(head="linear", head_opts=("normalize=false",), epochs=10, lr=3e-2)
+    ce = test_metrics(train(root, "ce", loss="ce", **common), root / "features", places_profile)
+    results = {"ce": ce}
+    for loss in ("balanced_softmax", "logit_adjusted"):
+        results[loss] = test_metrics(train(root, loss, loss=loss, **common), root / "features", places_profile)
+    crt = TrainHeadConfig(features="", out=str(root / "crt"), from_run=str(root / "ce"), two_stage="crt", epochs=10, lr=0.1, device="cpu")
+    run_train_head(crt)
+    results["crt"] = test_metrics(root / "crt", root / "features", places_profile)
+    for name, m in results.items():
+        if name == "ce":
+            continue
+        assert m["balanced_accuracy"] > ce["balanced_accuracy"] + 3, (name, m["balanced_accuracy"], ce["balanced_accuracy"])
+        assert m["few"] > ce["few"] + 15, (name, m["few"], ce["few"])
+        assert m["medium"] > ce["medium"] + 2, (name, m["medium"], ce["medium"])
+        assert m["balanced_accuracy"] <= bayes["balanced_accuracy"] + 1.5  # nothing beats the optimum (MC noise)
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(gaussian, tmp_path):
+    root, _ = gaussian
+    args = ["train-head", "--features", str(root / "features"), "--head", "mlp", "--head-opt", "dropout=0.1",
+            "--loss", "focal", "--sampler", "progressive", "--epochs", "6", "--lr", "1e-2", "--device", "cpu", "--batch-size", "64"]
+    reference = tmp_path / "reference"
+    assert runner.invoke(app, [*args, "--out", str(reference)]).exit_code == 0
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ltclip", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.005)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = runner.invoke(app, [*args, "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    a = torch.load(reference / "model.pt", weights_only=False)["head"]["state_dict"]
+    b = torch.load(out / "model.pt", weights_only=False)["head"]["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (reference / "train_log.jsonl").read_text() == log.read_text()
+
+
+def test_streamed_tokens_train_exactly_like_tokens_in_ram(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), [30, 12, 6, 3])
+    tokens = rng.standard_normal((len(y), 5, 16)).astype(np.float32) + y[:, None, None] * 0.3
+    for split in ("train", "val"):
+        write_cache(tmp_path / "features", split, tokens[:, 0], y, 4, tokens=tokens)
+    kw = dict(head="decoder", head_opts=("depth=1", "heads=2"), epochs=2, batch_size=8, loss="balanced_softmax")
+    in_ram = train(tmp_path, "ram", **kw)
+    streamed = train(tmp_path, "stream", max_ram="1K", **kw)
+    assert json.loads((streamed / "run.json").read_text())["inputs_in_ram"] is False
+    a = torch.load(in_ram / "model.pt", weights_only=False)["head"]["state_dict"]
+    b = torch.load(streamed / "model.pt", weights_only=False)["head"]["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_user_brought_minimal_cache_trains(tmp_path):
+    """A file with only embeds, labels, schema_version and num_classes is a cache too."""
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), [20, 8, 4])
+    (tmp_path / "features").mkdir()
+    with h5py.File(tmp_path / "features" / "train.h5", "w") as f:
+        f["embeds"] = (rng.standard_normal((len(y), 8)) + y[:, None]).astype(np.float16)
+        f["labels"] = y.astype(np.int32)
+        f.attrs["schema_version"] = 1
+        f.attrs["num_classes"] = 3
+    run = train(tmp_path, "run", head="linear", epochs=2)
+    info = json.loads((run / "run.json").read_text())
+    assert info["class_counts"] == [20, 8, 4] and info["best"] is None  # no val split: last epoch kept
+
+
+def test_config_file_sets_options_and_the_saved_config_reruns(gaussian, tmp_path):
+    root, _ = gaussian
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('head = "cosine"\nloss = "ldam"\nloss-opts = ["drw_epoch=1"]\nepochs = 2\nlr = 0.01\n')
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train-head", "--config", str(cfg), "--features", str(root / "features"), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["head"] == "cosine" and saved["loss"] == "ldam" and saved["loss_opts"] == ["drw_epoch=1"]
+    from ltclip.stages.train_head import load_train_config
+
+    again = load_train_config(out / "config.json")
+    assert again.loss_opts == ("drw_epoch=1",) and again.epochs == 2
+    rerun = tmp_path / "rerun"
+    result = runner.invoke(app, ["train-head", "--config", str(out / "config.json"), "--out", str(rerun)])
+    assert result.exit_code == 0, result.output
+    a = torch.load(out / "model.pt", weights_only=False)["head"]["state_dict"]
+    b = torch.load(rerun / "model.pt", weights_only=False)["head"]["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same config file, same numbers
+    cfg.write_text("epohcs = 3\n")
+    result = runner.invoke(app, ["train-head", "--config", str(cfg), "--features", str(root / "features"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "unknown key(s) epohcs" in result.output
+
+
+def test_divergence_stops_with_a_clear_message(gaussian, tmp_path):
+    root, _ = gaussian
+    result = runner.invoke(app, ["train-head", "--features", str(root / "features"), "--out", str(tmp_path / "nan"), "--head", "linear",
+                                 "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--device", "cpu"])
+    assert result.exit_code == 1 and "loss became" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--head", "decoder"], "needs token sequences"),
+        (["--loss", "balanced_softmx"], "did you mean balanced_softmax"),
+        (["--sampler", "balanced"], "--sampler 'balanced'"),
+        (["--loss-opt", "gamma=2"], "not an option of loss 'ce'"),
+        (["--resume"], "holds no interrupted run"),
+        (["--max-ram", "lots"], "--max-ram"),
+        (["--two-stage", "crt"], "--two-stage needs --from"),
+    ],
+)
+def test_bad_options_are_one_line_errors(gaussian, tmp_path, args, message):
+    root, _ = gaussian
+    result = runner.invoke(app, ["train-head", "--features", str(root / "features"), "--out", str(tmp_path / "r"), "--head", "linear", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_lr_schedule_shapes():
+    assert [lr_factor(s, 10, 2, "cosine") for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0) and lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0)
+    assert [lr_factor(s, 10, 0, "step") for s in (0, 6, 8)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_existing_run_is_not_overwritten(gaussian, tmp_path):
+    root, _ = gaussian
+    train(root, "once", head="linear", epochs=1)
+    with pytest.raises(LtclipError, match="already holds a run"):
+        train(root, "once", head="linear", epochs=1)
