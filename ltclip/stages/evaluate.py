@@ -1,0 +1,129 @@
+"""``ltclip eval``: shot-group metrics for trained runs and for zero-shot / kNN / NCM baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..config import EvalConfig, save_json
+from ..data.feature_batches import FeatureInputs
+from ..distributed import DistContext, resolve_device
+from ..errors import LtclipError
+from ..metrics import average_views, evaluate
+from ..retrieval import class_means, knn_logits, ncm_logits, normalise, retrieval_mix
+from ..runs import load_run, read_run_info
+from ..store import FeatureCache, load_text_embeddings
+
+ZERO_SHOT_SCALE = 100.0  # CLIP's logit scale
+
+
+def _split_cache(features: Path, split: str, owner: str) -> FeatureCache:
+    path = features / f"{split}.h5"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in features.glob("*.h5") if p.stem != "text")) or "none"
+        raise LtclipError(f"{owner}: the cache {features} has no {split!r} split (it has: {have}); pass --split or extract it")
+    return FeatureCache(path)
+
+
+def _mean_embedding(cache: FeatureCache, views: str) -> np.ndarray:
+    """Normalised query embeddings: the mean of the normalised views (or the first view)."""
+    e = normalise(cache.load_embeds().astype(np.float32).reshape(-1, cache.embed_dim)).reshape(cache.num_rows, cache.views, -1)
+    return normalise(e[:, 0] if views == "first" else e.mean(1))
+
+
+def _train_database(features: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every stored view of every training image, normalised, with labels and the class counts."""
+    with _split_cache(features, "train", str(features)) as train:
+        db = normalise(train.load_embeds().astype(np.float32).reshape(-1, train.embed_dim))
+        return db, np.repeat(train.labels, train.views), train.class_counts()
+
+
+def _result(logits, labels, counts, cfg: EvalConfig, **identity) -> dict:
+    metrics = evaluate(logits, labels, counts, many_threshold=cfg.many, few_threshold=cfg.few)
+    return {**identity, "split": cfg.split, "train_counts": np.asarray(counts).tolist(), **metrics}
+
+
+def _knn_log_probs(query: np.ndarray, features: Path, cfg: EvalConfig, k: int) -> np.ndarray:
+    db, db_labels, counts = _train_database(features)
+    return knn_logits(query, db, db_labels, len(counts), k=k, temperature=cfg.temperature, backend=cfg.backend)
+
+
+def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
+    from ..report import method_name
+
+    run = load_run(run_dir, device=device)
+    counts = np.asarray(run.info["class_counts"])
+    with _split_cache(run.features, cfg.split, str(run_dir)) as cache:
+        inputs = FeatureInputs(cache, run.model.head.input)
+        logits = average_views(run.model.predict(inputs, cfg.batch_size, device), cfg.views)
+        labels = cache.labels
+        name = method_name({**run.info["method"]})
+        if cfg.retrieval_mix > 0:
+            knn = _knn_log_probs(_mean_embedding(cache, cfg.views), run.features, cfg, cfg.retrieval_k)
+            logits = retrieval_mix(logits, knn, cfg.retrieval_mix)
+            name += f" + kNN mix {cfg.retrieval_mix:g}"
+    result = _result(logits, labels, counts, cfg, name=name, kind="run", dataset=run.info.get("dataset"), run_dir=str(run.path))
+    save_json(run.path / ("eval.json" if cfg.split == "test" else f"eval_{cfg.split}.json"), result)
+    return result
+
+
+def evaluate_baselines(cfg: EvalConfig) -> list[dict]:
+    """Zero-shot (the cache's text classifier), kNN and NCM on normalised embeddings."""
+    features = Path(cfg.features)
+    results = []
+    with _split_cache(features, cfg.split, f"--features {features}") as cache:
+        query, labels, dataset = _mean_embedding(cache, cfg.views), cache.labels, cache.attrs.get("dataset")
+        with FeatureCache(features / "train.h5") as train:
+            counts = train.class_counts()
+        if cfg.zero_shot:
+            text_path = features / "text.h5"
+            if not text_path.is_file():
+                raise LtclipError(f"--zero-shot: {text_path} is missing; rerun `ltclip extract` to write the text embeddings")
+            text = load_text_embeddings(text_path)
+            per_view = normalise(cache.load_embeds().astype(np.float32).reshape(-1, cache.embed_dim)) @ text.embeds.T
+            logits = average_views(ZERO_SHOT_SCALE * per_view.reshape(cache.num_rows, cache.views, -1), cfg.views)
+            results.append(_result(logits, labels, counts, cfg, name="zero-shot CLIP", kind="zero-shot", dataset=dataset))
+        if cfg.knn > 0:
+            results.append(_result(_knn_log_probs(query, features, cfg, cfg.knn), labels, counts, cfg,
+                                   name=f"kNN (k={cfg.knn})", kind="knn", dataset=dataset))
+        if cfg.ncm:
+            db, db_labels, _ = _train_database(features)
+            logits = ncm_logits(query, class_means(db, db_labels, len(counts)))
+            results.append(_result(logits, labels, counts, cfg, name="NCM", kind="ncm", dataset=dataset))
+    return results
+
+
+def run_eval(cfg: EvalConfig) -> list[dict]:
+    """Evaluate runs and baselines; write eval.json per run and the requested reports."""
+    from ..report import markdown_table, plot_per_class, write_csv, write_json
+
+    if cfg.views not in ("mean", "first"):
+        raise LtclipError(f"--views {cfg.views!r}: choose mean or first")
+    if not 0 <= cfg.retrieval_mix <= 1:
+        raise LtclipError(f"--retrieval-mix {cfg.retrieval_mix}: must lie in [0, 1]")
+    wants_baseline = cfg.zero_shot or cfg.knn > 0 or cfg.ncm
+    if wants_baseline and not cfg.features:
+        raise LtclipError("--zero-shot / --knn / --ncm need --features DIR (the cache to evaluate)")
+    if not cfg.runs and not wants_baseline:
+        raise LtclipError("nothing to evaluate: name run folders, or --zero-shot / --knn K / --ncm with --features")
+    datasets = {read_run_info(r).get("dataset") for r in cfg.runs}
+    if wants_baseline:
+        with _split_cache(Path(cfg.features), cfg.split, f"--features {cfg.features}") as cache:
+            datasets.add(cache.attrs.get("dataset"))
+    if len(datasets) > 1 and not cfg.allow_mixed:  # refused before anything is written
+        raise LtclipError(f"the runs come from different datasets ({', '.join(sorted(map(str, datasets)))}); "
+                          "pass --allow-mixed to put them in one report")
+    device = resolve_device(cfg.device, DistContext())
+    results = evaluate_baselines(cfg) if wants_baseline else []
+    results += [evaluate_run(r, cfg, device) for r in cfg.runs]
+    if cfg.report:
+        Path(cfg.report).write_text(markdown_table(results))
+    if cfg.json:
+        write_json(results, cfg.json)
+    if cfg.csv:
+        write_csv(results, cfg.csv)
+    if cfg.plot:
+        plot_per_class(results, cfg.plot, many_threshold=cfg.many, few_threshold=cfg.few)
+    return results
+
