@@ -414,17 +414,13 @@ def list_registered(kind: Annotated[str, typer.Argument(help="losses, heads, sam
     singular = {"losses": "loss", "heads": "head", "samplers": "sampler", "two-stage": "two-stage"}
     if kind not in singular:
         raise LtclipError(f"ltclip list {kind!r}: choose losses, heads, samplers or two-stage")
+    import importlib
+
+    defaults_of = {"losses": ("ltclip.losses", "loss_defaults"), "heads": ("ltclip.models.heads", "head_defaults"),
+                   "two-stage": ("ltclip.two_stage", "two_stage_defaults")}.get(kind)
     for name in _choices(singular[kind]).split(", "):
-        defaults = ""
-        if kind == "losses":
-            from .losses import loss_defaults
-
-            defaults = " ".join(f"{k}={v}" for k, v in loss_defaults(name).items())
-        elif kind == "heads":
-            from .models.heads import head_defaults
-
-            defaults = " ".join(f"{k}={v}" for k, v in head_defaults(name).items())
-        typer.echo(f"{name:20s} {defaults}".rstrip())
+        options = getattr(importlib.import_module(defaults_of[0]), defaults_of[1])(name) if defaults_of else {}
+        typer.echo(f"{name:20s} {' '.join(f'{k}={v}' for k, v in options.items())}".rstrip())
 
 
 @app.command("finetune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,0 +1,94 @@
+"""The command line itself: start-up without torch, datasets commands, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from ltclip import __version__
+from ltclip.cli import app
+
+runner = CliRunner()
+
+
+def test_help_version_and_argument_errors_do_not_import_torch():
+    code = (
+        "import sys; from ltclip.cli import app; from typer.testing import CliRunner; r = CliRunner();"
+        "outs = [r.invoke(app, a) for a in (['--help'], ['--version'], ['extract', '--help'], ['train-head', '--bogus'])];"
+        "print([o.exit_code for o in outs]); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[0, 0, 0, 2]" and out[1] == "False"
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"ltclip {__version__}"
+
+
+def test_datasets_list_json():
+    result = runner.invoke(app, ["datasets", "list", "--json"])
+    assert result.exit_code == 0
+    names = {d["name"]: d for d in json.loads(result.output)}
+    assert names["places_lt"]["classes"] == 365 and names["inat18"]["sizes"]["train"] == 437_513
+
+
+def test_datasets_info_on_real_places_lt(shared_manifests, tmp_path):
+    args = ["datasets", "info", "places_lt", "--manifest-dir", str(shared_manifests), "--data-root", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert (info["many"], info["medium"], info["few"]) == (131, 163, 71)
+    assert (info["max_per_class"], info["min_per_class"]) == (4980, 5)
+    shifted = json.loads(runner.invoke(app, [*args, "--json", "--many", "200", "--few", "10"]).output)
+    assert shifted["many"] < 131 and shifted["few"] < 71 and shifted["many"] + shifted["medium"] + shifted["few"] == 365
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0 and "4,980 / 5" in table.output
+
+
+def test_make_synthetic_then_check(tmp_path):
+    out = tmp_path / "syn"
+    result = runner.invoke(app, ["datasets", "make-synthetic", str(out), "--classes", "4", "--max-per-class", "10", "--imbalance", "5",
+                                 "--val-per-class", "2", "--test-per-class", "2", "--size", "16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["train_counts"] == [10, 6, 3, 2]
+    result = runner.invoke(app, ["datasets", "check", "synthetic", "--data-root", str(out)])
+    assert result.exit_code == 0 and "all 37 images" in result.output
+    victim = out / (out / "test.txt").read_text().split()[0]
+    victim.write_bytes(b"\x89PNG broken")
+    result = runner.invoke(app, ["datasets", "check", "synthetic", "--data-root", str(out)])
+    assert result.exit_code == 1 and victim.name in result.output and "1 of 37 images" in result.output
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [("a.png 0\nb.png 7\n", "label 7 >= number of classes"), ("a.png 0\nb.png zero\n", "not an integer")],
+)
+def test_bad_manifest_is_a_one_line_error_with_exit_2(tmp_path, lines, message):
+    (tmp_path / "train.txt").write_text(lines)
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    result = runner.invoke(app, ["datasets", "info", "custom", "--data-root", str(tmp_path), "--train-list", "train.txt",
+                                 "--classnames", str(tmp_path / "names.txt")])
+    assert result.exit_code == 2
+    assert message in result.output and "train.txt:2" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_unbuilt_stage_says_so():
+    result = runner.invoke(app, ["finetune"])
+    assert result.exit_code == 2 and "not built yet" in result.output
+
+
+def test_list_reads_the_registries():
+    from ltclip.losses import list_losses
+
+    result = runner.invoke(app, ["list", "losses"])
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.output.strip().splitlines()] == list_losses()
+    assert "gamma=2.0" in result.output
+    result = runner.invoke(app, ["list", "heads"])
+    assert "decoder" in result.output and "depth=3" in result.output
