@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The paper's experiment grid on one dataset: extract once, then every head x loss / sampler /
+# second stage from the cache, then one report. Settings come from the environment (see Makefile):
+#   DATASET DATA_ROOT [MANIFEST_DIR] [MODEL] [PRETRAINED] [OUT] [EPOCHS] [LTCLIP] [EXTRACT_ARGS]
+set -euo pipefail
+: "${DATASET:?set DATASET (imagenet_lt, places_lt, inat18, cifar100_lt, synthetic)}"
+: "${DATA_ROOT:?set DATA_ROOT to the image folder of the dataset}"
+ltclip=${LTCLIP:-ltclip}
+model=${MODEL:-ViT-B-16}
+pretrained=${PRETRAINED:-openai}
+out=${OUT:-experiments/$DATASET-$model}
+epochs=${EPOCHS:-10}
+manifest=()
+[ -n "${MANIFEST_DIR:-}" ] && manifest=(--manifest-dir "$MANIFEST_DIR")
+splits=train,val,test
+[ "$DATASET" = cifar100_lt ] && splits=train,test  # CIFAR-100 has no validation split
+
+# shellcheck disable=SC2086
+"$ltclip" extract --dataset "$DATASET" --data-root "$DATA_ROOT" "${manifest[@]}" --splits "$splits" \
+    --model "$model" --pretrained "$pretrained" --out "$out/features" ${EXTRACT_ARGS:-}
+
+run() {  # run NAME ARGS...: train unless that run already finished
+    [ -f "$out/runs/$1/run.json" ] && return 0
+    rm -rf "$out/runs/$1"
+    "$ltclip" train-head --out "$out/runs/$1" "${@:2}"
+}
+for head in linear decoder; do
+    base=(--features "$out/features" --head "$head" --epochs "$epochs")
+    for loss in ce focal cbw cb grw balanced_softmax logit_adjusted lade; do
+        run "$head-$loss" "${base[@]}" --loss "$loss"
+    done
+    run "$head-ldam-drw" "${base[@]}" --loss ldam --loss-opt "drw_epoch=$((epochs * 4 / 5))"
+    for sampler in class-balanced sqrt progressive; do
+        run "$head-ce-$sampler" "${base[@]}" --loss ce --sampler "$sampler"
+    done
+    for method in crt lws tau-norm disalign marc ncm; do
+        run "$head-ce-$method" --from "$out/runs/$head-ce" --two-stage "$method" --epochs "$epochs" --lr 0.1
+    done
+    run "$head-ce-posthoc-la" --from "$out/runs/$head-ce" --posthoc-la
+done
+
+"$ltclip" eval "$out"/runs/* --zero-shot --knn 10 --ncm --features "$out/features" \
+    --report "$out/table.md" --json "$out/results.json" --csv "$out/results.csv" --plot "$out/per_class.png"
+echo "report: $out/table.md"
