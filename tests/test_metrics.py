@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -142,15 +141,6 @@ def test_evaluate_spans_row_blocks(monkeypatch):
     whole = evaluate(logits, labels, counts)
     monkeypatch.setattr(metrics, "_ROW_BLOCK", 64)
     assert_metrics_equal(evaluate(logits, labels, counts), whole)
-
-
-def test_evaluate_is_vectorised():
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((50_000, 1_000), dtype=np.float32)
-    labels = rng.integers(0, 1_000, 50_000)
-    start = time.perf_counter()
-    evaluate(logits, labels, rng.integers(1, 500, 1_000))
-    assert time.perf_counter() - start < 5.0  # about 0.2 s on 2 cores
 
 
 @pytest.mark.parametrize(

@@ -123,9 +123,9 @@ def test_parse_options_types_them_like_their_defaults():
     assert parse_two_stage_opts("tau-norm", ["taus=0,0.5, 1", "tau=2"]) == {"taus": (0.0, 0.5, 1.0), "tau": 2.0}
     assert parse_two_stage_opts("crt", []) == {}
     for name, opt, message in (
-        ("crt", "exponent=1", "key of 'crt': none"),
-        ("marc", "exponent", "key of 'marc': exponent"),
-        ("ncm", "scale=big", "like the default 16.0"),
+        ("crt", "exponent=1", "not an option of two-stage method 'crt'; valid keys: none"),
+        ("marc", "exponent", "must look like key=value; keys for two-stage method 'marc': exponent"),
+        ("ncm", "scale=big", r"expected float \(default 16.0\)"),
     ):
         with pytest.raises(LtclipError, match=message):
             parse_two_stage_opts(name, [opt])
