@@ -162,3 +162,16 @@ def test_synthetic_through_the_registry(synthetic_root):
     assert ds.num_classes == 10 and counts[0] == 40 and counts[-1] == 2
     image = ds.open_image("test", 0)
     assert image.mode == "RGB" and image.size == (32, 32)
+
+
+def test_template_sets_and_files(tmp_path):
+    from ltclip.data.templates import resolve_templates
+
+    assert len(resolve_templates("openai_imagenet")) == 80
+    assert all(t.count("{}") == 1 for t in resolve_templates("openai_imagenet"))
+    path = write(tmp_path, "t.txt", "a photo of a {}.\n\nart of the {}\n")
+    assert resolve_templates(str(path)) == ["a photo of a {}.", "art of the {}"]
+    with pytest.raises(LtclipError, match="exactly one"):
+        resolve_templates(str(write(tmp_path, "bad.txt", "no slot here\n")))
+    with pytest.raises(LtclipError, match="neither a template file nor one of"):
+        resolve_templates("openai")
