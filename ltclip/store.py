@@ -520,6 +520,20 @@ def _check_shards(out_path: Path, shards: list["FeatureCache"]) -> None:
         )
 
 
+def write_arrays(path: str | os.PathLike, embeds, labels, classnames: Sequence[str], attrs: dict, tokens=None) -> Path:
+    """A complete cache file from in-memory arrays (features made elsewhere), in one block."""
+    embeds = np.asarray(embeds)
+    views = 1 if embeds.ndim == 2 else embeds.shape[1]
+    with FeatureWriter.open(
+        path, num_rows=len(labels), embed_dim=embeds.shape[-1], block_size=max(1, len(labels)), attrs=attrs,
+        labels=labels, classnames=classnames, views=views,
+        token_shape=None if tokens is None else tuple(np.asarray(tokens).shape[-2:]),
+    ) as writer:
+        writer.write_block(0, embeds, tokens)
+        writer.finalise()
+    return Path(path)
+
+
 # ----------------------------------------------------------------------------- reader
 
 

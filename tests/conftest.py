@@ -38,39 +38,8 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 def write_cache(folder: Path, split: str, embeds, labels, num_classes: int, tokens=None, dataset: str = "gaussian") -> Path:
     """A feature cache file written by the real writer (as `ltclip extract` would)."""
-    import numpy as np
-
-    from ltclip.store import FeatureWriter
+    from ltclip.store import write_arrays
 
     folder.mkdir(parents=True, exist_ok=True)
-    embeds = np.asarray(embeds)
-    n = len(labels)
-    views = 1 if embeds.ndim == 2 else embeds.shape[1]
-    with FeatureWriter.open(
-        folder / f"{split}.h5", num_rows=n, embed_dim=embeds.shape[-1], block_size=max(1, n),
-        attrs={"dataset": dataset, "split": split, "model": "gaussian"}, labels=labels,
-        classnames=[f"class {i}" for i in range(num_classes)], views=views,
-        token_shape=None if tokens is None else tuple(np.asarray(tokens).shape[-2:]),
-    ) as writer:
-        writer.write_block(0, embeds, tokens)
-        writer.finalise()
-    return folder / f"{split}.h5"
-
-
-def gaussian_lt(seed: int, counts, dim: int, separation: float, per_class_eval: int):
-    """Isotropic unit-variance Gaussians around random means: long-tailed train, balanced val/test.
-
-    Returns (means, {split: (x, y)}). With a balanced test set and shared covariance the
-    Bayes-optimal rule is the nearest true mean.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    c = len(counts)
-    means = rng.standard_normal((c, dim))
-    means *= separation / np.linalg.norm(means, axis=1, keepdims=True)
-    splits = {}
-    for split, sizes in (("train", counts), ("val", [per_class_eval] * c), ("test", [per_class_eval] * c)):
-        y = np.repeat(np.arange(c), sizes)
-        splits[split] = ((means[y] + rng.standard_normal((len(y), dim))).astype(np.float32), y)
-    return means, splits
+    return write_arrays(folder / f"{split}.h5", embeds, labels, [f"class {i}" for i in range(num_classes)],
+                        {"dataset": dataset, "split": split, "model": "gaussian"}, tokens)

@@ -16,9 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import gaussian_lt, write_cache
+from conftest import write_cache
 from ltclip.cli import app
 from ltclip.config import TrainHeadConfig
+from ltclip.data.gaussian import gaussian_lt, nearest_mean_logits
 from ltclip.data.feature_batches import FeatureInputs
 from ltclip.errors import LtclipError
 from ltclip.metrics import average_views, evaluate
@@ -39,12 +40,12 @@ def places_profile(shared_manifests) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def gaussian(places_profile, tmp_path_factory):
-    means, splits = gaussian_lt(0, places_profile, dim=32, separation=4.0, per_class_eval=50)
+    means, splits = gaussian_lt(0, places_profile, dim=32, separation=4.0, eval_per_class={"val": 50, "test": 50})
     root = tmp_path_factory.mktemp("gaussian")
     for split, (x, y) in splits.items():
         write_cache(root / "features", split, x, y, len(places_profile))
     x, y = splits["test"]
-    bayes = evaluate(-((x[:, None] - means[None]) ** 2).sum(-1), y, places_profile)  # nearest true mean
+    bayes = evaluate(nearest_mean_logits(x, means), y, places_profile)  # the Bayes rule
     return root, bayes
 
 
@@ -201,3 +202,11 @@ def test_existing_run_is_not_overwritten(gaussian, tmp_path):
     train(root, "once", head="linear", epochs=1)
     with pytest.raises(LtclipError, match="already holds a run"):
         train(root, "once", head="linear", epochs=1)
+
+
+def test_nearest_mean_scores_rank_like_euclidean_distance():
+    means, splits = gaussian_lt(3, [5, 3, 2], dim=4, separation=2.0, eval_per_class={"test": 20})
+    x, _ = splits["test"]
+    brute = np.array([[np.sum((xi - m) ** 2) for m in means] for xi in x])
+    np.testing.assert_allclose(nearest_mean_logits(x, means) - nearest_mean_logits(x, means)[:, :1],
+                               -(brute - brute[:, :1]), rtol=1e-6, atol=1e-6)
