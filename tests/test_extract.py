@@ -207,8 +207,14 @@ def test_torchrun_two_processes_equal_one(synthetic_root, checkpoint, cache, tmp
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ltclip",
            *extract_args(synthetic_root, out, checkpoint)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:  # never leave ranks behind, whatever happened
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
     assert sorted(p.name for p in out.glob("*.h5")) == ["test.h5", "text.h5", "train.h5", "val.h5"]  # shards joined
     ref, got = read_arrays(cache), read_arrays(out)
     for key in ref:
