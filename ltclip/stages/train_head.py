@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 LAST_FILE = "last.pt"
 LOG_FILE = "train_log.jsonl"
 OPTIMIZERS = ("adamw", "sgd")
+NAN_CHECK_EVERY = 25  # steps between checks that the loss is finite
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -113,6 +114,17 @@ def _prepare_out(out: Path, resume: bool, cfg_dict: dict) -> None:
     save_json(config, cfg_dict)
 
 
+def _check_finite(losses: list, epoch: int, step: int, out: Path) -> None:
+    """Stop at a NaN/inf loss; ``last.pt`` still holds the last good epoch (no later state is saved)."""
+    recent = torch.stack(losses[-NAN_CHECK_EVERY:])
+    if not torch.isfinite(recent).all():
+        kept = f"{out / LAST_FILE} keeps the last good epoch" if (out / LAST_FILE).exists() else "no epoch finished"
+        raise LtclipError(
+            f"loss became {recent[~torch.isfinite(recent)][0].item()} in epoch {epoch + 1} (by step {step}); {kept}: "
+            "lower --lr or set --grad-clip", exit_code=1,
+        )
+
+
 def _epoch_line(epoch: int, epochs: int, record: dict) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
     line = f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}" if record["loss"] is not None else f"epoch {epoch + 1}/{epochs}"
@@ -184,10 +196,10 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     max_ram = parse_size(cfg.max_ram)
     train = FeatureInputs(train_cache, head.input, max_ram)
     val = FeatureInputs(val_cache, head.input, max_ram) if val_cache is not None else None
-    sampler = create_sampler(cfg.sampler, train.labels, train_cache.num_classes, seed=cfg.seed, total_epochs=cfg.epochs)
-    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train.labels) / cfg.batch_size)  # an epoch draws as many rows as there are
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
+    sampler = create_sampler(cfg.sampler, train.labels, train_cache.num_classes, seed=cfg.seed, total_epochs=epochs)
     optimizer = _optimizer(cfg, [p for p in head.parameters() if p.requires_grad])
     warmup = int(round(cfg.warmup * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
@@ -218,11 +230,9 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
                     break
                 logits = head(x.to(device, non_blocking=True))
                 loss = compute_loss(cfg.loss, logits, y.to(device), counts_t, epoch=epoch, total_epochs=epochs, **loss_opts)
-                if not torch.isfinite(loss):
-                    raise LtclipError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {out / LAST_FILE} keeps the last "
-                        "good epoch: lower --lr or set --grad-clip, then rerun with --resume", exit_code=1,
-                    )
+                losses.append(loss.detach())
+                if len(losses) % NAN_CHECK_EVERY == 0:  # a host sync, so not at every step on a GPU
+                    _check_finite(losses, epoch, step, out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -230,10 +240,10 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                losses.append(loss.item())
                 advance(1)
+        _check_finite(losses, epoch, step, out)
         metrics = _validation(model, val, counts, cfg.batch_size * 2, device)
-        record = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else None,
+        record = {"epoch": epoch, "step": step, "loss": torch.stack(losses).mean().item() if losses else None,
                   "lr": scheduler.get_last_lr()[0], **_summary(metrics)}
         _append_log(out / LOG_FILE, record)
         improved = metrics is not None and (best is None or metrics["balanced_accuracy"] > best["val_balanced_accuracy"])
@@ -248,14 +258,14 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
 
     if best is not None:  # model selection on val: the best epoch's weights
         head.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=False)["head"]["state_dict"])
-    tau = None
+    tau, extra = None, {}
     if cfg.posthoc_la:
-        tau, table = _posthoc_tau(model, val, counts, cfg.batch_size * 2, device)
+        tau, extra["posthoc_tau_table"] = _posthoc_tau(model, val, counts, cfg.batch_size * 2, device)
         progress.log(f"post-hoc logit adjustment: tau={tau:g} (chosen on {cfg.val_split})")
     method = {"head": cfg.head, "loss": cfg.loss, "sampler": cfg.sampler, "two_stage": None}
     info = _finish(out, features, counts, model_payload(head, tau=tau), method, best,
                    {"dataset": train_cache.attrs.get("dataset"), "epochs": epochs, "steps": step,
-                    "inputs_in_ram": train.in_ram})
+                    "inputs_in_ram": train.in_ram, **extra})
     return {"out": str(out), "best": best, "tau": tau, "info": info}
 
 
@@ -309,15 +319,15 @@ def _second_stage(cfg: TrainHeadConfig, progress: Progress) -> dict:
             )
             advance(1)
         model = RunModel(head, calibrated, None, counts).to(device)
-    tau = None
+    tau, extra = None, {}
     if cfg.posthoc_la:
-        tau, _ = _posthoc_tau(model, val, counts, cfg.batch_size * 2, device)
+        tau, extra["posthoc_tau_table"] = _posthoc_tau(model, val, counts, cfg.batch_size * 2, device)
         model.tau = tau
         progress.log(f"post-hoc logit adjustment: tau={tau:g} (chosen on {cfg.val_split})")
     best = {"epoch": None, **_summary(_validation(model, val, counts, cfg.batch_size * 2, device))} if val is not None else None
     method = {**stage1.info["method"], "two_stage": cfg.two_stage}
     info = _finish(out, features, counts, model_payload(head, calibrated, tau), method, best,
-                   {"dataset": stage1.info.get("dataset"), "stage1": str(Path(cfg.from_run).resolve())})
+                   {"dataset": stage1.info.get("dataset"), "stage1": str(Path(cfg.from_run).resolve()), **extra})
     return {"out": str(out), "best": best, "tau": tau, "info": info}
 
 
