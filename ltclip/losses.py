@@ -22,7 +22,6 @@ does; all other losses are plain batch means (LADE adds its class-summed regular
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Callable, Sequence, Union
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import LtclipError
-from .registry import Registry, parse_options
+from .registry import Registry, keyword_defaults, parse_options
 
 Counts = Union[Tensor, Sequence[float]]
 LossFn = Callable[..., Tensor]
@@ -52,12 +51,7 @@ def list_losses(pattern: str = "*") -> list[str]:
 
 def loss_defaults(name: str) -> dict:
     """The loss's own options and their defaults, read from its signature."""
-    params = inspect.signature(get_loss(name)).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _SCHEDULE_ARGS
-    }
+    return keyword_defaults(get_loss(name), exclude=_SCHEDULE_ARGS)
 
 
 def parse_loss_opts(name: str, opts: Sequence[str]) -> dict:

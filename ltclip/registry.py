@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import fnmatch
 from typing import Callable, Generic, TypeVar
 
@@ -42,6 +43,12 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+
+def keyword_defaults(fn, exclude: tuple[str, ...] = ()) -> dict:
+    """``fn``'s keyword-only parameters and their defaults: a method's options, read from its signature."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in exclude}
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

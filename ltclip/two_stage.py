@@ -52,7 +52,6 @@ validation balanced accuracy (first on ties) is kept, otherwise the last; ``log`
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -66,7 +65,7 @@ from .data.samplers import create_sampler
 from .errors import LtclipError
 from .losses import _counts, _log_prior, compute_loss
 from .metrics import as_numpy, evaluate
-from .registry import Registry, parse_options
+from .registry import Registry, keyword_defaults, parse_options
 from .retrieval import class_means
 
 TAU_GRID = tuple(round(0.1 * k, 1) for k in range(21))  # 0.0, 0.1, ..., 2.0
@@ -112,8 +111,7 @@ def list_two_stage(pattern: str = "*") -> list[str]:
 
 def two_stage_defaults(name: str) -> dict:
     """Method ``name``'s own options (the ``**params`` of :func:`fit_two_stage`) and defaults."""
-    params = inspect.signature(TWO_STAGE.get(name).fit).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return keyword_defaults(TWO_STAGE.get(name).fit)
 
 
 def parse_two_stage_opts(name: str, opts: Sequence[str]) -> dict:

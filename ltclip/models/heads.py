@@ -17,7 +17,6 @@ MAC is two FLOPs in ``torch.utils.flop_counter``'s convention.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Sequence
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LtclipError
-from ..registry import Registry, parse_options
+from ..registry import Registry, keyword_defaults, parse_options
 
 HEADS: Registry[type["Head"]] = Registry("head")
 
@@ -298,8 +297,7 @@ def list_heads(pattern: str = "*") -> list[str]:
 
 def head_defaults(name: str) -> dict:
     """The head's own options and their defaults, read from its constructor's keyword-only parameters."""
-    params = inspect.signature(HEADS.get(name).__init__).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return keyword_defaults(HEADS.get(name).__init__)
 
 
 def parse_head_opts(name: str, opts: Sequence[str]) -> dict:
