@@ -1,0 +1,296 @@
+"""Reports across evaluation results: Markdown, JSON and CSV tables, per-class accuracy plots.
+
+A result is a dict from :func:`ltclip.metrics.evaluate` extended with identity keys: ``name``
+(row label), ``kind`` ("run", "zero-shot", "knn", ...), ``dataset``, ``split``, optionally
+``run_dir`` and ``train_counts`` (per class; the plot needs it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from .errors import LtclipError
+from .metrics import as_numpy
+
+
+class Column(NamedTuple):
+    header: str
+    decimals: int
+    lower_is_better: bool
+
+
+COLUMNS = {
+    "many": Column("Many", 1, False),
+    "medium": Column("Medium", 1, False),
+    "few": Column("Few", 1, False),
+    "top1": Column("All", 1, False),
+    "top5": Column("Top-5", 1, False),
+    "balanced_accuracy": Column("Bal. acc.", 1, False),
+    "macro_f1": Column("Macro-F1", 1, False),
+    "nll": Column("NLL", 3, True),
+    "ece": Column("ECE", 2, True),
+}
+IDENTITY_KEYS = ("name", "kind", "dataset", "split", "run_dir")
+EMPTY = "—"
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def _groups(results: Sequence[dict]) -> dict[tuple, list[dict]]:
+    """Results by (dataset, split), in order of first appearance."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r.get("dataset"), r.get("split")), []).append(r)
+    return groups
+
+
+def _cell_text(value, decimals: int) -> str | None:
+    return None if value is None or math.isnan(value) else f"{value:.{decimals}f}"
+
+
+def _table(rows: list[dict], columns: Sequence[str]) -> list[str]:
+    specs = [COLUMNS[c] for c in columns]
+    lines = [
+        "| Method | " + " | ".join(s.header for s in specs) + " |",
+        "|---|" + "---:|" * len(specs),
+    ]
+    texts = [[_cell_text(r.get(c), s.decimals) for c, s in zip(columns, specs)] for r in rows]
+    best = []
+    for j, spec in enumerate(specs):  # compare the shown numbers: cells that read the same tie
+        shown = [float(t[j]) for t in texts if t[j] is not None]
+        best.append(None if not shown else (min(shown) if spec.lower_is_better else max(shown)))
+    for r, row_texts in zip(rows, texts):
+        cells = [str(r.get("name", "")).replace("|", "\\|")]
+        for text, top in zip(row_texts, best):
+            cells.append(EMPTY if text is None else f"**{text}**" if float(text) == top else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_table(
+    results: Sequence[dict],
+    *,
+    zero_shot_first: bool = True,
+    columns: Sequence[str] = ("many", "medium", "few", "top1", "top5", "ece"),
+) -> str:
+    """One Markdown table per (dataset, split): a header line, then one row per result.
+
+    Columns Many / Medium / Few / All (top-1) / ... with 1 decimal (ECE 2, NLL 3), "—" for
+    None; the best shown value of each column is bold (max; min for ECE and NLL; ties all bold).
+    Zero-shot rows come first when ``zero_shot_first``; otherwise the input order is kept.
+    """
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise LtclipError(f"unknown report column(s) {', '.join(unknown)}; choose from {', '.join(COLUMNS)}")
+    blocks = []
+    for (dataset, split), rows in _groups(results).items():
+        if zero_shot_first:
+            rows = sorted(rows, key=lambda r: r.get("kind") != "zero-shot")  # stable: others keep order
+        sizes = {r.get("num_samples") for r in rows}
+        size = f" — {sizes.pop():,} images" if len(sizes) == 1 and None not in sizes else ""
+        blocks.append("\n".join([f"**{dataset} / {split}**{size}", "", *_table(rows, columns)]))
+    return "\n\n".join(blocks) + "\n"
+
+
+# ----------------------------------------------------------------------------- JSON / CSV
+
+
+@contextmanager
+def _atomic(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside ``path``; renamed onto ``path`` when the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(value):
+    """``value`` with numpy scalars/arrays and tuples turned into JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_json(results: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write every result in full (per-class lists included) as ``{"results": [...]}``, atomically."""
+    try:
+        text = json.dumps({"results": _plain(list(results))}, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise LtclipError(
+            f"{path}: a result holds NaN or infinity, which JSON cannot store; check the evaluation"
+        ) from None
+    with _atomic(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, bool, int, float, np.generic))
+
+
+def _csv_columns(results: Sequence[dict]) -> list[str]:
+    """Identity keys, the metric columns, then any other scalar keys, in first-seen order."""
+    present = {k for r in results for k, v in r.items() if _is_scalar(v)}
+    fixed = [k for k in (*IDENTITY_KEYS, *COLUMNS, "num_samples") if k in present]
+    extra = dict.fromkeys(k for r in results for k, v in r.items() if _is_scalar(v) and k not in fixed)
+    return fixed + list(extra)
+
+
+def write_csv(results: Sequence[dict], path: str | os.PathLike) -> Path:
+    """One row per result, flat scalar columns (identity keys, metrics, then other scalars); lists such as
+    ``per_class`` are left out, None is an empty cell, floats keep full precision. Atomic."""
+    columns = _csv_columns(results)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for r in results:
+        writer.writerow(["" if r.get(c) is None else _plain(r[c]) for c in columns])
+    with _atomic(path) as tmp:
+        Path(tmp).write_text(buf.getvalue(), encoding="utf-8")
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def _binned_mean(counts: np.ndarray, acc: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean accuracy in ``bins`` log-spaced frequency bins (empty bins dropped), placed at the
+    geometric mean count of each bin's classes."""
+    logc = np.log(counts)
+    span = logc.max() - logc.min()
+    if span == 0:
+        which = np.zeros(len(counts), int)
+    else:
+        which = np.minimum(((logc - logc.min()) / span * bins).astype(int), bins - 1)
+    used = np.unique(which)
+    x = np.array([math.exp(logc[which == b].mean()) for b in used])
+    y = np.array([acc[which == b].mean() for b in used])
+    return x, y
+
+
+def _per_class_points(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(train count, accuracy) of the classes present in the eval set, sorted by count."""
+    name = result.get("name", "?")
+    if result.get("train_counts") is None or result.get("per_class") is None:
+        raise LtclipError(f"result {name!r} needs 'train_counts' and 'per_class' for the per-class plot")
+    counts = as_numpy(result["train_counts"], np.float64)
+    acc = np.array([np.nan if a is None else a for a in result["per_class"]], np.float64)
+    if counts.shape != acc.shape:
+        raise LtclipError(
+            f"result {name!r}: {counts.size} train counts but {acc.size} per-class accuracies; "
+            "use the counts of the same class list"
+        )
+    keep = ~np.isnan(acc) & (counts > 0)  # absent from the eval set, or no training image (no log position)
+    order = np.argsort(counts[keep], kind="stable")
+    return counts[keep][order], acc[keep][order]
+
+
+def plot_per_class(
+    results: Sequence[dict],
+    path: str | os.PathLike,
+    *,
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+    bins: int = 12,
+    title: str | None = None,
+) -> Path:
+    """PNG of per-class accuracy against training images per class (log x), one colour per result.
+
+    Each result draws its classes as faint points and their mean in ``bins`` log-spaced frequency
+    bins as a line; dashed lines mark the few/many thresholds. Classes absent from the eval set
+    (``per_class`` None) or from the training set are not drawn. Written atomically.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise LtclipError("no results to plot")
+    fig = Figure(figsize=(8, 5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
+    for i, result in enumerate(results):
+        counts, acc = _per_class_points(result)
+        if not counts.size:
+            raise LtclipError(f"result {result.get('name', i)!r} has no class with both eval and training images")
+        colour = colours[i % len(colours)]
+        ax.scatter(counts, acc, s=10, color=colour, alpha=0.25, linewidths=0)
+        x, y = _binned_mean(counts, acc, bins)
+        ax.plot(x, y, "-o", color=colour, markersize=3.5, linewidth=1.8, label=str(result.get("name", f"result {i}")))
+    ax.set_xscale("log")
+    ax.set_ylim(-3, 110)  # room above 100 % for the shot-group names
+    ax.set_yticks(range(0, 101, 20))
+    for threshold in (few_threshold, many_threshold):
+        ax.axvline(threshold, color="0.4", linestyle="--", linewidth=1)
+    trans = ax.get_xaxis_transform()
+    lo, hi = ax.get_xlim()
+    regions = {"few": (lo, few_threshold), "medium": (few_threshold, many_threshold), "many": (many_threshold, hi)}
+    for text, (a, b) in regions.items():
+        if a < b and lo <= math.sqrt(a * b) <= hi:
+            ax.text(math.sqrt(a * b), 0.985, text, transform=trans, ha="center", va="top", color="0.35", fontsize=9)
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("per-class accuracy (%)")
+    where = ", ".join(f"{d} / {s}" for d, s in _groups(results))
+    ax.set_title(title or f"Per-class accuracy vs. training frequency — {where}")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    with _atomic(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- row labels
+
+
+def _label(value) -> str:
+    """A config entry as a name: a string, or a dict's ``name``; "" for none."""
+    if isinstance(value, dict):
+        value = value.get("name")
+    return "" if value in (None, False, "", "none") else str(value)
+
+
+def method_name(config: dict) -> str:
+    """A short row label from a run's resolved config: ``head · loss · sampler [→ two_stage] [+ LA]``.
+
+    Entries are registry names or dicts with a ``name``; missing or "none" parts are left out.
+    ``posthoc_la`` may be true, a tau, or a dict with ``tau``. Example: ``{"head": "decoder",
+    "loss": "balanced_softmax", "sampler": "class-balanced", "two_stage": "crt"}`` →
+    ``"decoder · balanced_softmax · class-balanced → crt"``.
+    """
+    name = " · ".join(p for p in (_label(config.get(k)) for k in ("head", "loss", "sampler")) if p)
+    if not name:
+        raise LtclipError("cannot name a run whose config has no head, loss or sampler")
+    two_stage = _label(config.get("two_stage"))
+    if two_stage:
+        name += f" → {two_stage}"
+    la = config.get("posthoc_la")
+    if isinstance(la, dict):
+        la = la.get("tau", True) if la else None
+    if la is True:
+        name += " + LA"
+    elif isinstance(la, (int, float)) and not isinstance(la, bool):
+        name += f" + LA τ={la:g}"
+    return name
