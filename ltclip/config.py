@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import sys
 from dataclasses import dataclass
@@ -178,12 +177,4 @@ def provenance() -> dict:
     }
 
 
-def save_json(path: str | Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-__all__ = ["DataConfig", "EvalConfig", "ExtractConfig", "TrainHeadConfig", "load_config_file", "provenance", "save_json", "to_dict", "from_dict"]
+__all__ = ["DataConfig", "EvalConfig", "ExtractConfig", "TrainHeadConfig", "load_config_file", "provenance", "to_dict", "from_dict"]

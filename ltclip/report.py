@@ -12,13 +12,12 @@ import io
 import json
 import math
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import LtclipError
 from .metrics import as_numpy
 
@@ -106,20 +105,6 @@ def markdown_table(
 # ----------------------------------------------------------------------------- JSON / CSV
 
 
-@contextmanager
-def _atomic(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary path beside ``path``; renamed onto ``path`` when the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plain(value):
     """``value`` with numpy scalars/arrays and tuples turned into JSON types."""
     if isinstance(value, dict):
@@ -139,8 +124,8 @@ def write_json(results: Sequence[dict], path: str | os.PathLike) -> Path:
         raise LtclipError(
             f"{path}: a result holds NaN or infinity, which JSON cannot store; check the evaluation"
         ) from None
-    with _atomic(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -165,8 +150,8 @@ def write_csv(results: Sequence[dict], path: str | os.PathLike) -> Path:
     writer.writerow(columns)
     for r in results:
         writer.writerow(["" if r.get(c) is None else _plain(r[c]) for c in columns])
-    with _atomic(path) as tmp:
-        Path(tmp).write_text(buf.getvalue(), encoding="utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
     return Path(path)
 
 
@@ -257,7 +242,7 @@ def plot_per_class(
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
 

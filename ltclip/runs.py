@@ -91,13 +91,6 @@ def build_model(payload: dict, class_counts) -> RunModel:
     return RunModel(head, two_stage, payload.get("tau"), class_counts).eval()
 
 
-def save_torch(path: Path, obj) -> None:
-    """torch.save through a temporary file and a rename: a kill never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 @dataclass
 class Run:
     path: Path

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EvalConfig, save_json
+from ..atomic import save_json
+from ..config import EvalConfig
 from ..data.feature_batches import FeatureInputs
 from ..distributed import DistContext, resolve_device
 from ..errors import LtclipError

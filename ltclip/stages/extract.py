@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import ExtractConfig, provenance, save_json, to_dict
+from ..atomic import save_json
+from ..config import ExtractConfig, provenance, to_dict
 from ..data.images import ImageSplit
 from ..data.registry import load_dataset
 from ..data.views import make_views

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainHeadConfig, from_dict, provenance, save_json, to_dict
+from ..atomic import save_json, save_torch
+from ..config import TrainHeadConfig, from_dict, provenance, to_dict
 from ..data.feature_batches import FeatureInputs, parse_size
 from ..data.samplers import create_sampler
 from ..distributed import DistContext, resolve_device
@@ -18,7 +19,7 @@ from ..errors import LtclipError
 from ..losses import compute_loss, get_loss, parse_loss_opts
 from ..metrics import average_views, evaluate
 from ..progress import Progress
-from ..runs import MODEL_FILE, RUN_FILE, RunModel, cache_fingerprint, load_run, model_payload, save_torch
+from ..runs import MODEL_FILE, RUN_FILE, RunModel, cache_fingerprint, load_run, model_payload
 from ..store import FeatureCache, load_text_embeddings
 
 log = logging.getLogger(__name__)
