@@ -16,9 +16,9 @@ pretrained=${PRETRAINED:-none}
 
 rm -rf "$out/runs"
 train() { "$ltclip" train-head --features "$out/features" --out "$out/runs/$1" "${@:2}"; }
-train linear-ce --head linear --loss ce --epochs 30 --lr 3e-3
-train linear-balanced-softmax --head linear --loss balanced_softmax --epochs 30 --lr 3e-3
-train linear-ldam-drw --head cosine --loss ldam --loss-opt drw_epoch=20 --epochs 30 --lr 3e-3
+train linear-ce --head linear --loss ce --epochs 30 --lr 0.1
+train linear-balanced-softmax --head linear --loss balanced_softmax --epochs 30 --lr 0.1
+train linear-ldam-drw --head cosine --loss ldam --loss-opt drw_epoch=20 --epochs 30 --lr 0.1
 train decoder-ce --head decoder --loss ce --epochs 15 --lr 1e-3
 train decoder-balanced-softmax --head decoder --loss balanced_softmax --epochs 15 --lr 1e-3
 "$ltclip" train-head --from "$out/runs/linear-ce" --two-stage crt --epochs 10 --lr 0.1 --out "$out/runs/linear-ce-crt"
