@@ -18,7 +18,7 @@ rm -rf "$out/runs"
 train() { "$ltclip" train-head --features "$out/features" --out "$out/runs/$1" "${@:2}"; }
 train linear-ce --head linear --loss ce --epochs 30 --lr 0.1
 train linear-balanced-softmax --head linear --loss balanced_softmax --epochs 30 --lr 0.1
-train linear-ldam-drw --head cosine --loss ldam --loss-opt drw_epoch=20 --epochs 30 --lr 0.1
+train cosine-ldam-drw --head cosine --head-opt init_scale=1 --head-opt learn_scale=false --loss ldam --loss-opt drw_epoch=20 --epochs 30 --lr 0.1
 train decoder-ce --head decoder --loss ce --epochs 15 --lr 1e-3
 train decoder-balanced-softmax --head decoder --loss balanced_softmax --epochs 15 --lr 1e-3
 "$ltclip" train-head --from "$out/runs/linear-ce" --two-stage crt --epochs 10 --lr 0.1 --out "$out/runs/linear-ce-crt"

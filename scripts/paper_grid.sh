@@ -29,7 +29,8 @@ for head in linear decoder; do
     for loss in ce focal cbw cb grw balanced_softmax logit_adjusted lade; do
         run "$head-$loss" "${base[@]}" --loss "$loss"
     done
-    run "$head-ldam-drw" "${base[@]}" --loss ldam --loss-opt "drw_epoch=$((epochs * 4 / 5))"
+    # LDAM on plain logits as in the paper's code (s = 1); its s = 30 assumes cosine logits
+    run "$head-ldam-drw" "${base[@]}" --loss ldam --loss-opt s=1 --loss-opt "drw_epoch=$((epochs * 4 / 5))"
     for sampler in class-balanced sqrt progressive; do
         run "$head-ce-$sampler" "${base[@]}" --loss ce --sampler "$sampler"
     done
