@@ -374,7 +374,7 @@ def train_head(
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the gradient norm (0: off).")] = 0.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    max_ram: Annotated[Optional[str], typer.Option("--max-ram", help="Stream token caches larger than this (e.g. 8G).")] = None,
+    max_ram: Annotated[Optional[str], typer.Option("--max-ram", help="Stream token caches larger than this, e.g. 8G (default: half of the available memory).")] = None,
     val_split: Annotated[str, typer.Option("--val-split", help="Split for model selection.")] = "val",
     from_run: Annotated[Optional[str], typer.Option("--from", help="Finished first-stage run for --two-stage / --posthoc-la.")] = None,
     two_stage: Annotated[Optional[str], typer.Option("--two-stage", help="crt, lws, tau-norm, disalign, marc or ncm.")] = None,

@@ -549,6 +549,7 @@ class FeatureCache:
         self.path = Path(path)
         self._h5 = _open_h5(self.path, "r")
         self._pid = os.getpid()
+        self._raw = None  # (fd, token offset, pid) for direct reads, opened on first use
         try:
             self._validate(allow_incomplete)
         except BaseException:
@@ -624,7 +625,7 @@ class FeatureCache:
         return self._h5
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_h5": None}
+        return {**self.__dict__, "_h5": None, "_raw": None}
 
     @property
     def nbytes_on_disk(self) -> int:
@@ -659,11 +660,26 @@ class FeatureCache:
             raise LtclipError(f"{self.path} has no tokens; re-extract with token output enabled")
         return self._file["tokens"]
 
+    def _raw_fd(self) -> tuple[int, int] | None:
+        """``(fd, byte offset)`` of the tokens when stored contiguously and uncompressed, else None.
+
+        Such rows can be read with plain ``os.preadv`` calls, 1.5–2× faster than h5py's per-call
+        overhead for the random single rows a sampler asks for.
+        """
+        if self._raw is None or self._raw[2] != os.getpid():
+            ds = self._tokens()
+            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+            fd = os.open(self.path, os.O_RDONLY) if offset is not None and hasattr(os, "preadv") else None
+            self._raw = (fd, offset, os.getpid())
+        fd, offset, _ = self._raw
+        return None if fd is None else (fd, offset)
+
     def read_tokens(self, indices) -> np.ndarray:
         """Token sequences of rows ``indices`` (any order, repeats allowed): (len, V, T, W).
 
-        Reads each contiguous run of the sorted unique rows with one slice (h5py's fancy indexing
-        is many times slower) and scatters the rows back into the requested order.
+        Reads each contiguous run of the sorted unique rows with one read (``os.preadv`` at the
+        dataset's file offset when it is contiguous, else one h5py slice — h5py's fancy indexing is
+        many times slower) and scatters the rows back into the requested order.
         """
         tokens = self._tokens()
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -672,8 +688,17 @@ class FeatureCache:
         rows, inverse = np.unique(idx, return_inverse=True)
         buf = np.empty((rows.size,) + tokens.shape[1:], tokens.dtype)
         starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1).tolist()
+        raw = self._raw_fd()
+        row_bytes = buf[0].nbytes if rows.size else 0
         for lo, hi in zip(starts, starts[1:] + [rows.size]):
-            tokens.read_direct(buf, np.s_[int(rows[lo]) : int(rows[hi - 1]) + 1], np.s_[lo:hi])
+            first = int(rows[lo])
+            if raw is None:
+                tokens.read_direct(buf, np.s_[first : first + hi - lo], np.s_[lo:hi])
+                continue
+            view = memoryview(buf[lo:hi]).cast("B")
+            got = os.preadv(raw[0], [view], raw[1] + first * row_bytes)
+            if got != len(view):
+                raise LtclipError(f"{self.path}: short read at row {first}; the file is truncated: re-extract it")
         out = buf if np.array_equal(rows, idx) else buf[inverse]
         return out.reshape((idx.size, self.views) + self.token_shape)
 
@@ -684,6 +709,9 @@ class FeatureCache:
             yield start, self._read("tokens", start, min(start + block_rows, self.num_rows))
 
     def close(self) -> None:
+        if self._raw is not None and self._raw[0] is not None and self._raw[2] == os.getpid():
+            os.close(self._raw[0])
+        self._raw = None
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None

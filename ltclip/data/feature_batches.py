@@ -1,12 +1,14 @@
 """Batches of head inputs (pooled embeddings or token sequences) from a feature cache.
 
-Inputs live in RAM when they fit under ``max_ram``; otherwise token sequences are streamed from
+Inputs live in RAM when they fit under ``max_ram`` (default: half of the memory available);
+otherwise token sequences are streamed from
 the HDF5 file, a batch at a time, by a prefetching thread, so resident memory stays bounded by a
 few batches whatever the cache size. The order always comes from the caller (the sampler).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Iterator
@@ -35,7 +37,8 @@ class FeatureInputs:
         row_shape = (cache.views, cache.embed_dim) if kind == "embeds" else (cache.views, *cache.token_shape)
         self.row_shape = row_shape
         self.nbytes = cache.num_rows * int(np.prod(row_shape)) * 2
-        self.in_ram = kind == "embeds" or max_ram is None or self.nbytes <= max_ram
+        self.max_ram = default_max_ram() if max_ram is None else max_ram
+        self.in_ram = kind == "embeds" or self.max_ram is None or self.nbytes <= self.max_ram
         self._data = None
         if self.in_ram:
             self._data = cache.load_embeds() if kind == "embeds" else self._load_tokens()
@@ -69,7 +72,8 @@ class FeatureInputs:
             x = self.rows(idx)
             if view_of is not None:
                 x = x[np.arange(len(idx)), view_of[start : start + batch_size]]
-            return torch.from_numpy(x).float(), torch.from_numpy(self.labels[idx]), idx
+            # numpy's cast stays on this thread: torch's would take intra-op threads from the step
+            return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(self.labels[idx]), idx
 
         if self.in_ram:
             for start in starts:
@@ -112,6 +116,14 @@ def _prefetched(load, starts, depth: int):
             except queue.Empty:
                 pass
             thread.join(timeout=0.05)
+
+
+def default_max_ram() -> int | None:
+    """Half of the memory available now (None where the OS does not say): above it, stream."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def parse_size(text: str | None) -> int | None:

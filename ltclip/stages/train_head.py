@@ -197,6 +197,8 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     max_ram = parse_size(cfg.max_ram)
     train = FeatureInputs(train_cache, head.input, max_ram)
     val = FeatureInputs(val_cache, head.input, max_ram) if val_cache is not None else None
+    where = "in RAM" if train.in_ram else f"streamed from disk (larger than --max-ram {train.max_ram / 2**30:.1f} GiB)"
+    progress.log(f"training inputs: {head.input} of {train_cache.num_rows:,} rows, {train.nbytes / 2**30:.2f} GiB, {where}")
     steps_per_epoch = math.ceil(len(train.labels) / cfg.batch_size)  # an epoch draws as many rows as there are
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
