@@ -148,6 +148,7 @@ def test_read_tokens_any_order(tmp_path):
     idx = np.concatenate([rng.integers(0, 300, 50), runs_and_repeats, np.arange(100, 140)])
     rng.shuffle(idx)
     with FeatureCache(path) as cache:
+        assert cache._raw_fd() is not None  # the writer's contiguous tokens are read directly
         assert np.array_equal(cache.read_tokens(idx), data["tokens"][idx])
         assert np.array_equal(cache.read_tokens([5]), data["tokens"][[5]])
         assert cache.read_tokens([]).shape == (0, 2, 5, 4)
@@ -486,3 +487,19 @@ def test_text_embeddings_round_trip_and_validation(tmp_path):
         load_text_embeddings(path)
     with pytest.raises(ValueError):
         save_text_embeddings(tmp_path / "bad.h5", embeds[:3], CLASSES, templates, ATTRS)
+
+
+def test_chunked_tokens_of_a_user_file_read_through_h5py(tmp_path):
+    """Direct reads need a contiguous dataset; a chunked one is read through h5py, same rows."""
+    rng = np.random.default_rng(5)
+    tokens = rng.standard_normal((12, 3, 4)).astype(np.float16)
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f["embeds"] = tokens[:, 0]
+        f["labels"] = np.arange(12) % 3
+        f.create_dataset("tokens", data=tokens, chunks=(2, 3, 4), compression="gzip")
+        f.attrs["schema_version"] = 1
+        f.attrs["num_classes"] = 3
+    idx = [7, 0, 7, 11, 3, 4]
+    with FeatureCache(tmp_path / "train.h5") as cache:
+        assert cache._raw_fd() is None
+        np.testing.assert_array_equal(cache.read_tokens(idx)[:, 0], tokens[idx])
