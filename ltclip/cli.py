@@ -103,19 +103,9 @@ def _data_config(dataset, data_root, manifest_dir, train_list, val_list, test_li
 
 
 def _open_dataset(cfg):
-    from .data.registry import load_dataset
+    from .data.registry import open_dataset
 
-    return load_dataset(
-        cfg.dataset,
-        cfg.data_root,
-        manifest_dir=cfg.manifest_dir,
-        split_files=cfg.split_files(),
-        classnames_file=cfg.classnames,
-        templates=cfg.templates,
-        imbalance=cfg.imbalance,
-        download=cfg.download,
-        seed=cfg.seed,
-    )
+    return open_dataset(cfg)
 
 
 def _console():

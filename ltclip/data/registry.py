@@ -180,3 +180,12 @@ def load_dataset(
         data_root=str(root),
         info={"spec": spec.path, "classnames": str(names_path or "builtin")},
     )
+
+
+def open_dataset(cfg) -> LTDataset:
+    """:func:`load_dataset` from a :class:`ltclip.config.DataConfig`."""
+    return load_dataset(
+        cfg.dataset, cfg.data_root, manifest_dir=cfg.manifest_dir, split_files=cfg.split_files(),
+        classnames_file=cfg.classnames, templates=cfg.templates, imbalance=cfg.imbalance, download=cfg.download,
+        seed=cfg.seed,
+    )

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ..atomic import save_json
 from ..config import ExtractConfig, provenance, to_dict
 from ..data.images import ImageSplit
-from ..data.registry import load_dataset
+from ..data.registry import open_dataset
 from ..data.views import make_views
 from ..distributed import init_distributed, resolve_device
 from ..errors import LtclipError
@@ -170,11 +170,7 @@ def _text_file(cfg, dataset, backbone, device, out: Path, progress: Progress) ->
 def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     """Extract every requested split (resumable), then the class text embeddings. Returns a summary."""
     progress = progress or Progress()
-    d = cfg.data
-    dataset = load_dataset(
-        d.dataset, d.data_root, manifest_dir=d.manifest_dir, split_files=d.split_files(), classnames_file=d.classnames,
-        templates=d.templates, imbalance=d.imbalance, download=d.download, seed=d.seed,
-    )
+    dataset = open_dataset(cfg.data)
     for split in cfg.splits:
         dataset.split(split)  # refuse unknown splits before any work
     if cfg.batch_size < 1 or cfg.block_size < 1 or cfg.workers < 0:
