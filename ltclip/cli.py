@@ -253,7 +253,7 @@ def extract(
     templates: Templates = None,
     imbalance: Imbalance = 100.0,
     download: Download = False,
-    splits: Annotated[str, typer.Option("--splits", help="Comma-separated splits to extract.")] = "train,val,test",
+    splits: Annotated[str, typer.Option("--splits", help="Comma-separated splits to extract (default: every split the dataset has).")] = "",
     model: Annotated[str, typer.Option("--model", "-m", help="open_clip model name (or local-dir:/path).")] = "ViT-B-16",
     pretrained: Annotated[str, typer.Option("--pretrained", "-p", help="open_clip tag, checkpoint file, or 'none' (random).")] = "openai",
     preprocess_from: Annotated[Optional[str], typer.Option("--preprocess-from", help="Tag whose preprocessing a checkpoint file needs.")] = None,

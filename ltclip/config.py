@@ -37,7 +37,7 @@ class DataConfig:
 class ExtractConfig:
     data: DataConfig
     out: str
-    splits: tuple[str, ...] = ("train", "val", "test")
+    splits: tuple[str, ...] = ()  # empty: every split the dataset has
     model: str = "ViT-B-16"
     pretrained: str = "openai"
     preprocess_from: str | None = None

@@ -12,11 +12,8 @@ out=${OUT:-experiments/$DATASET-$model}
 epochs=${EPOCHS:-10}
 manifest=()
 [ -n "${MANIFEST_DIR:-}" ] && manifest=(--manifest-dir "$MANIFEST_DIR")
-splits=train,val,test
-[ "$DATASET" = cifar100_lt ] && splits=train,test  # CIFAR-100 has no validation split
-
 # shellcheck disable=SC2086
-"$ltclip" extract --dataset "$DATASET" --data-root "$DATA_ROOT" "${manifest[@]}" --splits "$splits" \
+"$ltclip" extract --dataset "$DATASET" --data-root "$DATA_ROOT" "${manifest[@]}" \
     --model "$model" --pretrained "$pretrained" --out "$out/features" ${EXTRACT_ARGS:-}
 
 run() {  # run NAME ARGS...: train unless that run already finished
@@ -37,7 +34,9 @@ for head in linear decoder; do
     for method in crt lws tau-norm disalign marc ncm; do
         run "$head-ce-$method" --from "$out/runs/$head-ce" --two-stage "$method" --epochs "$epochs" --lr 0.1
     done
-    run "$head-ce-posthoc-la" --from "$out/runs/$head-ce" --posthoc-la
+    if [ -f "$out/features/val.h5" ]; then  # tau is chosen on val (CIFAR-100-LT has none)
+        run "$head-ce-posthoc-la" --from "$out/runs/$head-ce" --posthoc-la
+    fi
 done
 
 "$ltclip" eval "$out"/runs/* --zero-shot --knn 10 --ncm --features "$out/features" \

@@ -171,7 +171,8 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     """Extract every requested split (resumable), then the class text embeddings. Returns a summary."""
     progress = progress or Progress()
     dataset = open_dataset(cfg.data)
-    for split in cfg.splits:
+    splits = cfg.splits or tuple(dataset.splits)
+    for split in splits:
         dataset.split(split)  # refuse unknown splits before any work
     if cfg.batch_size < 1 or cfg.block_size < 1 or cfg.workers < 0:
         raise LtclipError("--batch-size and --block-size must be >= 1 and --workers >= 0")
@@ -185,7 +186,7 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
         backbone.model.to(memory_format=torch.channels_last)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress) for s in cfg.splits]
+    results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress) for s in splits]
     if ctx.is_main:
         results.append(_text_file(cfg, dataset, backbone, device, out, progress))
         save_json(out / "extract.json", {"config": to_dict(cfg), "provenance": provenance(), "identity": backbone.identity})
