@@ -21,7 +21,7 @@ train linear-balanced-softmax --head linear --loss balanced_softmax --epochs 30 
 train cosine-ldam-drw --head cosine --head-opt init_scale=1 --head-opt learn_scale=false --loss ldam --loss-opt drw_epoch=20 --epochs 30 --lr 0.1
 train decoder-ce --head decoder --loss ce --epochs 15 --lr 1e-3
 train decoder-balanced-softmax --head decoder --loss balanced_softmax --epochs 15 --lr 1e-3
-"$ltclip" train-head --from "$out/runs/linear-ce" --two-stage crt --epochs 10 --lr 0.1 --out "$out/runs/linear-ce-crt"
+"$ltclip" train-head --from "$out/runs/linear-ce" --two-stage crt --epochs 30 --lr 1.0 --out "$out/runs/linear-ce-crt"
 "$ltclip" train-head --from "$out/runs/linear-ce" --posthoc-la --out "$out/runs/linear-ce-posthoc-la"
 
 "$ltclip" eval "$out"/runs/* --zero-shot --knn 10 --ncm --features "$out/features" \
