@@ -23,6 +23,9 @@ run() {  # run NAME ARGS...: train unless that run already finished
 }
 for head in linear decoder; do
     base=(--features "$out/features" --head "$head" --epochs "$epochs")
+    # unit-norm embeddings (linear) need a larger second-stage step than the decoder's CLS features
+    stage2_lr=0.1
+    [ "$head" = linear ] && stage2_lr=1.0
     for loss in ce focal cbw cb grw balanced_softmax logit_adjusted lade; do
         run "$head-$loss" "${base[@]}" --loss "$loss"
     done
@@ -32,7 +35,7 @@ for head in linear decoder; do
         run "$head-ce-$sampler" "${base[@]}" --loss ce --sampler "$sampler"
     done
     for method in crt lws tau-norm disalign marc ncm; do
-        run "$head-ce-$method" --from "$out/runs/$head-ce" --two-stage "$method" --epochs "$epochs" --lr 0.1
+        run "$head-ce-$method" --from "$out/runs/$head-ce" --two-stage "$method" --epochs "$epochs" --lr "$stage2_lr"
     done
     if [ -f "$out/features/val.h5" ]; then  # tau is chosen on val (CIFAR-100-LT has none)
         run "$head-ce-posthoc-la" --from "$out/runs/$head-ce" --posthoc-la
