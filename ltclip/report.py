@@ -260,12 +260,18 @@ def _label(value) -> str:
 def method_name(config: dict) -> str:
     """A short row label from a run's resolved config: ``head · loss · sampler [→ two_stage] [+ LA]``.
 
-    Entries are registry names or dicts with a ``name``; missing or "none" parts are left out.
+    Entries are registry names or dicts with a ``name``; missing or "none" parts are left out;
+    ``head_opts`` / ``loss_opts`` (``key=value`` strings) follow their part in brackets.
     ``posthoc_la`` may be true, a tau, or a dict with ``tau``. Example: ``{"head": "decoder",
     "loss": "balanced_softmax", "sampler": "class-balanced", "two_stage": "crt"}`` →
     ``"decoder · balanced_softmax · class-balanced → crt"``.
     """
-    name = " · ".join(p for p in (_label(config.get(k)) for k in ("head", "loss", "sampler")) if p)
+    parts = []
+    for key in ("head", "loss", "sampler"):
+        label, opts = _label(config.get(key)), config.get(f"{key}_opts") or ()
+        if label:
+            parts.append(f"{label}({', '.join(opts)})" if opts else label)
+    name = " · ".join(parts)
     if not name:
         raise LtclipError("cannot name a run whose config has no head, loss or sampler")
     two_stage = _label(config.get("two_stage"))

@@ -175,6 +175,9 @@ def test_binned_curve_means_every_class_once():
         ({"head": "cosine", "loss": "ce", "posthoc_la": True}, "cosine · ce + LA"),
         ({"head": "linear", "loss": "ce", "two_stage": {"name": "lws"}, "posthoc_la": {"tau": 0.5}},
          "linear · ce → lws + LA τ=0.5"),
+        ({"head": "cosine", "head_opts": ["init_scale=1"], "loss": "ldam", "loss_opts": ["s=1", "drw_epoch=8"],
+          "sampler": "instance"}, "cosine(init_scale=1) · ldam(s=1, drw_epoch=8) · instance"),
+        ({"head": "linear", "head_opts": [], "loss": "ce", "loss_opts": []}, "linear · ce"),
     ],
 )
 def test_method_name(config, name):

@@ -265,7 +265,8 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     if cfg.posthoc_la:
         tau, extra["posthoc_tau_table"] = _posthoc_tau(model, val, counts, cfg.batch_size * 2, device)
         progress.log(f"post-hoc logit adjustment: tau={tau:g} (chosen on {cfg.val_split})")
-    method = {"head": cfg.head, "loss": cfg.loss, "sampler": cfg.sampler, "two_stage": None}
+    method = {"head": cfg.head, "head_opts": list(cfg.head_opts), "loss": cfg.loss, "loss_opts": list(cfg.loss_opts),
+              "sampler": cfg.sampler, "two_stage": None}
     info = _finish(out, features, counts, model_payload(head, tau=tau), method, best,
                    {"dataset": train_cache.attrs.get("dataset"), "epochs": epochs, "steps": step,
                     "inputs_in_ram": train.in_ram, **extra})
