@@ -220,3 +220,16 @@ def test_torchrun_two_processes_equal_one(synthetic_root, checkpoint, cache, tmp
     ref, got = read_arrays(cache), read_arrays(out)
     for key in ref:
         np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+
+
+def test_templates_file_reaches_the_text_embeddings(synthetic_root, checkpoint, tmp_path):
+    from ltclip.store import load_text_embeddings
+
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a blurry sketch of a {}.\na {} on a canvas.\n")
+    result = invoke(*extract_args(synthetic_root, tmp_path / "feat", checkpoint, "--splits", "val", "--templates", str(templates)))
+    assert result.exit_code == 0, result.output
+    text = load_text_embeddings(tmp_path / "feat" / "text.h5")
+    assert text.templates == ["a blurry sketch of a {}.", "a {} on a canvas."]
+    info = invoke("cache", "info", str(tmp_path / "feat"))
+    assert info.exit_code == 0 and "val.h5" in info.output and TINY_MODEL in info.output
