@@ -102,10 +102,11 @@ def _data_config(dataset, data_root, manifest_dir, train_list, val_list, test_li
     return DataConfig(dataset, data_root, manifest_dir, train_list, val_list, test_list, classnames, templates, imbalance, download, seed)
 
 
-def _open_dataset(cfg):
+def _open_dataset(*options):
+    """The dataset the shared data options name (``datasets info`` / ``check``)."""
     from .data.registry import open_dataset
 
-    return open_dataset(cfg)
+    return open_dataset(_data_config(*options))
 
 
 def _console():
@@ -156,8 +157,7 @@ def datasets_info(
     """Class-count profile of the train split: max/min per class, imbalance ratio, many/medium/few."""
     from .data.profile import class_profile
 
-    cfg = _data_config(name, data_root, manifest_dir, train_list, val_list, test_list, classnames, None, imbalance, download)
-    ds = _open_dataset(cfg)
+    ds = _open_dataset(name, data_root, manifest_dir, train_list, val_list, test_list, classnames, None, imbalance, download)
     prof = class_profile(ds.train_counts(), many, few)
     prof = {"dataset": ds.name, **prof, "splits": {k: len(v) for k, v in ds.splits.items()}}
     if as_json:
@@ -200,8 +200,7 @@ def datasets_check(
 
     from .data.profile import check_images
 
-    cfg = _data_config(name, data_root, manifest_dir, train_list, val_list, test_list, classnames, None, imbalance, download)
-    ds = _open_dataset(cfg)
+    ds = _open_dataset(name, data_root, manifest_dir, train_list, val_list, test_list, classnames, None, imbalance, download)
     total = sum(len(s) for s in ds.splits.values())
     progress = RichProgress()
     with progress.task(f"checking {ds.name}", total, "img") as advance:

@@ -197,6 +197,11 @@ def _check_header(path: Path, attrs: dict, kind: str) -> None:
 # ----------------------------------------------------------------------------- sharding
 
 
+def _header(kind: str, num_classes: int) -> dict:
+    """The attributes every artifact file starts with."""
+    return {"schema_version": SCHEMA_VERSION, "ltclip_version": __version__, "kind": kind, "num_classes": num_classes}
+
+
 def shard_path(path: str | os.PathLike, rank: int) -> Path:
     """Where rank ``rank`` writes its part of ``path`` (``train.h5`` -> ``train.rank3.h5``)."""
     path = Path(path)
@@ -266,10 +271,7 @@ class FeatureWriter:
         if labels.size and (labels.min() < 0 or labels.max() >= len(classnames)):
             raise ValueError(f"labels must lie in [0, {len(classnames)})")
         expected = {
-            "schema_version": SCHEMA_VERSION,
-            "ltclip_version": __version__,
-            "kind": FEATURES_KIND,
-            "num_classes": len(classnames),
+            **_header(FEATURES_KIND, len(classnames)),
             "num_rows": num_rows,
             "views": views,
             "block_size": block_size,
@@ -745,12 +747,7 @@ def save_text_embeddings(
     embeds = np.asarray(embeds, dtype=np.float32)
     if embeds.ndim != 2 or embeds.shape[0] != len(classnames) or not np.isfinite(embeds).all():
         raise ValueError(f"text embeddings must be finite, shape ({len(classnames)}, D)")
-    header = {
-        "schema_version": SCHEMA_VERSION,
-        "ltclip_version": __version__,
-        "kind": TEXT_KIND,
-        "num_classes": len(classnames),
-    }
+    header = _header(TEXT_KIND, len(classnames))
     with _atomic_h5(path) as h5:
         h5.attrs.update({**header, **_identity_attrs(attrs)})
         h5.create_dataset("embeds", data=embeds)
