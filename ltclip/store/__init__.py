@@ -1,0 +1,29 @@
+"""HDF5 feature store: the cache schema, a resumable (and sharded) writer, a validating reader,
+and the class text embeddings.
+
+The layout and the crash-safety protocol are documented in ``docs/artifacts.md``. Modules:
+``writer`` (:class:`FeatureWriter`, :func:`write_arrays`, the shard layout), ``shards``
+(:func:`join_shards`), ``reader`` (:class:`FeatureCache`), ``text`` (``text.h5``) and ``_h5`` (the
+HDF5 plumbing and the file header they share).
+"""
+
+from ._h5 import FEATURES_KIND, SCHEMA_VERSION, TEXT_KIND
+from .reader import FeatureCache
+from .shards import join_shards
+from .text import TextEmbeddings, load_text_embeddings, save_text_embeddings
+from .writer import FeatureWriter, shard_path, shard_range, write_arrays
+
+__all__ = [
+    "FEATURES_KIND",
+    "SCHEMA_VERSION",
+    "TEXT_KIND",
+    "FeatureCache",
+    "FeatureWriter",
+    "TextEmbeddings",
+    "join_shards",
+    "load_text_embeddings",
+    "save_text_embeddings",
+    "shard_path",
+    "shard_range",
+    "write_arrays",
+]

@@ -1,0 +1,208 @@
+"""Reading feature caches: :class:`FeatureCache` validates a file when it opens it, keeps the
+labels and metadata in RAM, and reads embeddings and token rows on demand (fork-safe).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from ..errors import LtclipError
+from ._h5 import ABSENT, FEATURES_KIND, check_header, file_attrs, open_h5, plain, read_strings, same, show
+
+ROW_DATASETS = ("embeds", "tokens")
+
+
+class FeatureCache:
+    """A validated, read-only feature cache; embeddings in RAM, token sequences streamed.
+
+    Accepts any file with ``embeds``, ``labels`` and the attributes ``schema_version`` and
+    ``num_classes`` (see docs/artifacts.md). Usable from DataLoader workers: each process reopens
+    the file for itself.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False):
+        self.path = Path(path)
+        self._h5 = open_h5(self.path, "r")
+        self._pid = os.getpid()
+        self._raw = None  # (fd, token offset, pid) for direct reads, opened on first use
+        try:
+            self._validate(allow_incomplete)
+        except BaseException:
+            self._h5.close()
+            raise
+
+    def _validate(self, allow_incomplete: bool) -> None:
+        h5, path = self._h5, self.path
+        self.attrs = file_attrs(h5)
+        check_header(path, self.attrs, FEATURES_KIND)
+        self.num_classes = self.attrs["num_classes"]
+        for name in ("embeds", "labels"):
+            if name not in h5 or not isinstance(h5[name], h5py.Dataset):
+                raise LtclipError(f"{path} has no {name!r} dataset; see docs/artifacts.md")
+        embeds = h5["embeds"]
+        if embeds.ndim not in (2, 3) or not np.issubdtype(embeds.dtype, np.floating):
+            raise LtclipError(
+                f"{path}: embeds must be a float array (N, D) or (N, V, D), "
+                f"got {embeds.dtype} {embeds.shape}"
+            )
+        self.num_rows = embeds.shape[0]
+        self.views = 1 if embeds.ndim == 2 else embeds.shape[1]
+        self.embed_dim = embeds.shape[-1]
+        for key, value in (("num_rows", self.num_rows), ("views", self.views)):
+            if self.attrs.get(key, value) != value:
+                raise LtclipError(
+                    f"{path}: attribute {key}={self.attrs[key]} but embeds has shape "
+                    f"{embeds.shape}; the file is inconsistent: re-create it"
+                )
+        labels = h5["labels"]
+        if labels.shape != (self.num_rows,) or not np.issubdtype(labels.dtype, np.integer):
+            raise LtclipError(
+                f"{path}: labels must be integers of shape ({self.num_rows},), "
+                f"got {labels.dtype} {labels.shape}"
+            )
+        self.labels = labels[()].astype(np.int64)
+        bad = (self.labels < 0) | (self.labels >= self.num_classes)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise LtclipError(
+                f"{path}: label {self.labels[row]} of row {row} is outside "
+                f"[0, {self.num_classes}); fix the labels or the num_classes attribute"
+            )
+        self.has_tokens = "tokens" in h5
+        self.token_shape = None
+        if self.has_tokens:
+            tokens = h5["tokens"]
+            if tokens.ndim != embeds.ndim + 1 or tokens.shape[:-2] != embeds.shape[:-1]:
+                raise LtclipError(
+                    f"{path}: tokens shape {tokens.shape} does not match embeds shape "
+                    f"{embeds.shape}; the file is inconsistent: re-create it"
+                )
+            self.token_shape = tuple(tokens.shape[-2:])
+        self.paths = read_strings(h5, "paths")
+        self.classnames = read_strings(h5, "classnames")
+        for name, values, size in (("paths", self.paths, self.num_rows),
+                                   ("classnames", self.classnames, self.num_classes)):
+            if values is not None and len(values) != size:
+                raise LtclipError(f"{path}: {name} has {len(values)} entries, expected {size}")
+        done = h5["done"][()] if "done" in h5 else np.ones(1, np.uint8)
+        self.complete = bool(self.attrs.get("complete", True)) and bool(done.all())
+        if not self.complete and not allow_incomplete:
+            raise LtclipError(
+                f"{path} is incomplete ({int(done.sum())} of {done.size} blocks written); rerun "
+                "the same `ltclip extract` command to resume it"
+            )
+
+    @property
+    def _file(self) -> h5py.File:
+        """The open file, reopened once in each process that uses it (fork-safe)."""
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5, self._pid = open_h5(self.path, "r"), os.getpid()
+        return self._h5
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_h5": None, "_raw": None}
+
+    @property
+    def nbytes_on_disk(self) -> int:
+        """Size of the file in bytes."""
+        return self.path.stat().st_size
+
+    def expect(self, **attrs) -> None:
+        """Refuse features made differently: every given attribute must equal the file's."""
+        for key, want in attrs.items():
+            have = self.attrs.get(key, ABSENT)
+            if not same(have, plain(want)):
+                raise LtclipError(
+                    f"{self.path} was made with {key}={show(have)} but this run uses "
+                    f"{key}={want!r}; re-extract the features with matching options"
+                )
+
+    def class_counts(self) -> np.ndarray:
+        """Rows per class, shape (num_classes,), int64."""
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``"embeds"`` or ``"tokens"``, read with one slice, in the
+        stored dtype and with an explicit views axis: (n, V, D) or (n, V, T, W), also when V = 1."""
+        if name not in ROW_DATASETS:
+            raise ValueError(f"dataset must be one of {ROW_DATASETS}, not {name!r}")
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"rows [{start}, {stop}) are not within [0, {self.num_rows})")
+        data = (self._tokens() if name == "tokens" else self._file["embeds"])[start:stop]
+        return data.reshape((stop - start, self.views) + data.shape[1 + (self.views > 1) :])
+
+    def load_embeds(self) -> np.ndarray:
+        """All embeddings, (N, V, D), in the stored dtype (float16 for extracted caches)."""
+        return self.read_rows("embeds", 0, self.num_rows)
+
+    def _tokens(self) -> h5py.Dataset:
+        if not self.has_tokens:
+            raise LtclipError(f"{self.path} has no tokens; re-extract with token output enabled")
+        return self._file["tokens"]
+
+    def _raw_fd(self) -> tuple[int, int] | None:
+        """``(fd, byte offset)`` of the tokens when stored contiguously and uncompressed, else None.
+
+        Such rows can be read with plain ``os.preadv`` calls, 1.5–2× faster than h5py's per-call
+        overhead for the random single rows a sampler asks for.
+        """
+        if self._raw is None or self._raw[2] != os.getpid():
+            ds = self._tokens()
+            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+            fd = os.open(self.path, os.O_RDONLY) if offset is not None and hasattr(os, "preadv") else None
+            self._raw = (fd, offset, os.getpid())
+        fd, offset, _ = self._raw
+        return None if fd is None else (fd, offset)
+
+    def read_tokens(self, indices) -> np.ndarray:
+        """Token sequences of rows ``indices`` (any order, repeats allowed): (len, V, T, W).
+
+        Reads each contiguous run of the sorted unique rows with one read (``os.preadv`` at the
+        dataset's file offset when it is contiguous, else one h5py slice — h5py's fancy indexing is
+        many times slower) and scatters the rows back into the requested order.
+        """
+        tokens = self._tokens()
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_rows):
+            raise IndexError(f"token rows must lie in [0, {self.num_rows})")
+        rows, inverse = np.unique(idx, return_inverse=True)
+        buf = np.empty((rows.size,) + tokens.shape[1:], tokens.dtype)
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1).tolist()
+        raw = self._raw_fd()
+        row_bytes = buf[0].nbytes if rows.size else 0
+        for lo, hi in zip(starts, starts[1:] + [rows.size]):
+            first = int(rows[lo])
+            if raw is None:
+                tokens.read_direct(buf, np.s_[first : first + hi - lo], np.s_[lo:hi])
+                continue
+            view = memoryview(buf[lo:hi]).cast("B")
+            got = os.preadv(raw[0], [view], raw[1] + first * row_bytes)
+            if got != len(view):
+                raise LtclipError(f"{self.path}: short read at row {first}; the file is truncated: re-extract it")
+        out = buf if np.array_equal(rows, idx) else buf[inverse]
+        return out.reshape((idx.size, self.views) + self.token_shape)
+
+    def iter_token_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, tokens[start:start + block_rows])`` over all rows in order, (n, V, T, W)."""
+        self._tokens()
+        for start in range(0, self.num_rows, block_rows):
+            yield start, self.read_rows("tokens", start, min(start + block_rows, self.num_rows))
+
+    def close(self) -> None:
+        if self._raw is not None and self._raw[0] is not None and self._raw[2] == os.getpid():
+            os.close(self._raw[0])
+        self._raw = None
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
