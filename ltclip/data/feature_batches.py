@@ -36,7 +36,8 @@ class FeatureInputs:
         self.labels = cache.labels
         row_shape = (cache.views, cache.embed_dim) if kind == "embeds" else (cache.views, *cache.token_shape)
         self.row_shape = row_shape
-        self.nbytes = cache.num_rows * int(np.prod(row_shape)) * 2
+        self.dtype = cache.embed_dtype if kind == "embeds" else cache.token_dtype  # as stored
+        self.nbytes = cache.num_rows * int(np.prod(row_shape)) * self.dtype.itemsize
         self.max_ram = default_max_ram() if max_ram is None else max_ram
         self.in_ram = kind == "embeds" or self.max_ram is None or self.nbytes <= self.max_ram
         self._data = None
@@ -44,13 +45,14 @@ class FeatureInputs:
             self._data = cache.load_embeds() if kind == "embeds" else self._load_tokens()
 
     def _load_tokens(self) -> np.ndarray:
-        out = np.empty((self.cache.num_rows, *self.row_shape), np.float16)
+        out = np.empty((self.cache.num_rows, *self.row_shape), self.dtype)
         for start, block in self.cache.iter_token_blocks(4096):
             out[start : start + len(block)] = block
         return out
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
-        """float16 ``[len(indices), V, ...]`` for any indices (any order, repeats allowed)."""
+        """``[len(indices), V, ...]`` in the stored dtype (``self.dtype``), for any indices (any
+        order, repeats allowed)."""
         if self._data is not None:
             return self._data[indices]
         return self.cache.read_tokens(indices)

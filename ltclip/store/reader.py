@@ -21,8 +21,9 @@ class FeatureCache:
     """A validated, read-only feature cache; embeddings in RAM, token sequences streamed.
 
     Accepts any file with ``embeds``, ``labels`` and the attributes ``schema_version`` and
-    ``num_classes`` (see docs/artifacts.md). Usable from DataLoader workers: each process reopens
-    the file for itself.
+    ``num_classes`` (see docs/artifacts.md). Rows are handed out in the stored dtype,
+    ``embed_dtype`` / ``token_dtype`` (float16 for extracted caches, float32 allowed in user files).
+    Usable from DataLoader workers: each process reopens the file for itself.
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False):
@@ -53,6 +54,7 @@ class FeatureCache:
         self.num_rows = embeds.shape[0]
         self.views = 1 if embeds.ndim == 2 else embeds.shape[1]
         self.embed_dim = embeds.shape[-1]
+        self.embed_dtype = embeds.dtype
         for key, value in (("num_rows", self.num_rows), ("views", self.views)):
             if self.attrs.get(key, value) != value:
                 raise LtclipError(
@@ -74,7 +76,7 @@ class FeatureCache:
                 f"[0, {self.num_classes}); fix the labels or the num_classes attribute"
             )
         self.has_tokens = "tokens" in h5
-        self.token_shape = None
+        self.token_shape = self.token_dtype = None
         if self.has_tokens:
             tokens = h5["tokens"]
             if tokens.ndim != embeds.ndim + 1 or tokens.shape[:-2] != embeds.shape[:-1]:
@@ -83,6 +85,7 @@ class FeatureCache:
                     f"{embeds.shape}; the file is inconsistent: re-create it"
                 )
             self.token_shape = tuple(tokens.shape[-2:])
+            self.token_dtype = tokens.dtype
         self.paths = read_strings(h5, "paths")
         self.classnames = read_strings(h5, "classnames")
         for name, values, size in (("paths", self.paths, self.num_rows),
