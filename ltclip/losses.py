@@ -7,8 +7,8 @@ Every loss has the signature::
 and is differentiable, with no I/O and no state. ``epoch``/``total_epochs`` are passed to every
 loss so schedules (e.g. LDAM's DRW) need no special casing by the trainer; losses without a
 schedule ignore them. The keyword parameters after them (with their defaults) are the loss's
-options: :func:`loss_defaults` reads them from the signature and :func:`parse_loss_opts` parses
-``--loss-opt key=value`` strings against them.
+options: ``LOSSES.options(name)`` reads them from the signature and ``LOSSES.parse(name, opts)``
+parses ``--loss-opt key=value`` strings against them (see :class:`ltclip.registry.Registry`).
 
 Class weights and priors are computed from ``class_counts`` in float64 and then cast to the
 logits' device and dtype. A count of zero is clamped to one, so a class absent from the training
@@ -30,33 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import LtclipError
-from .registry import Registry, keyword_defaults, parse_options
+from .registry import Registry
 
 Counts = Union[Tensor, Sequence[float]]
 LossFn = Callable[..., Tensor]
-LOSSES: Registry[LossFn] = Registry("loss")
+LOSSES: Registry[LossFn] = Registry("loss", flag="--loss-opt", exclude=("epoch", "total_epochs"))
 
-_SCHEDULE_ARGS = ("epoch", "total_epochs")
-
-
-def get_loss(name: str) -> LossFn:
-    """The loss function registered as ``name`` (LtclipError with close matches otherwise)."""
-    return LOSSES.get(name)
-
-
-def list_losses(pattern: str = "*") -> list[str]:
-    """Sorted registered loss names matching a glob pattern."""
-    return LOSSES.names(pattern)
-
-
-def loss_defaults(name: str) -> dict:
-    """The loss's own options and their defaults, read from its signature."""
-    return keyword_defaults(get_loss(name), exclude=_SCHEDULE_ARGS)
-
-
-def parse_loss_opts(name: str, opts: Sequence[str]) -> dict:
-    """Parse ``["key=value", ...]`` into options of loss ``name``, typed like their defaults."""
-    return parse_options("--loss-opt", f"loss {name!r}", loss_defaults(name), opts)
+get_loss = LOSSES.get
+list_losses = LOSSES.names
 
 
 def compute_loss(
@@ -70,13 +51,8 @@ def compute_loss(
     **params,
 ) -> Tensor:
     """Check shapes and options, then evaluate loss ``name`` (a scalar tensor)."""
-    fn = get_loss(name)
-    defaults = loss_defaults(name)
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise LtclipError(
-            f"unknown option(s) {', '.join(unknown)} for loss {name!r}; valid keys: {', '.join(defaults) or 'none'}"
-        )
+    fn = LOSSES.get(name)
+    LOSSES.check(name, params)
     if logits.ndim != 2:
         raise LtclipError(f"loss {name!r} needs logits of shape [N, C], got {tuple(logits.shape)}")
     if targets.shape != logits.shape[:1]:
@@ -114,6 +90,23 @@ def _effective_number_weights(counts: Tensor, beta: float, option: str) -> Tenso
     return _normalised_weights((1.0 - beta) / (1.0 - torch.pow(beta, counts)))
 
 
+def _focal_modulator(log_probs: Tensor, targets: Tensor, gamma: float) -> Tensor:
+    """``(1 - p_y)^γ`` per row, as ``exp(γ · log(1 - p_y))`` with ``log(1 - p_y)`` the ``logsumexp``
+    of the other classes' log-probabilities.
+
+    Accurate, with a finite gradient, even where ``p_y`` rounds to 1 (``pow`` on
+    ``-expm1(log p_y)`` differentiates to ``0 · inf`` there for ``γ < 1``). A row with no other
+    finite class (one class, or all others at ``-inf``) has ``1 - p_y = 0`` exactly: it gets
+    ``0^γ`` (1 when ``γ = 0``) by a safe where: its logsumexp runs on zeros, so no NaN reaches the
+    backward pass.
+    """
+    others = log_probs.masked_fill(F.one_hot(targets, log_probs.shape[1]).bool(), -math.inf)
+    empty = torch.isneginf(others).all(dim=1)
+    log_one_minus_p = torch.logsumexp(torch.where(empty[:, None], torch.zeros_like(others), others), dim=1)
+    at_zero = torch.full_like(log_one_minus_p, 1.0 if gamma == 0 else 0.0)
+    return torch.where(empty, at_zero, torch.exp(gamma * log_one_minus_p))
+
+
 def _log_prior(counts: Tensor) -> Tensor:
     """``log π_j`` with ``π_j = n_j / Σ n``."""
     return torch.log(counts / counts.sum())
@@ -140,8 +133,11 @@ def focal(
 
     ``gamma=0`` is cross-entropy.
     """
-    log_p = F.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
-    return (-(-torch.expm1(log_p)).pow(gamma) * log_p).mean()
+    if not gamma >= 0:
+        raise LtclipError(f"loss option gamma must be >= 0, got {gamma} (e.g. --loss-opt gamma=2)")
+    log_probs = F.log_softmax(logits, dim=1)
+    log_p = log_probs.gather(1, targets[:, None]).squeeze(1)
+    return (-_focal_modulator(log_probs, targets, gamma) * log_p).mean()
 
 
 @LOSSES.register("grw")

@@ -15,13 +15,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ltclip.errors import LtclipError
 from ltclip.models.heads import (
+    HEADS,
     CosineClassifier,
     count_params,
     create_head,
-    head_defaults,
     head_flops,
     list_heads,
-    parse_head_opts,
     vit_flops,
 )
 
@@ -42,7 +41,7 @@ def batch(head, n=5, seed=2):
 def test_registry_lists_every_head():
     assert list_heads() == ["cosine", "decoder", "linear", "mlp", "text-init"]
     assert [build(n).input for n in list_heads()] == ["embeds", "tokens", "embeds", "embeds", "embeds"]
-    assert head_defaults("decoder") == {"depth": 3, "heads": 4, "mlp_ratio": 0.5, "qkv_bias": True, "dropout": 0.0}
+    assert HEADS.options("decoder") == {"depth": 3, "heads": 4, "mlp_ratio": 0.5, "qkv_bias": True, "dropout": 0.0}
 
 
 @pytest.mark.parametrize("name", ["cosine", "decoder", "linear", "mlp", "text-init"])
@@ -202,18 +201,18 @@ def test_unknown_head_and_bad_options():
 
 
 def test_parse_head_opts():
-    assert parse_head_opts("decoder", ["depth=2", " heads = 8", "qkv_bias=false", "dropout=0.1"]) == {
+    assert HEADS.parse("decoder", ["depth=2", " heads = 8", "qkv_bias=false", "dropout=0.1"]) == {
         "depth": 2, "heads": 8, "qkv_bias": False, "dropout": 0.1,
     }
-    assert parse_head_opts("cosine", ["learn_scale=yes"]) == {"learn_scale": True}
+    assert HEADS.parse("cosine", ["learn_scale=yes"]) == {"learn_scale": True}
     with pytest.raises(LtclipError, match="must look like key=value"):
-        parse_head_opts("decoder", ["depth"])
+        HEADS.parse("decoder", ["depth"])
     with pytest.raises(LtclipError, match="'width' is not an option of head 'decoder'; valid keys: depth"):
-        parse_head_opts("decoder", ["width=3"])
+        HEADS.parse("decoder", ["width=3"])
     with pytest.raises(LtclipError, match=r"depth='2.5': expected int"):
-        parse_head_opts("decoder", ["depth=2.5"])
+        HEADS.parse("decoder", ["depth=2.5"])
     with pytest.raises(LtclipError, match=r"qkv_bias='maybe': expected bool"):
-        parse_head_opts("decoder", ["qkv_bias=maybe"])
+        HEADS.parse("decoder", ["qkv_bias=maybe"])
 
 
 # ---------------------------------------------------------------- cost estimates vs FlopCounterMode

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ltclip.errors import LtclipError
-from ltclip.losses import compute_loss, get_loss, list_losses, loss_defaults, parse_loss_opts
+from ltclip.losses import LOSSES, compute_loss, get_loss, list_losses
 
 ALL = ["balanced_softmax", "cb", "cbw", "ce", "focal", "grw", "lade", "ldam", "logit_adjusted"]
 REWEIGHTED = ["balanced_softmax", "logit_adjusted", "cbw", "cb", "grw"]
@@ -90,17 +90,17 @@ def test_get_loss_unknown_name_suggests_close_match():
         get_loss("focall")
 
 
-def test_loss_defaults_read_from_signatures():
-    assert loss_defaults("focal") == {"gamma": 2.0}
-    assert loss_defaults("ldam") == {"max_m": 0.5, "s": 30.0, "drw_epoch": -1, "drw_beta": 0.9999}
-    assert loss_defaults("balanced_softmax") == {}
+def test_loss_options_read_from_signatures():
+    assert LOSSES.options("focal") == {"gamma": 2.0}
+    assert LOSSES.options("ldam") == {"max_m": 0.5, "s": 30.0, "drw_epoch": -1, "drw_beta": 0.9999}
+    assert LOSSES.options("balanced_softmax") == {}
 
 
-def test_parse_loss_opts_types_values_like_defaults():
-    opts = parse_loss_opts("cb", ["beta=0.99", "base = focal", "gamma=1"])
+def test_parse_types_values_like_defaults():
+    opts = LOSSES.parse("cb", ["beta=0.99", "base = focal", "gamma=1"])
     assert opts == {"beta": 0.99, "base": "focal", "gamma": 1.0}
     assert isinstance(opts["gamma"], float)
-    assert parse_loss_opts("ldam", ["drw_epoch=3"]) == {"drw_epoch": 3}
+    assert LOSSES.parse("ldam", ["drw_epoch=3"]) == {"drw_epoch": 3}
 
 
 @pytest.mark.parametrize(
@@ -113,9 +113,9 @@ def test_parse_loss_opts_types_values_like_defaults():
         ("focal", ["gamma=big"], "expected float"),
     ],
 )
-def test_parse_loss_opts_errors(name, opts, message):
+def test_parse_errors(name, opts, message):
     with pytest.raises(LtclipError, match=message):
-        parse_loss_opts(name, opts)
+        LOSSES.parse(name, opts)
 
 
 def test_compute_loss_rejects_unknown_options_and_bad_shapes():
@@ -153,6 +153,85 @@ def test_focal_matches_loop_and_gamma_zero_is_ce():
         expected += -((1 - p) ** 2.0) * math.log(p) / len(TARGETS)
     assert loss("focal") == pytest.approx(expected, rel=1e-10)
     assert loss("focal", gamma=0.0) == pytest.approx(loss("ce"), rel=1e-12)
+
+
+def focal_reference(logits, targets, gamma):
+    """Focal loss written out in float64 with pow on ``1 - softmax``: an independent formula."""
+    p = torch.softmax(logits, dim=1)[torch.arange(len(targets)), targets]
+    return (-((1.0 - p) ** gamma) * torch.log(p)).mean()
+
+
+def focal_gradient_closed_form(logits, targets, gamma):
+    """d/dz_j of the batch mean of ``-(1-p)^γ log p``: ``[γ p (1-p)^(γ-1) log p - (1-p)^γ] (δ_jy - p_j) / N``."""
+    probs = torch.softmax(logits, dim=1)
+    p = probs[torch.arange(len(targets)), targets]
+    q = 1.0 - p
+    outer = gamma * p * q ** (gamma - 1.0) * torch.log(p) - q**gamma
+    return outer[:, None] * (F.one_hot(targets, logits.shape[1]) - probs) / len(targets)
+
+
+def focal_grad(logits, targets, gamma, counts=None):
+    z = logits.clone().requires_grad_(True)
+    value = compute_loss("focal", z, targets, counts or [1.0] * logits.shape[1], gamma=gamma)
+    value.backward()
+    return value.detach(), z.grad
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_gradient_matches_float64_references(gamma):
+    logits64 = torch.tensor(LOGITS, dtype=torch.float64)
+    targets = torch.tensor(TARGETS)
+    reference = logits64.clone().requires_grad_(True)
+    expected_value = focal_reference(reference, targets, gamma)
+    expected_value.backward()
+    closed = focal_gradient_closed_form(logits64, targets, gamma)
+    torch.testing.assert_close(reference.grad, closed, rtol=1e-10, atol=1e-14)
+
+    value, grad = focal_grad(logits64, targets, gamma)
+    assert value.item() == pytest.approx(expected_value.item(), rel=1e-12)
+    torch.testing.assert_close(grad, closed, rtol=1e-10, atol=1e-14)
+    value32, grad32 = focal_grad(logits64.float(), targets, gamma)
+    assert value32.item() == pytest.approx(expected_value.item(), rel=1e-5)
+    torch.testing.assert_close(grad32.double(), closed, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 0.0])
+def test_focal_gradient_finite_when_p_rounds_to_one(gamma):
+    """Logit gap 20: p_y is 1 in float32, where pow(1 - p, γ < 1) used to give 0 · inf = NaN."""
+    z = torch.tensor([[20.0, 0, 0], [0, 1, 0]])
+    y = torch.tensor([0, 1])
+    assert torch.exp(F.log_softmax(z, dim=1))[0, 0].item() == 1.0  # the case really arises
+    value, grad = focal_grad(z, y, gamma, counts=[5, 3, 2])
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    expected = focal_gradient_closed_form(z.double(), y, gamma)  # float64 resolves 1 - p ≈ 4e-9
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-7)
+    assert value.item() == pytest.approx(focal_reference(z.double(), y, gamma).item(), rel=1e-5)
+
+
+def test_focal_gamma_zero_is_cross_entropy_value_and_gradient():
+    logits = torch.tensor(LOGITS, dtype=torch.float64)
+    targets = torch.tensor(TARGETS)
+    value, grad = focal_grad(logits, targets, 0.0)
+    z = logits.clone().requires_grad_(True)
+    ce = F.cross_entropy(z, targets)
+    ce.backward()
+    assert value.item() == pytest.approx(ce.item(), rel=1e-12)
+    torch.testing.assert_close(grad, z.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_single_class_and_masked_rows_have_zero_loss_and_gradient(gamma):
+    """1 - p_y is exactly 0 when no other class is finite: loss 0, gradient 0, no NaN."""
+    for logits in (torch.tensor([[3.0], [-1.0]]), torch.tensor([[2.0, -math.inf], [-math.inf, 0.5]])):
+        targets = torch.tensor([0, 1]) if logits.shape[1] == 2 else torch.tensor([0, 0])
+        value, grad = focal_grad(logits, targets, gamma)
+        assert value.item() == 0.0
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_focal_refuses_negative_gamma():
+    with pytest.raises(LtclipError, match="gamma must be >= 0"):
+        loss("focal", gamma=-1.0)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

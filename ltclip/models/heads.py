@@ -5,10 +5,12 @@ sequence ``tokens`` [B, T, W] (CLS at index 0, before ``ln_post`` and the projec
 (the cache's float16 is cast by the reader). ``features(x)`` is the penultimate representation
 [B, feature_dim] that two-stage methods retrain on; ``forward(x) == classifier(features(x))``.
 
-Every head records its constructor keywords in ``head.config`` (JSON-serialisable, without
-``text_embeds``), so ``create_head(name, **config, from_checkpoint=True)`` followed by
-``load_state_dict`` rebuilds a trained head. Keyword-only constructor parameters are the head's
-options (``--head-opt key=value``): :func:`head_defaults` reads them from the signature.
+Keyword-only constructor parameters are the head's options (``--head-opt key=value``):
+``HEADS.options(name)`` reads them from the signature and ``HEADS.parse(name, opts)`` parses the
+CLI strings (see :class:`ltclip.registry.Registry`). A subclass declares each option once, in its
+signature: :func:`create_head` records ``head.config`` (shapes plus every resolved option, defaults
+included; JSON-serialisable, without ``text_embeds``), so ``create_head(name, **head.config,
+from_checkpoint=True)`` followed by ``load_state_dict`` rebuilds a trained head.
 
 Cost estimates (:func:`head_flops`, :func:`vit_flops`) count the multiply-accumulates (MACs) of
 matrix products only; normalisations, activations, softmax and residual adds are left out. One
@@ -26,19 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LtclipError
-from ..registry import Registry, keyword_defaults, parse_options
+from ..registry import Registry
 
-HEADS: Registry[type["Head"]] = Registry("head")
-
-
-def _register(name: str):
-    """Register a head class under ``name`` and record the name on the class."""
-
-    def decorator(cls):
-        cls.name = name
-        return HEADS.register(name)(cls)
-
-    return decorator
+HEADS: Registry[type["Head"]] = Registry("head", flag="--head-opt")
 
 
 def _require(ok: bool, option: str, value, requirement: str) -> None:
@@ -74,9 +66,12 @@ class CosineClassifier(nn.Module):
 
 
 class Head(nn.Module):
-    """Base class: records the constructor keywords; subclasses set ``classifier`` and ``features``.
+    """Base class: subclasses set ``classifier`` and ``features``; options are their keyword-only
+    constructor parameters.
 
-    ``name`` is the registered name (set by registration), ``input`` the cache dataset it reads.
+    ``name`` is the registered name (set by registration), ``input`` the cache dataset it reads,
+    ``config`` what rebuilds the head: the shapes here, completed with the resolved options by
+    :func:`create_head` (the way to build a head).
     """
 
     name: str
@@ -84,14 +79,13 @@ class Head(nn.Module):
     feature_dim: int
     classifier: nn.Module
 
-    def __init__(self, num_classes: int, embed_dim: int, token_shape: Sequence[int] | None, **options):
+    def __init__(self, num_classes: int, embed_dim: int, token_shape: Sequence[int] | None):
         super().__init__()
         self.num_classes = int(num_classes)
-        self.config = {
+        self.config: dict = {
             "num_classes": self.num_classes,
             "embed_dim": int(embed_dim),
             "token_shape": [int(n) for n in token_shape] if token_shape is not None else None,
-            **options,
         }
 
     def features(self, x: Tensor) -> Tensor:
@@ -109,12 +103,12 @@ def _maybe_normalize(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=-1) if normalize else x
 
 
-@_register("linear")
+@HEADS.register("linear")
 class LinearHead(Head):
     """Linear probe ``W x + b`` on the (by default L2-normalised) embedding."""
 
     def __init__(self, num_classes, embed_dim, token_shape=None, text_embeds=None, *, normalize: bool = True):
-        super().__init__(num_classes, embed_dim, token_shape, normalize=normalize)
+        super().__init__(num_classes, embed_dim, token_shape)
         self.normalize = normalize
         self.feature_dim = embed_dim
         self.classifier = nn.Linear(embed_dim, num_classes)
@@ -123,7 +117,7 @@ class LinearHead(Head):
         return _maybe_normalize(x, self.normalize)
 
 
-@_register("cosine")
+@HEADS.register("cosine")
 class CosineHead(Head):
     """Cosine classifier on the normalised embedding, scale learned from ``init_scale``."""
 
@@ -131,7 +125,7 @@ class CosineHead(Head):
         self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
         init_scale: float = 16.0, learn_scale: bool = True,
     ):
-        super().__init__(num_classes, embed_dim, token_shape, init_scale=init_scale, learn_scale=learn_scale)
+        super().__init__(num_classes, embed_dim, token_shape)
         _require(init_scale > 0, "init_scale", init_scale, "must be positive (e.g. init_scale=16)")
         self.feature_dim = embed_dim
         self.classifier = CosineClassifier(embed_dim, num_classes, init_scale, learn_scale)
@@ -140,7 +134,7 @@ class CosineHead(Head):
         return F.normalize(x, dim=-1)
 
 
-@_register("mlp")
+@HEADS.register("mlp")
 class MLPHead(Head):
     """(Normalised) input → Linear(D, hidden) → GELU → dropout = features; Linear(hidden, C).
 
@@ -151,7 +145,7 @@ class MLPHead(Head):
         self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
         hidden: int = 0, dropout: float = 0.0, normalize: bool = True,
     ):
-        super().__init__(num_classes, embed_dim, token_shape, hidden=hidden, dropout=dropout, normalize=normalize)
+        super().__init__(num_classes, embed_dim, token_shape)
         _require(hidden >= 0, "hidden", hidden, "must be >= 0 (0 means the embedding size)")
         _check_dropout(dropout)
         self.normalize = normalize
@@ -164,7 +158,7 @@ class MLPHead(Head):
         return self.dropout(F.gelu(self.fc(_maybe_normalize(x, self.normalize))))
 
 
-@_register("text-init")
+@HEADS.register("text-init")
 class TextInitHead(Head):
     """Linear head on normalised embeddings starting as the zero-shot classifier.
 
@@ -178,7 +172,7 @@ class TextInitHead(Head):
                 "--head text-init needs the class text embeddings (text.h5, written by extract beside the cache); "
                 "rerun extract or choose another --head"
             )
-        super().__init__(num_classes, embed_dim, token_shape, logit_scale=logit_scale)
+        super().__init__(num_classes, embed_dim, token_shape)
         text_embeds = torch.as_tensor(text_embeds, dtype=torch.float32)
         if tuple(text_embeds.shape) != (num_classes, embed_dim):
             raise LtclipError(
@@ -243,7 +237,7 @@ class DecoderBlock(nn.Module):
         return x + F.dropout(mlp, self.dropout, self.training)
 
 
-@_register("decoder")
+@HEADS.register("decoder")
 class DecoderHead(Head):
     """The lightweight decoder of Wang et al. (IJCV 2023) over the ViT token sequence.
 
@@ -259,10 +253,7 @@ class DecoderHead(Head):
     ):
         if token_shape is None:
             raise LtclipError("--head decoder needs token sequences; re-extract with --tokens")
-        super().__init__(
-            num_classes, embed_dim, token_shape, depth=depth, heads=heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-            dropout=dropout,
-        )
+        super().__init__(num_classes, embed_dim, token_shape)
         width = int(token_shape[-1])
         self.mlp_hidden = int(width * mlp_ratio)
         _require(depth >= 0, "depth", depth, "must be >= 0 (e.g. depth=3)")
@@ -290,19 +281,7 @@ class DecoderHead(Head):
 # ---------------------------------------------------------------- factory
 
 
-def list_heads(pattern: str = "*") -> list[str]:
-    """Sorted registered head names matching a glob pattern."""
-    return HEADS.names(pattern)
-
-
-def head_defaults(name: str) -> dict:
-    """The head's own options and their defaults, read from its constructor's keyword-only parameters."""
-    return keyword_defaults(HEADS.get(name).__init__)
-
-
-def parse_head_opts(name: str, opts: Sequence[str]) -> dict:
-    """Parse ``["key=value", ...]`` into options of head ``name``, typed like their defaults."""
-    return parse_options("--head-opt", f"head {name!r}", head_defaults(name), opts)
+list_heads = HEADS.names
 
 
 def create_head(
@@ -317,19 +296,19 @@ def create_head(
 ) -> Head:
     """Build head ``name`` for ``num_classes`` classes on embeddings of ``embed_dim`` (tokens [T, W]).
 
-    ``text_embeds`` [C, D] is the zero-shot classifier (used by ``text-init``). With
-    ``from_checkpoint=True`` missing text embeddings are replaced by zeros, to be overwritten by
-    ``load_state_dict``: ``create_head(name, **head.config, from_checkpoint=True)`` rebuilds ``head``.
+    ``params`` are the head's options (``HEADS.options(name)``); the head records them, defaults
+    included, in ``head.config``. ``text_embeds`` [C, D] is the zero-shot classifier (used by
+    ``text-init``). With ``from_checkpoint=True`` missing text embeddings are replaced by zeros, to
+    be overwritten by ``load_state_dict``: ``create_head(name, **head.config, from_checkpoint=True)``
+    rebuilds ``head``.
     """
-    cls = HEADS.get(name)
-    defaults = head_defaults(name)
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        valid = ", ".join(defaults) or "none"
-        raise LtclipError(f"--head-opt {', '.join(unknown)}: not an option of head {name!r}; valid keys: {valid}")
+    HEADS.check(name, params)
+    options = {**HEADS.options(name), **params}
     if from_checkpoint and text_embeds is None:
         text_embeds = torch.zeros(num_classes, embed_dim)
-    return cls(num_classes, embed_dim, token_shape, text_embeds, **params)
+    head = HEADS.create(name, num_classes, embed_dim, token_shape, text_embeds, **options)
+    head.config.update(options)
+    return head
 
 
 # ---------------------------------------------------------------- cost estimates
