@@ -42,12 +42,14 @@ import numpy as np
 import torch
 
 from benchmarks.bench_eval import machine_info
-from ltclip.config import TrainHeadConfig
+from ltclip.config import SecondStageConfig, TrainHeadConfig, from_flat
 from ltclip.data.feature_batches import FeatureInputs
 from ltclip.data.gaussian import gaussian_lt, nearest_mean_logits
 from ltclip.metrics import average_views, evaluate, shot_groups
 from ltclip.retrieval import class_means, ncm_logits
 from ltclip.runs import load_run
+from ltclip.second_stage import TWO_STAGE
+from ltclip.stages.second_stage import run_second_stage
 from ltclip.stages.train_head import run_train_head
 from ltclip.store import FeatureCache, write_arrays
 
@@ -133,11 +135,16 @@ def stage1_config(features: Path, out: Path, seed: int, stage1: dict, extra: dic
     kw = {**stage1, **extra}
     if kw["loss"] == "ldam":
         kw["loss_opts"] = (f"drw_epoch={int(0.8 * kw['epochs'])}",)
-    return TrainHeadConfig(features=str(features), out=str(out), device="cpu", seed=seed, **kw)
+    return from_flat(TrainHeadConfig, {"features": str(features), "out": str(out), "device": "cpu", "seed": seed, **kw},
+                     owner="bench_learning")
 
 
-def stage2_config(out: Path, ce_run: Path, seed: int, stage2: dict, extra: dict) -> TrainHeadConfig:
-    return TrainHeadConfig(features="", out=str(out), from_run=str(ce_run), device="cpu", seed=seed, **stage2, **extra)
+def stage2_config(out: Path, ce_run: Path, seed: int, stage2: dict, extra: dict) -> SecondStageConfig:
+    """A second stage's config; methods that train nothing (tau-norm, NCM, post-hoc LA) take no training options."""
+    trains = extra.get("two_stage") is not None and TWO_STAGE.get(extra["two_stage"]).trains
+    training = {"seed": seed, **stage2} if trains else {}
+    return from_flat(SecondStageConfig, {"out": str(out), "from_run": str(ce_run), "device": "cpu", **training, **extra},
+                     owner="bench_learning")
 
 
 def prepare_features(root: Path, seed: int, counts: np.ndarray) -> tuple[Path, np.ndarray, dict]:
@@ -177,7 +184,7 @@ def run_seed(root: Path, seed: int, counts: np.ndarray) -> dict:
     ncm_pred = None
     for i, (name, extra) in enumerate(STAGE2_ROWS):
         start = time.perf_counter()
-        run_train_head(stage2_config(runs / f"s2_{i}", ce_run, seed, STAGE2, extra))
+        run_second_stage(stage2_config(runs / f"s2_{i}", ce_run, seed, STAGE2, extra))
         metrics = score_on_test(runs / f"s2_{i}", features, counts)
         if extra.get("two_stage") == "ncm":
             ncm_pred = metrics["pred"]
@@ -261,7 +268,7 @@ def tune(root: Path, counts: np.ndarray) -> dict:
         scores = {}
         for method in ("crt", "lws", "disalign", "marc"):
             out = root / "tune" / f"s2_{j}_{method}"
-            run_train_head(stage2_config(out, ce_run, TUNE_SEED, {**STAGE2, "lr": lr}, {"two_stage": method}))
+            run_second_stage(stage2_config(out, ce_run, TUNE_SEED, {**STAGE2, "lr": lr}, {"two_stage": method}))
             scores[method] = val_score(out)
         s2.append({"lr": lr, "epochs": STAGE2["epochs"], **scores, "sum": sum(scores.values())})
         log(f"tune stage 2 lr={lr:g}: {scores}")

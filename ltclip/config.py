@@ -1,4 +1,11 @@
-"""Stage configs: frozen dataclasses that the CLI builds, a stage consumes and a run saves."""
+"""Stage configs: frozen dataclasses that the CLI builds, a stage consumes and a run saves.
+
+Each stage's config is composed of shared sections (``DataConfig``, ``OptimConfig``,
+``MethodConfig``); every default is written once, here. The CLI's options carry the same names
+as the fields, so a saved config (``config.json``, ``extract.json``) reruns its stage with
+``--config``: :func:`flatten` turns a nested config into option values and :func:`from_flat` builds
+a config from them, refusing any option the stage does not use.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ class DataConfig:
     templates: str | None = None
     imbalance: float = 100.0
     download: bool = False
-    seed: int = 0
+    subset_seed: int = 0  # which images CIFAR-100-LT keeps
 
     def split_files(self) -> dict[str, str]:
         lists = {"train": self.train_list, "val": self.val_list, "test": self.test_list}
@@ -34,9 +41,48 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class OptimConfig:
+    """How a model is optimised (the engine's settings); ``batch_size`` rows make one optimizer step."""
+
+    epochs: int = 10
+    steps: int | None = None  # total optimizer steps instead of epochs
+    batch_size: int = 256
+    accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    no_decay_1d: bool = False  # no weight decay on biases, norms and other 1-D parameters
+    schedule: str = "cosine"
+    warmup: float = 0.0  # epochs of linear warm-up
+    grad_clip: float = 0.0
+    precision: str = "fp32"
+    seed: int = 0
+    eval_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)
+    checkpoint_every: int = 0  # steps between checkpoints besides each epoch's end
+    select: str = "balanced_accuracy"  # validation metric that picks the kept weights
+
+
+# A second stage retrains a small layer on fixed features: SGD with a large step, as in Kang et al.
+SECOND_STAGE_OPTIM = OptimConfig(optimizer="sgd", lr=0.1, weight_decay=5e-4, batch_size=512)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What is trained: the head, the loss, the sampler and their options (``key=value`` strings)."""
+
+    head: str = "decoder"
+    head_opts: tuple[str, ...] = ()
+    loss: str = "ce"
+    loss_opts: tuple[str, ...] = ()
+    sampler: str = "instance"
+
+
+@dataclass(frozen=True)
 class ExtractConfig:
-    data: DataConfig
     out: str
+    data: DataConfig = DataConfig()
     splits: tuple[str, ...] = ()  # empty: every split the dataset has
     model: str = "ViT-B-16"
     pretrained: str = "openai"
@@ -50,36 +96,42 @@ class ExtractConfig:
     train_views: int = 0
     bad_images: str = "fail"
     block_size: int = 1024
-    seed: int = 0
+    seed: int = 0  # of the train views
 
 
 @dataclass(frozen=True)
 class TrainHeadConfig:
+    """Stage 1: a head trained on a feature cache."""
+
     features: str
     out: str
-    head: str = "decoder"
-    head_opts: tuple[str, ...] = ()
-    loss: str = "ce"
-    loss_opts: tuple[str, ...] = ()
-    sampler: str = "instance"
-    epochs: int = 10
-    steps: int | None = None
-    batch_size: int = 256
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup: float = 0.0
-    grad_clip: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    max_ram: str | None = None
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
     val_split: str = "val"
-    from_run: str | None = None
+    max_ram: str | None = None
+    posthoc_la: bool = False
+    device: str = "auto"
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class SecondStageConfig:
+    """A second stage on a finished stage-1 run; ``sampler``/``loss`` None mean the method's own."""
+
+    from_run: str
+    out: str
     two_stage: str | None = None
     two_stage_opts: tuple[str, ...] = ()
+    sampler: str | None = None
+    loss: str | None = None
+    loss_opts: tuple[str, ...] = ()
+    optim: OptimConfig = SECOND_STAGE_OPTIM
+    features: str | None = None  # the first stage's cache unless given (must be the same)
+    val_split: str = "val"
+    max_ram: str | None = None
     posthoc_la: bool = False
+    device: str = "auto"
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,30 +158,74 @@ class EvalConfig:
     plot: str | None = None
 
 
+def _sections(cls) -> dict[str, type]:
+    """The fields of ``cls`` that are themselves config sections."""
+    return {f.name: type(f.default) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)}
+
+
+def option_names(cls) -> set[str]:
+    """Every option a config of ``cls`` takes, sections flattened (the CLI's parameter names)."""
+    names = set()
+    for f in dataclasses.fields(cls):
+        names |= {g.name for g in dataclasses.fields(f.default)} if dataclasses.is_dataclass(f.default) else {f.name}
+    return names
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def from_flat(cls, values: dict, *, owner: str):
+    """Build ``cls`` from flat option values (None: not given, the default applies).
+
+    An option ``cls`` does not take is refused with a one-line error naming it and ``owner``.
+    """
+    given = {k: v for k, v in values.items() if v is not None}
+    unknown = sorted(set(given) - option_names(cls))
+    if unknown:
+        raise LtclipError(f"{', '.join(flag(k) for k in unknown)}: not an option of {owner}; drop it")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in _sections(cls):
+            sub = {g.name: given[g.name] for g in dataclasses.fields(f.default) if g.name in given}
+            kwargs[f.name] = dataclasses.replace(f.default, **_typed(type(f.default), sub))
+        elif f.name in given:
+            kwargs[f.name] = _typed(cls, {f.name: given[f.name]})[f.name]
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise LtclipError(f"{owner}: {err}") from None
+
+
+def _typed(cls, values: dict) -> dict:
+    """Lists (from JSON/TOML) as the tuples the frozen configs hold."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def flatten(data: dict) -> dict:
+    """A saved config (nested sections; ``extract.json`` wraps it in ``config``) as flat option values."""
+    if "config" in data and isinstance(data["config"], dict):
+        data = data["config"]
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
 def from_dict(cls, data: dict):
-    """Rebuild a (nested) config dataclass, refusing unknown keys."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
-    if unknown:
-        raise LtclipError(f"config: unknown key(s) {', '.join(sorted(unknown))} for {cls.__name__}")
-    kwargs = {}
-    for key, value in data.items():
-        ftype = names[key].type
-        sub = {"DataConfig": DataConfig}.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+    """Rebuild a config saved with :func:`to_dict`, refusing unknown keys."""
+    return from_flat(cls, flatten(data), owner=cls.__name__)
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a TOML or YAML config file into a dict (for ``--config``)."""
+    """Read a TOML, YAML or JSON config file into flat option values (for ``--config``)."""
     path = Path(path)
     if not path.is_file():
         raise LtclipError(f"--config {path}: file not found")
@@ -138,14 +234,14 @@ def load_config_file(path: str | Path) -> dict:
         if path.suffix == ".toml":
             data = _toml().loads(text)
         else:
-            import yaml
+            import yaml  # YAML is a superset of JSON
 
             data = yaml.safe_load(text) or {}
     except Exception as err:  # parse errors of either format
         raise LtclipError(f"--config {path}: cannot parse ({err})".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise LtclipError(f"--config {path}: expected a table of option = value")
-    return data
+    return {k.replace("-", "_"): v for k, v in flatten(data).items()}
 
 
 def _toml():
@@ -177,4 +273,7 @@ def provenance() -> dict:
     }
 
 
-__all__ = ["DataConfig", "EvalConfig", "ExtractConfig", "TrainHeadConfig", "load_config_file", "provenance", "to_dict", "from_dict"]
+__all__ = [
+    "DataConfig", "EvalConfig", "ExtractConfig", "MethodConfig", "OptimConfig", "SECOND_STAGE_OPTIM", "SecondStageConfig",
+    "TrainHeadConfig", "flatten", "from_dict", "from_flat", "load_config_file", "option_names", "provenance", "to_dict",
+]

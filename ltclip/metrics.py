@@ -51,10 +51,18 @@ def ece(probs_max: Any, correct: Any, bins: int = 15) -> float:
         raise LtclipError(f"ece bins must be >= 1, got {bins}")
     if conf.size == 0:
         return 0.0
+    hits, confs = calibration_bins(conf, hit, bins)
+    return float(np.abs(hits - confs).sum() / conf.size * 100.0)
+
+
+def calibration_bins(conf: np.ndarray, hit: np.ndarray, bins: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """Per confidence bin ((i-1)/bins, i/bins]: the sum of correctness flags and the sum of confidences.
+
+    Sums from disjoint parts of a set add up, so ECE can be assembled across processes.
+    """
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
-    gap = np.bincount(which, weights=hit, minlength=bins) - np.bincount(which, weights=conf, minlength=bins)
-    return float(np.abs(gap).sum() / conf.size * 100.0)
+    return np.bincount(which, weights=hit, minlength=bins), np.bincount(which, weights=conf, minlength=bins)
 
 
 def average_views(logits: Any, mode: str = "mean") -> np.ndarray:
@@ -69,7 +77,7 @@ def average_views(logits: Any, mode: str = "mean") -> np.ndarray:
     raise LtclipError(f"unknown view mode {mode!r}; choose 'mean' or 'first'")
 
 
-def _row_stats(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+def row_stats(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per sample: argmax prediction, rank of the true class, max softmax prob, NLL of the true class.
 
     The rank is the true class's position in a stable descending sort (ties broken by class
@@ -168,7 +176,7 @@ def evaluate(
     n, c = x.shape
     y = y.astype(np.int64)
 
-    pred, rank, conf, nll = _row_stats(x, y)
+    pred, rank, conf, nll = row_stats(x, y)
     hit = pred == y
     support = np.bincount(y, minlength=c)
     predicted = np.bincount(pred, minlength=c)

@@ -1,5 +1,12 @@
-"""Run directories: the trained model (head + optional second stage + post-hoc adjustment),
-its checkpoint file, the pointer to the features it was trained on, and prediction."""
+"""The run folder, a versioned contract written and read here: what ``train-head`` (and later
+``finetune``) produce and ``eval`` consumes.
+
+A finished run holds ``config.json`` (reruns it with ``--config``), ``train_log.jsonl``,
+``model.pt`` (the model payload, read with ``torch.load(weights_only=True)``) and, written last,
+``run.json``: ``schema_version``, ``kind`` (one of :data:`RUN_KINDS`), ``inputs`` (the feature
+cache and its fingerprint), the class counts, the method, the selected validation metrics and
+provenance. A folder without ``run.json`` is unfinished (``last.pt`` lets it resume).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
+from .atomic import save_json, save_torch
+from .config import provenance
 from .data.feature_batches import FeatureInputs
 from .errors import LtclipError
 from .store import FeatureCache
 
+RUN_SCHEMA_VERSION = 1
+RUN_KINDS = ("head", "second_stage")
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
+CONFIG_FILE = "config.json"
 
 
 def cache_fingerprint(path: str | Path) -> str:
@@ -52,24 +65,27 @@ class RunModel(torch.nn.Module):
         return logits - self.tau * self.log_prior if self.tau else logits
 
     @torch.inference_mode()
-    def predict(self, inputs: FeatureInputs, batch_size: int = 512, device: str | torch.device = "cpu") -> np.ndarray:
-        """float32 logits ``[N, V, C]`` for every row and stored view of ``inputs``."""
+    def predict(self, inputs: FeatureInputs, batch_size: int = 512, device: str | torch.device = "cpu",
+                rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 logits ``[len(rows), V, C]`` for ``rows`` (default: every row) and every stored view."""
         was_training = self.training
         self.eval()
+        rows = np.arange(inputs.cache.num_rows) if rows is None else np.asarray(rows)
         out = None
-        for x, _, idx in inputs.batches(np.arange(inputs.cache.num_rows), batch_size):
+        for start, (x, _, _) in zip(range(0, len(rows), batch_size), inputs.batches(rows, batch_size)):
             b, v = x.shape[:2]
             logits = self(x.flatten(0, 1).to(device)).float().view(b, v, -1).cpu().numpy()
             if out is None:
-                out = np.empty((inputs.cache.num_rows, v, logits.shape[-1]), np.float32)
-            out[idx] = logits
+                out = np.empty((len(rows), v, logits.shape[-1]), np.float32)
+            out[start : start + b] = logits
         self.train(was_training)
         return out
 
 
 def model_payload(head, two_stage=None, tau: float | None = None) -> dict:
     """What ``model.pt`` holds: enough to rebuild every part by name and config."""
-    payload = {"head": {"name": head.name, "config": head.config, "state_dict": head.state_dict()}, "tau": tau}
+    payload = {"schema_version": RUN_SCHEMA_VERSION, "head": {"name": head.name, "config": head.config, "state_dict": head.state_dict()},
+               "tau": tau}
     if two_stage is not None:
         payload["two_stage"] = {"name": two_stage.name, "config": two_stage.config, "state_dict": two_stage.state_dict()}
     return payload
@@ -78,7 +94,7 @@ def model_payload(head, two_stage=None, tau: float | None = None) -> dict:
 def build_model(payload: dict, class_counts) -> RunModel:
     """Rebuild a :class:`RunModel` from :func:`model_payload`'s dict."""
     from .models.heads import create_head
-    from .two_stage import build_two_stage
+    from .second_stage import build_two_stage
 
     spec = payload["head"]
     head = create_head(spec["name"], **spec["config"], from_checkpoint=True)
@@ -91,6 +107,22 @@ def build_model(payload: dict, class_counts) -> RunModel:
     return RunModel(head, two_stage, payload.get("tau"), class_counts).eval()
 
 
+def features_input(features: Path) -> dict:
+    """The ``inputs`` record of a run trained on the cache folder ``features``."""
+    return {"features": {"dir": str(features.resolve()), "train_sha256": cache_fingerprint(features / "train.h5")}}
+
+
+def write_run(out: Path, kind: str, payload: dict, inputs: dict, counts, **info) -> dict:
+    """Write ``model.pt`` and then ``run.json`` (whose presence marks the run finished)."""
+    if kind not in RUN_KINDS:
+        raise ValueError(f"run kind {kind!r} is not one of {RUN_KINDS}")
+    save_torch(out / MODEL_FILE, payload)
+    record = {"schema_version": RUN_SCHEMA_VERSION, "kind": kind, "ltclip_version": __version__, "inputs": inputs,
+              "num_classes": int(len(counts)), "class_counts": np.asarray(counts).tolist(), "provenance": provenance(), **info}
+    save_json(out / RUN_FILE, record)
+    return record
+
+
 @dataclass
 class Run:
     path: Path
@@ -100,22 +132,38 @@ class Run:
 
     @property
     def features(self) -> Path:
-        return Path(self.info["features"]["dir"])
+        return Path(self.info["inputs"]["features"]["dir"])
 
-    def split_file(self, split: str) -> Path:
-        return self.features / f"{split}.h5"
+
+def _check_schema(run_dir: Path, found, what: str) -> None:
+    if found is None:
+        raise LtclipError(f"{run_dir}: {what} has no schema_version (written before ltclip's run schema {RUN_SCHEMA_VERSION}); "
+                          "train the run again with this ltclip")
+    if not isinstance(found, int) or found > RUN_SCHEMA_VERSION or found < 1:
+        raise LtclipError(f"{run_dir}: {what} has schema_version {found!r} but ltclip {__version__} reads runs up to "
+                          f"{RUN_SCHEMA_VERSION}; upgrade ltclip (or retrain the run with this version)")
 
 
 def read_run_info(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / RUN_FILE
+    """``run.json`` of a finished run, its schema checked."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
     if not path.is_file():
-        raise LtclipError(f"{run_dir}: not a finished run ({RUN_FILE} missing); train it with `ltclip train-head`")
-    return json.loads(path.read_text())
+        hint = "resume it with --resume" if (run_dir / "last.pt").is_file() else "train it with `ltclip train-head`"
+        raise LtclipError(f"{run_dir}: not a finished run ({RUN_FILE} missing); {hint}")
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        raise LtclipError(f"{path}: not valid JSON; the run is damaged: train it again") from None
+    _check_schema(run_dir, info.get("schema_version"), RUN_FILE)
+    if info.get("kind") not in RUN_KINDS:
+        raise LtclipError(f"{path}: kind {info.get('kind')!r} is not one of {', '.join(RUN_KINDS)}; upgrade ltclip")
+    return info
 
 
 def verify_features(info: dict, run_dir: str | Path) -> None:
     """The train cache a run points to must still be the one it was trained on."""
-    feats = info["features"]
+    feats = info["inputs"]["features"]
     train = Path(feats["dir"]) / "train.h5"
     if not train.is_file():
         raise LtclipError(f"{run_dir}: its feature cache {train} is gone (moved?); put it back or retrain")
@@ -132,6 +180,12 @@ def load_run(run_dir: str | Path, check_features: bool = True, device: str | tor
     info = read_run_info(run_dir)
     if check_features:
         verify_features(info, run_dir)
-    payload = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=False)
-    config = json.loads((run_dir / "config.json").read_text())
+    try:
+        payload = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LtclipError(f"{run_dir}: {MODEL_FILE} is missing; the run is damaged: train it again") from None
+    except Exception as err:  # unpickling errors of any kind
+        raise LtclipError(f"{run_dir / MODEL_FILE}: unreadable ({type(err).__name__}); train the run again") from None
+    _check_schema(run_dir, payload.get("schema_version"), MODEL_FILE)
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
     return Run(run_dir, info, config, build_model(payload, info["class_counts"]).to(device))

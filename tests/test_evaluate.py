@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import write_cache
 from ltclip.cli import app
-from ltclip.config import TrainHeadConfig
+from ltclip.config import TrainHeadConfig, from_flat
 from ltclip.metrics import evaluate
 from ltclip.retrieval import knn_logits, normalise
 from ltclip.stages.train_head import run_train_head
@@ -39,9 +39,13 @@ def make_features(folder, seed=0, dataset="gaussian", test_views=1):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     make_features(root / "features", test_views=3)
-    run_train_head(TrainHeadConfig(features=str(root / "features"), out=str(root / "run"), head="linear",
-                                   loss="balanced_softmax", epochs=3, lr=1e-2, device="cpu"))
+    run_train_head(head_config(features=str(root / "features"), out=str(root / "run"), head="linear",
+                               loss="balanced_softmax", epochs=3, lr=1e-2, device="cpu"))
     return root
+
+
+def head_config(**options) -> TrainHeadConfig:
+    return from_flat(TrainHeadConfig, options, owner="test")
 
 
 def invoke(*args):
@@ -129,7 +133,7 @@ def test_changed_cache_is_refused_naming_both(setup, tmp_path):
 
     features = tmp_path / "features"
     make_features(features, seed=0)
-    run_train_head(TrainHeadConfig(features=str(features), out=str(tmp_path / "run"), head="linear", epochs=1, device="cpu"))
+    run_train_head(head_config(features=str(features), out=str(tmp_path / "run"), head="linear", epochs=1, device="cpu"))
     shutil.rmtree(features)
     make_features(features, seed=1)  # same shapes, different numbers
     result = invoke("eval", tmp_path / "run")
@@ -141,7 +145,7 @@ def test_missing_split_mixed_datasets_and_nothing_to_do(setup, tmp_path):
     result = invoke("eval", setup / "run", "--split", "holdout")
     assert result.exit_code == 2 and "no 'holdout' split" in result.output
     make_features(tmp_path / "other", dataset="other")
-    run_train_head(TrainHeadConfig(features=str(tmp_path / "other"), out=str(tmp_path / "run2"), head="linear", epochs=1, device="cpu"))
+    run_train_head(head_config(features=str(tmp_path / "other"), out=str(tmp_path / "run2"), head="linear", epochs=1, device="cpu"))
     result = invoke("eval", setup / "run", tmp_path / "run2")
     assert result.exit_code == 2 and "--allow-mixed" in result.output
     assert invoke("eval", setup / "run", tmp_path / "run2", "--allow-mixed").exit_code == 0

@@ -1,0 +1,49 @@
+"""The ``ltclip`` command line: parses options, builds a config, calls one stage. No logic here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from . import stages, train
+from .datasets import cache_app, datasets_app
+
+app = typer.Typer(
+    name="ltclip",
+    help="CLIP-style vision-language models for long-tailed image classification.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(cache_app, name="cache")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"ltclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+stages.register(app)  # extract, eval, list, finetune
+train.register(app)  # train-head
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""What every command shares: the error guard, ``--config`` files, the data options, registry choices.
+
+Heavy libraries (torch, open_clip) are imported inside commands, so ``--help``, ``--version``
+and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import LtclipError
+
+# `ltclip list KIND` and the option checks read these registries (module, attribute), imported lazily.
+REGISTRIES = {
+    "losses": ("ltclip.losses", "LOSSES"),
+    "heads": ("ltclip.models.heads", "HEADS"),
+    "samplers": ("ltclip.data.samplers", "SAMPLERS"),
+    "two-stage": ("ltclip.second_stage", "TWO_STAGE"),
+    "schedules": ("ltclip.engine.optim", "SCHEDULES"),
+}
+
+
+def guarded(fn):
+    """Turn project errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LtclipError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def registry(kind: str):
+    module, attr = REGISTRIES[kind]
+    return getattr(importlib.import_module(module), attr)
+
+
+def check_choice(option: str, kind: str, value: str | None) -> None:
+    """``value`` must be a registered name of ``kind``: else a one-line error naming ``option``."""
+    names = registry(kind).names()
+    if value is not None and value not in names:
+        close = difflib.get_close_matches(value, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise LtclipError(f"{option} {value!r}: unknown{hint}; choose one of {', '.join(names)} (`ltclip list {kind}`)")
+
+
+def given(values: dict, *, drop: tuple[str, ...] = ()) -> dict:
+    """The options a user set: None and empty lists mean "not given" (the config's default applies)."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()
+            if k not in drop and v is not None and v != []}
+
+
+def load_config(ctx: typer.Context, param, value: Optional[str]):
+    """``--config FILE``: its keys become the command's defaults (explicit options still win)."""
+    if value:
+        from ..config import load_config_file
+
+        try:
+            data = load_config_file(value)
+        except LtclipError as err:
+            raise typer.BadParameter(str(err)) from None
+        known = {p.name for p in ctx.command.params} - {"config"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise typer.BadParameter(f"{value}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in data.items() if v is not None}}
+    return value
+
+
+ConfigFile = Annotated[Optional[str], typer.Option("--config", callback=load_config, is_eager=True,
+                                                   help="TOML, YAML or JSON file of option values (a run's config.json reruns it).")]
+# Options shared by every command that reads a dataset (DataConfig's fields).
+DatasetName = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Registered dataset (`ltclip datasets list`) or 'custom'.")]
+DataRoot = Annotated[Optional[str], typer.Option("--data-root", help="Folder the split files' image paths are relative to.")]
+ManifestDir = Annotated[Optional[str], typer.Option("--manifest-dir", help="Folder holding the split files (default: the data root).")]
+TrainList = Annotated[Optional[str], typer.Option("--train-list", help="Your own train split file ('relative/path label' lines).")]
+ValList = Annotated[Optional[str], typer.Option("--val-list", help="Your own val split file.")]
+TestList = Annotated[Optional[str], typer.Option("--test-list", help="Your own test split file.")]
+Classnames = Annotated[Optional[str], typer.Option("--classnames", help="Class-name file ('key name' or one name per line, or categories JSON).")]
+Templates = Annotated[Optional[str], typer.Option("--templates", help="Prompt templates: openai_imagenet, simple, synthetic, cifar, or a file.")]
+Imbalance = Annotated[Optional[float], typer.Option("--imbalance", help="CIFAR-100-LT imbalance ratio (10, 50, 100; default 100).")]
+Download = Annotated[Optional[bool], typer.Option("--download", help="Let torchvision download CIFAR-100 (needs internet).")]
+SubsetSeed = Annotated[Optional[int], typer.Option("--subset-seed", help="Which images CIFAR-100-LT keeps (default 0).")]
+ManyThreshold = Annotated[int, typer.Option("--many", help="Classes with more training images than this are 'many'.")]
+FewThreshold = Annotated[int, typer.Option("--few", help="Classes with fewer training images than this are 'few'.")]
+
+
+def data_config(values: dict):
+    """A :class:`DataConfig` from a command's options: the data ones among ``values`` (unset ones keep their defaults)."""
+    from ..config import DataConfig, from_flat, option_names
+
+    return from_flat(DataConfig, given({k: v for k, v in values.items() if k in option_names(DataConfig)}), owner="the dataset options")
+
+
+def console():
+    from rich.console import Console
+
+    return Console()

@@ -1,0 +1,172 @@
+"""``ltclip datasets ...`` and ``ltclip cache info``: what a dataset or a feature cache holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from .common import (
+    Classnames, DataRoot, Download, FewThreshold, Imbalance, ManifestDir, ManyThreshold, SubsetSeed, TestList, TrainList,
+    ValList, console, data_config, guarded,
+)
+
+datasets_app = typer.Typer(help="Registered datasets: list, class profiles, image checks, the synthetic set.", no_args_is_help=True)
+cache_app = typer.Typer(help="Feature caches written by `ltclip extract`.", no_args_is_help=True)
+
+
+@datasets_app.command("list")
+@guarded
+def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False):
+    """The registered datasets with classes and split sizes."""
+    from rich.table import Table
+
+    from ..data.registry import list_datasets
+
+    specs = list_datasets()
+    if as_json:
+        typer.echo(json.dumps([{"name": s.name, "title": s.title, "classes": s.num_classes, "sizes": s.sizes, "get": s.get} for s in specs], indent=2))
+        return
+    table = Table(title="Registered datasets")
+    for col in ("name", "title", "classes", "train", "val", "test"):
+        table.add_column(col, justify="right" if col in ("classes", "train", "val", "test") else "left")
+    for s in specs:
+        sizes = [f"{s.sizes[k]:,}" if k in s.sizes else "—" for k in ("train", "val", "test")]
+        table.add_row(s.name, s.title, str(s.num_classes or "from files"), *sizes)
+    console().print(table)
+    typer.echo("Own data: --dataset custom --data-root R --train-list a.txt --test-list b.txt --classnames names.txt")
+
+
+@datasets_app.command("info")
+@guarded
+def datasets_info(
+    name: Annotated[str, typer.Argument(help="Dataset name, or 'custom'.")],
+    data_root: DataRoot = None,
+    manifest_dir: ManifestDir = None,
+    train_list: TrainList = None,
+    val_list: ValList = None,
+    test_list: TestList = None,
+    classnames: Classnames = None,
+    imbalance: Imbalance = None,
+    download: Download = None,
+    subset_seed: SubsetSeed = None,
+    many: ManyThreshold = 100,
+    few: FewThreshold = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Class-count profile of the train split: max/min per class, imbalance ratio, many/medium/few."""
+    data = data_config({**locals(), "dataset": name})
+    from ..data.profile import class_profile
+    from ..data.registry import open_dataset
+
+    ds = open_dataset(data)
+    prof = class_profile(ds.train_counts(), many, few)
+    prof = {"dataset": ds.name, **prof, "splits": {k: len(v) for k, v in ds.splits.items()}}
+    if as_json:
+        typer.echo(json.dumps(prof, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{ds.name}: train class profile")
+    table.add_column("property")
+    table.add_column("value", justify="right")
+    rows = [
+        ("classes", f"{prof['classes']:,}"),
+        ("max / min per class", f"{prof['max_per_class']:,} / {prof['min_per_class']:,}"),
+        ("imbalance ratio", f"{prof['imbalance_ratio']:.1f}"),
+        (f"many (> {many})", str(prof["many"])),
+        (f"medium ({few}–{many})", str(prof["medium"])),
+        (f"few (< {few})", str(prof["few"])),
+    ] + [(f"{k} images", f"{v:,}") for k, v in prof["splits"].items()]
+    for row in rows:
+        table.add_row(*row)
+    console().print(table)
+
+
+@datasets_app.command("check")
+@guarded
+def datasets_check(
+    name: Annotated[str, typer.Argument(help="Dataset name, or 'custom'.")],
+    data_root: DataRoot = None,
+    manifest_dir: ManifestDir = None,
+    train_list: TrainList = None,
+    val_list: ValList = None,
+    test_list: TestList = None,
+    classnames: Classnames = None,
+    imbalance: Imbalance = None,
+    download: Download = None,
+    subset_seed: SubsetSeed = None,
+    workers: Annotated[int, typer.Option("--workers", help="Parallel decoders.")] = 8,
+):
+    """Every image of every split exists and decodes; lists bad files and exits 1 if any."""
+    data = data_config({**locals(), "dataset": name})
+    from ..data.profile import check_images
+    from ..data.registry import open_dataset
+    from ..progress import RichProgress
+
+    ds = open_dataset(data)
+    total = sum(len(s) for s in ds.splits.values())
+    progress = RichProgress()
+    with progress.task(f"checking {ds.name}", total, "img") as advance:
+        bad = check_images(ds, workers, advance)
+    for path, problem in bad:
+        typer.echo(f"bad image: {path}: {problem}", err=True)
+    if bad:
+        typer.echo(f"{len(bad)} of {total} images are missing or corrupt", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"all {total:,} images of {', '.join(ds.splits)} decode")
+
+
+@datasets_app.command("make-synthetic")
+@guarded
+def datasets_make_synthetic(
+    out: Annotated[str, typer.Argument(help="Output folder (images + split files + classnames.txt).")],
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 20,
+    imbalance: Annotated[float, typer.Option(help="Max/min training images per class.")] = 100.0,
+    max_per_class: Annotated[int, typer.Option(help="Training images of the largest class.")] = 200,
+    val_per_class: Annotated[int, typer.Option(help="Validation images per class.")] = 20,
+    test_per_class: Annotated[int, typer.Option(help="Test images per class.")] = 20,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same images).")] = 0,
+    workers: Annotated[int, typer.Option(help="Parallel generator processes.")] = 1,
+):
+    """Draw the built-in long-tailed set of shapes × colours × textures."""
+    from ..data.synthetic import make_synthetic
+
+    summary = make_synthetic(
+        out, classes=classes, imbalance=imbalance, max_per_class=max_per_class, val_per_class=val_per_class,
+        test_per_class=test_per_class, size=size, seed=seed, workers=workers,
+    )
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@cache_app.command("info")
+@guarded
+def cache_info(
+    path: Annotated[str, typer.Argument(help="Cache folder (or one .h5 file).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+):
+    """Provenance, shapes, completeness and size on disk of a feature cache."""
+    from ..cache_info import describe_cache
+
+    info = describe_cache(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    screen = console()
+    table = Table(title=f"feature cache {path}")
+    for col in ("file", "rows", "views", "embeds", "tokens", "complete", "size"):
+        table.add_column(col)
+    for f in info["files"]:
+        table.add_row(f["file"], f"{f['rows']:,}", str(f.get("views", "")), str(f.get("embeds", "")), str(f.get("tokens") or "—"),
+                      str(f.get("complete", "")), f"{f['bytes'] / 2**20:,.1f} MiB")
+    screen.print(table)
+    prov = Table(title="provenance")
+    prov.add_column("attribute")
+    prov.add_column("value")
+    for key, value in info["provenance"].items():
+        prov.add_row(key, str(value))
+    screen.print(prov)

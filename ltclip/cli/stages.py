@@ -1,0 +1,119 @@
+"""``ltclip extract``, ``ltclip eval``, ``ltclip list`` and the ``finetune`` placeholder.
+
+Option names are the config fields' names and their defaults are read from the configs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import EvalConfig, ExtractConfig
+from ..errors import LtclipError
+from .common import (
+    REGISTRIES, Classnames, ConfigFile, DataRoot, DatasetName, Download, Imbalance, ManifestDir, SubsetSeed, Templates,
+    TestList, TrainList, ValList, given, guarded, registry,
+)
+
+_X, _E = ExtractConfig(out=""), EvalConfig()
+
+
+def extract(
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder: train.h5, val.h5, test.h5, text.h5.")],
+    config: ConfigFile = None,
+    dataset: DatasetName = None,
+    data_root: DataRoot = None,
+    manifest_dir: ManifestDir = None,
+    train_list: TrainList = None,
+    val_list: ValList = None,
+    test_list: TestList = None,
+    classnames: Classnames = None,
+    templates: Templates = None,
+    imbalance: Imbalance = None,
+    download: Download = None,
+    subset_seed: SubsetSeed = None,
+    splits: Annotated[Optional[list[str]], typer.Option("--splits", help="Splits to extract, comma-separated or repeated (default: every split the dataset has).")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="open_clip model name (or local-dir:/path).")] = _X.model,
+    pretrained: Annotated[str, typer.Option("--pretrained", "-p", help="open_clip tag, checkpoint file, or 'none' (random).")] = _X.pretrained,
+    preprocess_from: Annotated[Optional[str], typer.Option("--preprocess-from", help="Tag whose preprocessing a checkpoint file needs.")] = None,
+    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store the ViT token sequence (the decoder head needs it).")] = _X.tokens,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = _X.batch_size,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader decode workers.")] = _X.workers,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = _X.device,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (autocast).")] = _X.precision,
+    test_views: Annotated[str, typer.Option("--test-views", help="center, fivecrop or tencrop views of val/test images.")] = _X.test_views,
+    train_views: Annotated[int, typer.Option("--train-views", help="K seeded augmented views per training image (0: the model's preprocessing).")] = _X.train_views,
+    bad_images: Annotated[str, typer.Option("--bad-images", help="fail, or skip (logged; zero features).")] = _X.bad_images,
+    block_size: Annotated[int, typer.Option("--block-size", help="Rows written (and resumed) together.")] = _X.block_size,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the train views.")] = _X.seed,
+):
+    """Run the frozen CLIP image encoder once; write embeddings (+ tokens) to a resumable HDF5 cache."""
+    values = given(locals(), drop=("config",))
+    from ..config import from_flat
+    from ..progress import RichProgress
+    from ..stages.extract import run_extract
+
+    values["splits"] = tuple(s.strip() for item in splits or () for s in item.split(",") if s.strip())
+    cfg = from_flat(ExtractConfig, values, owner="extract")
+    progress = RichProgress()
+    summary = run_extract(cfg, progress)
+    for item in summary["splits"]:
+        progress.log(f"{item['split']}: {item['status']} ({item['rows']:,} rows)")
+    progress.log(f"cache: {summary['out']}")
+
+
+def evaluate(
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Run folders from `ltclip train-head`.")] = None,
+    config: ConfigFile = None,
+    split: Annotated[str, typer.Option("--split", help="Split of each run's cache to evaluate.")] = _E.split,
+    features: Annotated[Optional[str], typer.Option("--features", "-f", help="Cache folder for the baselines.")] = None,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Zero-shot CLIP with the cache's text embeddings.")] = _E.zero_shot,
+    knn: Annotated[int, typer.Option("--knn", help="kNN baseline with K neighbours from the train cache (0: off).")] = _E.knn,
+    ncm: Annotated[bool, typer.Option("--ncm", help="Nearest-class-mean baseline.")] = _E.ncm,
+    retrieval_mix: Annotated[float, typer.Option("--retrieval-mix", help="Blend each run with kNN votes: weight alpha in [0, 1].")] = _E.retrieval_mix,
+    retrieval_k: Annotated[int, typer.Option("--retrieval-k", help="Neighbours for --retrieval-mix.")] = _E.retrieval_k,
+    temperature: Annotated[float, typer.Option("--temperature", help="kNN vote temperature.")] = _E.temperature,
+    views: Annotated[str, typer.Option("--views", help="Test views: mean (average logits) or first.")] = _E.views,
+    many: Annotated[int, typer.Option("--many", help="Classes with more training images than this are 'many'.")] = _E.many,
+    few: Annotated[int, typer.Option("--few", help="Classes with fewer training images than this are 'few'.")] = _E.few,
+    backend: Annotated[str, typer.Option("--backend", help="kNN search: auto, faiss or torch.")] = _E.backend,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = _E.batch_size,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = _E.device,
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="Allow runs of different datasets in one report.")] = _E.allow_mixed,
+    report: Annotated[Optional[str], typer.Option("--report", help="Markdown table to write.")] = None,
+    json: Annotated[Optional[str], typer.Option("--json", help="JSON results to write.")] = None,
+    csv: Annotated[Optional[str], typer.Option("--csv", help="CSV results to write.")] = None,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="PNG of per-class accuracy vs training frequency.")] = None,
+):
+    """Shot-group metrics (many/medium/few/all) for runs and zero-shot / kNN / NCM baselines."""
+    values = given(locals(), drop=("config",))
+    from ..config import from_flat
+    from ..report import markdown_table
+    from ..stages.evaluate import run_eval
+
+    cfg = from_flat(EvalConfig, values, owner="eval")
+    typer.echo(markdown_table(run_eval(cfg)))
+
+
+def list_registered(kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(REGISTRIES)}.")]):
+    """Registered methods of one kind: name, options with their defaults, and what it is."""
+    if kind not in REGISTRIES:
+        raise LtclipError(f"ltclip list {kind!r}: choose one of {', '.join(REGISTRIES)}")
+    reg = registry(kind)
+    for name in reg.names():
+        options = " ".join(f"{k}={v}" for k, v in reg.options(name).items())
+        typer.echo(f"{name:16s} {options:34s} {reg.summary(name)}".rstrip())
+
+
+def finetune():
+    """Fine-tune the backbone end to end (full, last-k blocks, prompts, LoRA)."""
+    typer.echo("error: `ltclip finetune` is not built yet in this version", err=True)
+    raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("extract")(guarded(extract))
+    app.command("eval")(guarded(evaluate))
+    app.command("list")(guarded(list_registered))
+    app.command("finetune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(finetune)

@@ -1,0 +1,113 @@
+"""Helpers of the stages that train on a feature cache (train-head and its second stages): opening
+cache splits, the engine's training source over a cache, validation on a cache split (each process
+its share of the rows), the run folder's start or resume, and post-hoc logit adjustment."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import save_json
+from ..data.feature_batches import FeatureInputs, default_max_ram, parse_size
+from ..distributed import DistContext
+from ..engine import LAST_FILE, ValidationStats
+from ..errors import LtclipError
+from ..metrics import average_views
+from ..runs import CONFIG_FILE, RUN_FILE, RunModel
+from ..store import FeatureCache, load_text_embeddings, shard_range
+
+log = logging.getLogger(__name__)
+
+
+def open_split(features: Path, split: str, required: bool = True) -> FeatureCache | None:
+    path = features / f"{split}.h5"
+    if not path.is_file():
+        if required:
+            raise LtclipError(f"--features {features}: no {split}.h5; run `ltclip extract --splits {split}` first")
+        return None
+    return FeatureCache(path)
+
+
+def text_embeds(features: Path, num_classes: int) -> torch.Tensor | None:
+    path = features / "text.h5"
+    if not path.is_file():
+        return None
+    text = load_text_embeddings(path)
+    if len(text.classnames) != num_classes:
+        raise LtclipError(f"{path}: {len(text.classnames)} classes but the train cache has {num_classes}; re-extract")
+    return torch.from_numpy(text.embeds)
+
+
+def ram_budget(max_ram: str | None, ctx: DistContext) -> int | None:
+    """``--max-ram`` in bytes for this process: the default (half the free memory) is shared by the processes."""
+    given = parse_size(max_ram)
+    if given is not None:
+        return given
+    free = default_max_ram()
+    return None if free is None else free // ctx.world_size
+
+
+class CacheSource:
+    """The engine's training rows from a cache split: one stored view per drawn row.
+
+    The view of the row at global position ``p`` of an epoch's order is drawn from
+    ``default_rng((seed, epoch, 1))`` (the same on any number of processes).
+    """
+
+    def __init__(self, inputs: FeatureInputs, seed: int):
+        self.inputs, self.seed, self.labels = inputs, seed, inputs.labels
+
+    def batches(self, order, batch_size, epoch, positions):
+        views = np.random.default_rng((self.seed, epoch, 1)).integers(0, self.inputs.views, len(self.labels))
+        for x, y, _ in self.inputs.batches(order, batch_size, views[positions]):
+            yield x, y
+
+
+def validate_on_cache(model: RunModel, inputs: FeatureInputs, counts, batch_size: int, device, ctx: DistContext) -> dict:
+    """Validation summary of ``model`` on a cache split, each process scoring its contiguous share."""
+    start, stop = shard_range(inputs.cache.num_rows, ctx.rank, ctx.world_size)
+    rows = np.arange(start, stop)
+    stats = ValidationStats(len(counts))
+    if len(rows):
+        stats.add(average_views(model.predict(inputs, batch_size, device, rows=rows)), inputs.labels[rows])
+    stats.all_reduce(ctx)
+    return stats.summary(counts)
+
+
+def start_run(out: Path, resume: bool, cfg_dict: dict, ctx: DistContext) -> None:
+    """A new run needs a folder without a run; ``--resume`` needs the interrupted run's options."""
+    config = out / CONFIG_FILE
+    if resume:
+        if not (out / LAST_FILE).is_file():
+            raise LtclipError(f"--resume: {out} holds no interrupted run ({LAST_FILE} missing); drop --resume")
+        saved = json.loads(config.read_text())
+        now = json.loads(json.dumps(cfg_dict))  # compare as stored (tuples become lists)
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise LtclipError(f"--resume: options differ from the interrupted run in {', '.join(diff)}; resume with the same options")
+        return
+    if (out / RUN_FILE).exists() or (out / LAST_FILE).exists():
+        raise LtclipError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
+    ctx.barrier()  # every process has looked before rank 0 writes
+    if ctx.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            save_json(config, cfg_dict)
+        except OSError as err:
+            raise LtclipError(f"--out {out}: cannot write ({err.strerror}); choose a writable folder") from None
+    ctx.barrier()
+
+
+def posthoc_tau(model: RunModel, val: FeatureInputs | None, counts, batch_size: int, device, val_split: str) -> tuple[float, list]:
+    """Post-hoc logit adjustment's τ, chosen on the whole val split (every process alike)."""
+    from ..second_stage import posthoc_logit_adjustment
+
+    if val is None:
+        raise LtclipError(f"--posthoc-la chooses tau on the {val_split} split, but the cache has none; extract --splits {val_split}")
+    logits = average_views(model.predict(val, batch_size, device))
+    tau, table = posthoc_logit_adjustment(logits, val.labels, counts)
+    return float(tau), table

@@ -1,0 +1,112 @@
+"""``ltclip train-head --from RUN``: a second stage (and/or post-hoc logit adjustment) on a finished
+stage-1 run, trained through the engine on the run's penultimate features of the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import SECOND_STAGE_OPTIM, SecondStageConfig, flag, from_dict, to_dict
+from ..data.feature_batches import FeatureInputs
+from ..distributed import init_distributed, resolve_device
+from ..engine import check_optim
+from ..errors import LtclipError
+from ..losses import LOSSES
+from ..progress import Progress
+from ..runs import RunModel, features_input, load_run, model_payload, write_run
+from ..second_stage import TWO_STAGE, fit_two_stage
+from .common import open_split, posthoc_tau, ram_budget, start_run, validate_on_cache
+
+
+def _features_of(model: RunModel, inputs: FeatureInputs, batch_size: int, device) -> tuple[torch.Tensor, np.ndarray]:
+    """Penultimate features of every row and view, flattened: ``[N·V, F]`` and labels repeated."""
+    zs = []
+    with torch.inference_mode():
+        for x, _, _ in inputs.batches(np.arange(inputs.cache.num_rows), batch_size):
+            zs.append(model.head.features(x.flatten(0, 1).to(device)).float().cpu())
+    return torch.cat(zs), np.repeat(inputs.labels, inputs.views)
+
+
+def check_options(cfg: SecondStageConfig) -> None:
+    """Every option is used: a method that does not train takes no training option."""
+    if not cfg.two_stage and not cfg.posthoc_la:
+        raise LtclipError("--from RUN needs --two-stage METHOD and/or --posthoc-la")
+    if cfg.two_stage:
+        TWO_STAGE.parse(cfg.two_stage, cfg.two_stage_opts)
+        trains = TWO_STAGE.get(cfg.two_stage).trains
+    else:
+        trains = False
+        if cfg.two_stage_opts:
+            raise LtclipError("--two-stage-opt needs --two-stage METHOD")
+    if trains:
+        if cfg.loss is not None:
+            LOSSES.parse(cfg.loss, cfg.loss_opts)
+        return
+    what = f"{cfg.two_stage} does not train" if cfg.two_stage else "--posthoc-la alone trains nothing"
+    unused = [f.name for f in dataclasses.fields(cfg.optim) if getattr(cfg.optim, f.name) != getattr(SECOND_STAGE_OPTIM, f.name)]
+    unused += [name for name in ("sampler", "loss") if getattr(cfg, name) is not None] + (["loss_opts"] if cfg.loss_opts else [])
+    if unused:
+        raise LtclipError(f"{what}: {', '.join(flag(n) for n in unused)} would have no effect; drop them")
+
+
+def run_second_stage(cfg: SecondStageConfig, progress: Progress | None = None, resume: bool = False) -> dict:
+    """cRT / LWS / tau-norm / DisAlign / MARC / NCM and post-hoc logit adjustment on a finished run."""
+    progress = progress or Progress()
+    check_options(cfg)
+    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    ctx = init_distributed(device_type)
+    device = resolve_device(cfg.device, ctx)
+    check_optim(cfg.optim, ctx.world_size)
+    stage1 = load_run(cfg.from_run, device=device)
+    features = Path(cfg.features) if cfg.features else stage1.features
+    if features.resolve() != stage1.features.resolve():
+        raise LtclipError(f"--features {features} differs from the first stage's {stage1.features}; omit --features")
+    out = Path(cfg.out)
+    start_run(out, resume, to_dict(cfg), ctx)
+    counts = np.asarray(stage1.info["class_counts"])
+    model, head = stage1.model, stage1.model.head
+    max_ram = ram_budget(cfg.max_ram, ctx)
+    val_cache = open_split(features, cfg.val_split, required=False)
+    val = FeatureInputs(val_cache, head.input, max_ram) if val_cache is not None else None
+    eval_batch = cfg.optim.batch_size * 2
+    calibrated = None
+    if cfg.two_stage:
+        train = FeatureInputs(open_split(features, "train"), head.input, max_ram)
+        z_train, y_train = _features_of(model, train, eval_batch, device)
+        z_val, y_val = _features_of(model, val, eval_batch, device) if val is not None else (None, None)
+        engine = {"out": out, "resume": resume, "ctx": ctx, "progress": progress, "tensorboard": cfg.tensorboard}
+        progress.log(f"{cfg.two_stage} on {len(y_train):,} cached features")
+        calibrated = fit_two_stage(
+            cfg.two_stage, classifier=head.classifier, z_train=z_train, y_train=y_train, class_counts=counts,
+            z_val=z_val, y_val=y_val, optim=cfg.optim, sampler=cfg.sampler, loss=cfg.loss,
+            loss_opts=LOSSES.parse(cfg.loss or TWO_STAGE.get(cfg.two_stage).loss, cfg.loss_opts) or None,
+            device=device, engine=engine, **TWO_STAGE.parse(cfg.two_stage, cfg.two_stage_opts),
+        )
+        model = RunModel(head, calibrated, None, counts).to(device)
+    tau, extra = None, {}
+    if cfg.posthoc_la:
+        tau, extra["posthoc_tau_table"] = posthoc_tau(model, val, counts, eval_batch, device, cfg.val_split)
+        model.tau = tau
+        progress.log(f"post-hoc logit adjustment: tau={tau:g} (chosen on {cfg.val_split})")
+    best = None
+    if val is not None:
+        best = {"epoch": None, **{f"val_{k}": v for k, v in validate_on_cache(model, val, counts, eval_batch, device, ctx).items()}}
+    info = None
+    if ctx.is_main:
+        summary = calibrated.summary if calibrated is not None else {}
+        method = {**stage1.info["method"], "two_stage": cfg.two_stage, "two_stage_opts": list(cfg.two_stage_opts),
+                  "two_stage_sampler": summary.get("sampler"), "two_stage_loss": summary.get("loss"), "posthoc_la": tau}
+        info = write_run(out, "second_stage", model_payload(head, calibrated, tau), features_input(features), counts,
+                         method=method, best=best, dataset=stage1.info.get("dataset"),
+                         stage1=str(Path(cfg.from_run).resolve()), processes=ctx.world_size, **extra)
+    ctx.barrier()
+    return {"out": str(out), "best": best, "tau": tau, "info": info}
+
+
+def load_second_stage_config(path: str | Path) -> SecondStageConfig:
+    """A second-stage run's saved ``config.json`` as a config."""
+    return from_dict(SecondStageConfig, json.loads(Path(path).read_text()))
