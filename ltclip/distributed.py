@@ -1,8 +1,9 @@
-"""torch.distributed helpers: process-group set-up from torchrun's environment, row ranges."""
+"""Where computation runs: the process group torchrun describes, the device, and autocast precision."""
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +53,19 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
     elif device != "cpu":
         raise LtclipError(f"--device {device!r}: choose auto, cpu or cuda")
     return torch.device(device)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``--precision``: none for fp32, bf16 anywhere, fp16 on CUDA only."""
+    from .errors import LtclipError
+
+    if precision not in PRECISIONS:
+        raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise LtclipError("--precision fp16 needs a CUDA device; use fp32 or bf16 on a CPU")
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)

@@ -145,7 +145,7 @@ def read_arrays_subset(folder):
     "args, message",
     [
         (("--splits", "train,holdout"), "no split 'holdout'"),
-        (("--precision", "fp16"), "needs --device cuda"),
+        (("--precision", "fp16"), "fp16 needs a CUDA device"),
         (("--test-views", "sevencrop"), "--test-views"),
         (("--bad-images", "ignore"), "--bad-images"),
     ],
@@ -177,6 +177,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(synthetic_root, checkpoint, cache, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ltclip", *extract_args(synthetic_root, out, checkpoint, "--block-size", "4", "--batch-size", "4")]
@@ -204,6 +205,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(synthetic_root, checkpo
         np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(synthetic_root, checkpoint, cache, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ltclip",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.samplers import create_sampler
-from ..distributed import DistContext
+from ..distributed import PRECISIONS, DistContext, autocast as precision_autocast
 from ..errors import LtclipError
 from ..progress import Progress
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_python
@@ -33,7 +33,6 @@ from .optim import create_optimizer, create_schedule
 LAST_FILE = "last.pt"
 BEST_FILE = "best.pt"
 NAN_CHECK_EVERY = 25  # optimizer steps between finiteness checks (each is a host sync)
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class TrainSource(Protocol):
@@ -61,16 +60,6 @@ class _State:
     best: dict | None = None
     loss_sum: float = 0.0  # over the rows of ``epoch`` so far (this process)
     loss_rows: int = 0
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise LtclipError("--precision fp16 needs a CUDA device; use fp32 or bf16 on a CPU")
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 def check_optim(cfg, world_size: int = 1) -> None:
@@ -113,26 +102,32 @@ class _NanGuard:
     def add(self, loss: torch.Tensor) -> None:
         self.pending.append(loss.detach().float())
 
-    def check(self, state: _State) -> None:
-        if not self.pending:
+    def check(self, state: _State, weights=()) -> None:
+        """Raise if a pending loss is not finite, or (before a checkpoint) any of ``weights`` is not:
+        a step with a finite loss can still overflow the weights (the next loss is then NaN)."""
+        weights = list(weights)
+        if not self.pending and not weights:
             return
-        recent = torch.stack(self.pending)
+        recent = torch.stack(self.pending) if self.pending else torch.zeros(0)
         self.pending = []
-        bad = (~torch.isfinite(recent)).any().float()
+        flags = [(~torch.isfinite(recent)).any()] + [~torch.isfinite(p.detach()).all() for p in weights]
+        bad = torch.stack([f.to(flags[-1].device) for f in flags]).any().float()
         if self.ctx.enabled:
             import torch.distributed as dist
 
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             where = recent[~torch.isfinite(recent)]
-            value = where[0].item() if where.numel() else "not finite on another process"
+            value = (where[0].item() if where.numel() else
+                     "unstable: the weights are no longer finite" if any(f.item() for f in flags[1:]) else
+                     "not finite on another process")
             kept = (f"{self.out / LAST_FILE} keeps step {self._kept_step()}" if self.out is not None and (self.out / LAST_FILE).exists()
                     else "no checkpoint was written")
             raise LtclipError(f"loss became {value} in epoch {state.epoch + 1} (by step {state.step}); {kept}: "
                               "lower --lr or set --grad-clip", exit_code=1)
 
     def _kept_step(self) -> int:
-        return int(load_checkpoint(self.out / LAST_FILE)["step"])
+        return int(load_checkpoint(self.out / LAST_FILE)["state"]["step"])
 
 
 def fit(
@@ -168,7 +163,7 @@ def fit(
     epochs = math.ceil(total / per_epoch)
     order_sampler = create_sampler(sampler, labels, num_classes, seed=cfg.seed, total_epochs=epochs,
                                    rank=ctx.rank, world_size=ctx.world_size)
-    autocast = _autocast(device, cfg.precision)
+    autocast = precision_autocast(device, cfg.precision)
     optimizer = create_optimizer(model, cfg)
     schedule = create_schedule(optimizer, cfg.schedule, total, int(round(cfg.warmup * per_epoch)))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -197,8 +192,10 @@ def fit(
     log.start(state.step)
     guard = _NanGuard(ctx, out)
 
+    params = [p for p in model.parameters() if p.requires_grad]
+
     def checkpoint() -> None:
-        guard.check(state)  # never save weights a NaN has already reached
+        guard.check(state, params)  # never save (or return) weights a NaN or an overflow has already reached
         if out is not None and ctx.is_main:
             save_checkpoint(out / LAST_FILE, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -223,7 +220,6 @@ def fit(
                 save_checkpoint(out / BEST_FILE, {"model": model.state_dict()})
         return summary
 
-    params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(state.epoch, epochs):
         model.train()
         order_sampler.set_epoch(epoch)
@@ -305,6 +301,6 @@ def _epoch_line(epoch: int, epochs: int, record: dict) -> str:
     line = f"epoch {epoch + 1}/{epochs}" + (f": loss {record['loss']:.4f}" if record["loss"] is not None else "")
     if "val_balanced_accuracy" in record:
         line += (f", val balanced acc {fmt(record['val_balanced_accuracy'])}%" +
-                 (f" (many {fmt(record['val_many'])} / medium {fmt(record['val_medium'])} / few {fmt(record['val_few'])})"
+                 (f" (many {fmt(record.get('val_many'))} / medium {fmt(record.get('val_medium'))} / few {fmt(record.get('val_few'))})"
                   if "val_many" in record else ""))
     return line

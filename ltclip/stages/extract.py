@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from ..config import ExtractConfig, provenance, to_dict
 from ..data.images import ImageSplit
 from ..data.registry import open_dataset
 from ..data.views import make_views
-from ..distributed import init_distributed, resolve_device
+from ..distributed import autocast, init_distributed, resolve_device
 from ..errors import LtclipError
 from ..models.backbone import load_backbone
 from ..models.text import text_classifier
@@ -29,14 +28,6 @@ def _views_for(cfg: ExtractConfig, split: str, backbone):
     if split == "train" and cfg.train_views > 0:
         return make_views("train", backbone.preprocess, backbone.preprocess_cfg, count=cfg.train_views, seed=cfg.seed)
     return make_views("center" if split == "train" else cfg.test_views, backbone.preprocess, backbone.preprocess_cfg)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise LtclipError("--precision fp16 needs --device cuda; use fp32 or bf16 on a CPU")
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 def _fetch(loader, single_thread: bool):
@@ -110,7 +101,7 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
         block = next(block_iter, None)
         buf_e = buf_t = None
         filled = 0
-        with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), _autocast(device, cfg.precision):
+        with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), autocast(device, cfg.precision):
             for images, _, row_ids, ok in _fetch(loader, single_thread=cfg.workers == 0):
                 b, v = images.shape[:2]
                 x = images.flatten(0, 1).to(device, non_blocking=True)
@@ -179,6 +170,7 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     ctx = init_distributed(device_type)
     device = resolve_device(cfg.device, ctx)
+    autocast(device, cfg.precision)  # refuse a precision the device lacks before any work
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
     if cfg.tokens and not backbone.has_tokens:
         raise LtclipError(f"--tokens: {cfg.model} is not an open_clip ViT, so it has no token sequence; pass --no-tokens")
