@@ -14,12 +14,12 @@ from ltclip.data.synthetic import (
     COLOURS,
     MAX_CLASSES,
     SHAPES,
-    SYNTHETIC_TEMPLATES,
     TEXTURES,
     make_synthetic,
     synthetic_classnames,
     synthetic_train_counts,
 )
+from ltclip.data.templates import SYNTHETIC_TEMPLATES
 from ltclip.errors import LtclipError
 
 SMALL = dict(classes=6, imbalance=10.0, max_per_class=20, val_per_class=2, test_per_class=3, size=32)

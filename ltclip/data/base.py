@@ -9,6 +9,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from ..errors import LtclipError
+from .templates import resolve_templates
+
 # (split name, row index) -> RGB PIL image. Raises on a missing or undecodable image.
 ImageOpener = Callable[[str, int], Image.Image]
 
@@ -52,8 +55,6 @@ class LTDataset:
     info: dict = field(default_factory=dict)  # free-form provenance (spec file, options)
 
     def split(self, name: str) -> Split:
-        from ..errors import LtclipError
-
         if name not in self.splits:
             raise LtclipError(
                 f"dataset {self.name!r} has no split {name!r}; it has: {', '.join(self.splits)}"
@@ -61,8 +62,6 @@ class LTDataset:
         return self.splits[name]
 
     def prompt_templates(self) -> list[str]:
-        from .templates import resolve_templates
-
         return resolve_templates(self.templates)
 
     def train_counts(self) -> np.ndarray:

@@ -26,28 +26,6 @@ from .base import LTDataset, Split, rows_sha256
 BASE_FOLDER = "cifar-100-python"  # torchvision's CIFAR100.base_folder
 STANDARD_IMBALANCES = (10, 50, 100)
 
-# OpenAI CLIP's CIFAR-100 prompt templates (CLIP repository, data/prompts.md).
-CIFAR100_TEMPLATES = (
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a black and white photo of a {}.",
-    "a low contrast photo of a {}.",
-    "a high contrast photo of a {}.",
-    "a bad photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of a small {}.",
-    "a photo of a big {}.",
-    "a photo of the {}.",
-    "a blurry photo of the {}.",
-    "a black and white photo of the {}.",
-    "a low contrast photo of the {}.",
-    "a high contrast photo of the {}.",
-    "a bad photo of the {}.",
-    "a good photo of the {}.",
-    "a photo of the small {}.",
-    "a photo of the big {}.",
-)
-
 
 def _check_imbalance(imbalance: float) -> float:
     try:

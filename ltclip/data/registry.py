@@ -1,16 +1,25 @@
-"""Dataset registry: one spec file per dataset in ``data_manifests/``; one function builds the dataset."""
+"""Datasets by name: one spec file per dataset in ``data_manifests/``, one loader per dataset kind.
+
+A spec names its ``kind``; :data:`DATASET_KINDS` maps each kind to the function that builds the
+:class:`LTDataset` (splits + class names + templates + image access) from the spec and a
+:class:`DatasetRequest` (where the data is, the caller's overrides). :func:`load_dataset`
+dispatches by kind. A new kind is one decorated loader here plus a spec file naming it.
+"""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 from ..errors import LtclipError
+from ..registry import Registry
 from .base import LTDataset, Split
+from .cifar import load_cifar100_lt
 from .manifests import (
     align_classnames,
     check_train_covers_classes,
@@ -41,7 +50,7 @@ def spec_dir() -> Path:
 class DatasetSpec:
     name: str
     title: str
-    kind: str = "manifest"
+    kind: str  # a name in DATASET_KINDS
     num_classes: int | None = None
     citation: str = ""
     get: str = ""
@@ -53,12 +62,41 @@ class DatasetSpec:
     path: str = ""
 
 
+@dataclass(frozen=True)
+class DatasetRequest:
+    """What the caller of :func:`load_dataset` adds to a spec: where the data is, and overrides."""
+
+    data_root: Path
+    manifest_dir: Path | None = None
+    split_files: dict[str, str] = field(default_factory=dict)  # split -> file, overriding the spec's
+    classnames_file: str | None = None
+    imbalance: float = 100.0
+    download: bool = False
+    seed: int = 0
+
+
+DatasetLoader = Callable[[DatasetSpec, DatasetRequest], LTDataset]
+DATASET_KINDS: Registry[DatasetLoader] = Registry("dataset kind")
+
+# A user's own split files: the one dataset without a spec file.
+CUSTOM = DatasetSpec(name="custom", title="custom", kind="custom")
+
+
+def list_dataset_kinds(pattern: str = "*") -> list[str]:
+    return DATASET_KINDS.names(pattern)
+
+
+def _read_spec(path: Path) -> DatasetSpec:
+    with open(path, "rb") as f:
+        fields = tomllib.load(f)
+    kinds = DATASET_KINDS.names()
+    if fields.get("kind") not in kinds:
+        raise LtclipError(f"{path}: kind {fields.get('kind')!r} is not a dataset kind; choose one of: {', '.join(kinds)}")
+    return DatasetSpec(**fields, path=str(path))
+
+
 def list_datasets() -> list[DatasetSpec]:
-    specs = []
-    for path in sorted(spec_dir().glob("*.toml")):
-        with open(path, "rb") as f:
-            specs.append(DatasetSpec(**tomllib.load(f), path=str(path)))
-    return specs
+    return [_read_spec(path) for path in sorted(spec_dir().glob("*.toml"))]
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -69,6 +107,107 @@ def get_spec(name: str) -> DatasetSpec:
             "(or pass --train-list/--test-list/--classnames for your own)"
         )
     return specs[name]
+
+
+def load_dataset(
+    name: str = "custom",
+    data_root: str | Path = ".",
+    *,
+    manifest_dir: str | Path | None = None,
+    split_files: dict[str, str] | None = None,
+    classnames_file: str | None = None,
+    templates: str | None = None,
+    imbalance: float = 100.0,
+    download: bool = False,
+    seed: int = 0,
+) -> LTDataset:
+    """Build a dataset by registered name, or a user's own (``custom``) from ``split_files`` + ``classnames_file``.
+
+    Split files are looked up in ``manifest_dir`` and then the data root; ``split_files`` overrides
+    a spec's files per split; ``templates`` overrides the dataset's prompt templates.
+    """
+    spec = CUSTOM if name == "custom" else get_spec(name)
+    request = DatasetRequest(
+        data_root=Path(data_root),
+        manifest_dir=Path(manifest_dir) if manifest_dir else None,
+        split_files=dict(split_files or {}),
+        classnames_file=classnames_file,
+        imbalance=imbalance,
+        download=download,
+        seed=seed,
+    )
+    dataset = DATASET_KINDS.get(spec.kind)(spec, request)
+    if templates:
+        dataset.templates = templates
+    return dataset
+
+
+def open_dataset(cfg) -> LTDataset:
+    """:func:`load_dataset` from a :class:`ltclip.config.DataConfig`."""
+    return load_dataset(
+        cfg.dataset, cfg.data_root, manifest_dir=cfg.manifest_dir, split_files=cfg.split_files(),
+        classnames_file=cfg.classnames, templates=cfg.templates, imbalance=cfg.imbalance, download=cfg.download,
+        seed=cfg.subset_seed,
+    )
+
+
+# ---------------------------------------------------------------- the kinds
+
+
+@DATASET_KINDS.register("cifar100_lt")
+def load_cifar_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
+    """CIFAR-100 read (or downloaded) under the data root, cut to ``imbalance`` (see ltclip.data.cifar)."""
+    return load_cifar100_lt(request.data_root, imbalance=request.imbalance, download=request.download, seed=request.seed)
+
+
+@DATASET_KINDS.register("custom")
+def load_custom_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
+    """A user's own split files and class-name file, read like a manifest dataset."""
+    if "train" not in request.split_files or not request.classnames_file:
+        raise LtclipError("your own dataset needs --train-list, --classnames and at least one of --val-list/--test-list")
+    spec = replace(spec, splits=dict(request.split_files), classnames={"file": request.classnames_file})
+    return load_manifest_kind(spec, request)
+
+
+@DATASET_KINDS.register("manifest")
+def load_manifest_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
+    """Images under the data root, listed in split files (``relative/path label``) that lie in the
+    manifest folder or the data root, or are built from iNaturalist JSON; class names from a
+    class-name file, open_clip's ImageNet list or the train paths' folders."""
+    root = request.data_root
+    if not root.is_dir():
+        raise LtclipError(f"--data-root {root}: folder not found")
+    dirs = ([request.manifest_dir] if request.manifest_dir else []) + [root]
+    names_file = request.classnames_file or spec.classnames.get("file")
+    names_path = Path(names_file) if names_file and Path(names_file).is_file() else (names_file and _find(names_file, dirs))
+    pairs = read_classnames(names_path) if names_path else None
+    classnames = [name for _, name in pairs] if pairs is not None else _builtin_classnames(spec)
+    num_classes = spec.num_classes
+    if num_classes is None:
+        if classnames is None:
+            raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
+        num_classes = len(classnames)
+    splits = _read_splits(spec, request, dirs, num_classes)
+    check_train_covers_classes(splits["train"], num_classes)
+    if pairs is not None:
+        classnames = align_classnames(pairs, splits["train"], str(names_path))
+    if classnames is None:
+        if "folder_depth" not in spec.classnames:
+            raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
+        classnames = classnames_from_folders(splits["train"], num_classes, spec.classnames["folder_depth"])
+    if len(classnames) != num_classes:
+        raise LtclipError(f"{names_path}: {len(classnames)} class names for {num_classes} classes; fix the class-name file")
+    keys = {s: sp.keys for s, sp in splits.items()}
+    return LTDataset(
+        name=spec.name,
+        num_classes=num_classes,
+        classnames=classnames,
+        templates=spec.templates,
+        splits=splits,
+        open_image=partial(open_file_image, root, keys),
+        data_root=str(root),
+        info={"spec": spec.path, "classnames": str(names_path or "builtin")},
+    )
 
 
 def open_file_image(root: Path, keys_by_split: dict[str, list[str]], split: str, index: int) -> Image.Image:
@@ -84,58 +223,19 @@ def _find(name: str, dirs: list[Path]) -> Path | None:
     return None
 
 
-def load_dataset(
-    name: str = "custom",
-    data_root: str | Path = ".",
-    *,
-    manifest_dir: str | Path | None = None,
-    split_files: dict[str, str] | None = None,
-    classnames_file: str | None = None,
-    templates: str | None = None,
-    imbalance: float = 100.0,
-    download: bool = False,
-    seed: int = 0,
-) -> LTDataset:
-    """Build a dataset by registered name, or a user's own from ``split_files`` + ``classnames_file``.
+def _builtin_classnames(spec: DatasetSpec) -> list[str] | None:
+    """The class list a spec takes from a library (``[classnames] builtin = "imagenet"``), if any."""
+    if "builtin" not in spec.classnames:
+        return None
+    # open_clip imports torch: load it only for a dataset that needs its class list.
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    Split files are looked up in ``manifest_dir`` and then the data root; ``split_files`` overrides
-    a spec's files per split.
-    """
-    root = Path(data_root)
-    if name == "custom":
-        if not split_files or "train" not in split_files or not classnames_file:
-            raise LtclipError("your own dataset needs --train-list, --classnames and at least one of --val-list/--test-list")
-        spec = DatasetSpec(name="custom", title="custom", splits=dict(split_files), classnames={"file": classnames_file})
-    else:
-        spec = get_spec(name)
-    if spec.kind == "cifar100_lt":
-        from .cifar import load_cifar100_lt
+    return list(IMAGENET_CLASSNAMES)
 
-        ds = load_cifar100_lt(root, imbalance=imbalance, download=download, seed=seed)
-        if templates:
-            ds.templates = templates
-        return ds
-    if not root.is_dir():
-        raise LtclipError(f"--data-root {root}: folder not found")
-    dirs = [Path(manifest_dir)] if manifest_dir else []
-    dirs.append(root)
-    files = {**spec.splits, **(split_files or {})}
-    num_classes = spec.num_classes
-    pairs = None
-    classnames = None
-    names_file = classnames_file or spec.classnames.get("file")
-    names_path = Path(names_file) if names_file and Path(names_file).is_file() else (names_file and _find(names_file, dirs))
-    if names_path:
-        pairs = read_classnames(names_path)
-        classnames = [name for _, name in pairs]
-    elif "builtin" in spec.classnames:
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-        classnames = list(IMAGENET_CLASSNAMES)
-    if num_classes is None:
-        if classnames is None:
-            raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
-        num_classes = len(classnames)
+def _read_splits(spec: DatasetSpec, request: DatasetRequest, dirs: list[Path], num_classes: int) -> dict[str, Split]:
+    """Every split whose file is found (the train split and those the caller named must be)."""
+    files = {**spec.splits, **request.split_files}
     splits: dict[str, Split] = {}
     for split in SPLITS:
         fname = files.get(split)
@@ -148,7 +248,7 @@ def load_dataset(
                 splits[split] = manifest_from_inat_json(json_path, split)
                 continue
         if path is None:
-            if split == "train" or split_files and split in split_files:
+            if split == "train" or split in request.split_files:
                 raise LtclipError(
                     f"{fname}: {split} split file not found in {', '.join(map(str, dirs))}; "
                     f"{spec.get or 'pass the path with --' + split + '-list'}"
@@ -160,32 +260,4 @@ def load_dataset(
     for split in splits.values():
         if int(split.labels.max()) >= num_classes:  # labels from JSON are not range-checked while read
             raise LtclipError(f"{split.source}: label {int(split.labels.max())} >= number of classes {num_classes}")
-    check_train_covers_classes(splits["train"], num_classes)
-    if pairs is not None:
-        classnames = align_classnames(pairs, splits["train"], str(names_path))
-    if classnames is None:
-        if "folder_depth" not in spec.classnames:
-            raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
-        classnames = classnames_from_folders(splits["train"], num_classes, spec.classnames["folder_depth"])
-    if len(classnames) != num_classes:
-        raise LtclipError(f"{names_path}: {len(classnames)} class names for {num_classes} classes; fix the class-name file")
-    keys = {s: sp.keys for s, sp in splits.items()}
-    return LTDataset(
-        name=spec.name,
-        num_classes=num_classes,
-        classnames=classnames,
-        templates=templates or spec.templates,
-        splits=splits,
-        open_image=partial(open_file_image, root, keys),
-        data_root=str(root),
-        info={"spec": spec.path, "classnames": str(names_path or "builtin")},
-    )
-
-
-def open_dataset(cfg) -> LTDataset:
-    """:func:`load_dataset` from a :class:`ltclip.config.DataConfig`."""
-    return load_dataset(
-        cfg.dataset, cfg.data_root, manifest_dir=cfg.manifest_dir, split_files=cfg.split_files(),
-        classnames_file=cfg.classnames, templates=cfg.templates, imbalance=cfg.imbalance, download=cfg.download,
-        seed=cfg.seed,
-    )
+    return splits

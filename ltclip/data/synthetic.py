@@ -28,14 +28,6 @@ META_FILE = "synthetic.json"  # written last: its presence marks a complete set
 PARTIAL_FILE = "synthetic.partial.json"  # present while a generation is in progress
 SPLITS = ("train", "val", "test")
 
-SYNTHETIC_TEMPLATES = (
-    "a photo of a {}.",
-    "a drawing of a {}.",
-    "a {} shape.",
-    "an image of a {}.",
-    "a small picture of a {}.",
-)
-
 COLOURS = {
     "red": (210, 35, 35),
     "green": (40, 170, 60),
