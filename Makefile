@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pip takes torch from the machine's local wheel files where they exist.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean grid grid-imagenet_lt grid-places_lt grid-inat18 grid-cifar100_lt
+.PHONY: demo test test-fast bench clean grid grid-imagenet_lt grid-places_lt grid-inat18 grid-cifar100_lt
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Everything but the tests marked slow (subprocess, SIGKILL and torchrun runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -9,6 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from conftest import shared_files, write_places_lt_standin
 from ltclip import __version__
 from ltclip.cli import app
 
@@ -37,8 +38,13 @@ def test_datasets_list_json():
     assert names["places_lt"]["classes"] == 365 and names["inat18"]["sizes"]["train"] == 437_513
 
 
-def test_datasets_info_on_real_places_lt(shared_manifests, tmp_path):
-    args = ["datasets", "info", "places_lt", "--manifest-dir", str(shared_manifests), "--data-root", str(tmp_path)]
+@pytest.mark.parametrize(
+    "manifests", [pytest.param(None, id="standin")] + [pytest.param(p.parent, id="full") for p in shared_files("Places_LT_train.txt")]
+)
+def test_datasets_info_on_real_places_lt(manifests, tmp_path):
+    """The real Places-LT profile: the real split files, or a stand-in train list with the committed counts."""
+    manifests = manifests or write_places_lt_standin(tmp_path / "manifests").parent
+    args = ["datasets", "info", "places_lt", "--manifest-dir", str(manifests), "--data-root", str(tmp_path)]
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import places_lt_train_counts, shared_files
 from ltclip.errors import LtclipError
 from ltclip.metrics import average_views, ece, evaluate, shot_groups
 
 REPO = Path(__file__).resolve().parents[1]
-MANIFESTS = REPO.parent / "shared" / "data_manifests"
 
 
 def brute_force(logits, labels, counts, bins=15):
@@ -165,12 +165,16 @@ def test_shot_group_boundaries():
     assert shot_groups([10, 50], many_threshold=40, few_threshold=10).tolist() == ["medium", "many"]
 
 
-def test_shot_groups_on_places_lt_profile():
-    if not MANIFESTS.is_dir():
-        pytest.skip(f"the shared split files are not available at {MANIFESTS}")
-    lines = (MANIFESTS / "Places_LT_train.txt").read_text().splitlines()
-    labels = [int(line.split()[-1]) for line in lines if line]
-    counts = np.bincount(labels)
+@pytest.mark.parametrize(
+    "manifest", [pytest.param(None, id="profile")] + [pytest.param(p, id="full") for p in shared_files("Places_LT_train.txt")]
+)
+def test_shot_groups_on_places_lt_profile(manifest):
+    if manifest is None:  # the committed profile of the real file
+        counts = places_lt_train_counts()
+    else:
+        lines = manifest.read_text().splitlines()
+        labels = [int(line.split()[-1]) for line in lines if line]
+        counts = np.bincount(labels)
     assert len(counts) == 365 and counts.max() == 4980 and counts.min() == 5
     assert Counter(shot_groups(counts).tolist()) == {"many": 131, "medium": 163, "few": 71}
 
@@ -203,6 +207,7 @@ def test_average_views():
         average_views(x[0])
 
 
+@pytest.mark.slow
 def test_benchmark_quick_run(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_eval", "--quick", "--out", str(tmp_path)],

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import places_lt_train_counts, shared_files
 from ltclip.data.samplers import class_probabilities, create_sampler, list_samplers
 from ltclip.errors import LtclipError
 
-MANIFESTS = Path(__file__).resolve().parents[1].parent / "shared" / "data_manifests"
 
 # A long-tailed profile with an empty class (index 6) in the middle.
 COUNTS = np.array([400, 250, 150, 90, 50, 30, 0, 18, 10, 6, 3, 1])
@@ -180,17 +179,22 @@ def test_bad_counts_and_epoch_raise():
         create_sampler("instance", make_labels(), len(COUNTS)).set_epoch(-1)
 
 
-def test_places_lt_class_balanced_really_balances():
+@pytest.mark.parametrize(
+    "manifest", [pytest.param(None, id="profile")] + [pytest.param(p, id="full") for p in shared_files("Places_LT_train.txt")]
+)
+def test_places_lt_class_balanced_really_balances(manifest):
     """On Places-LT (4980 to 5 images per class) our class-balanced epoch is near uniform.
 
     The reference code's sampler, a weighted permutation without replacement (weights 1/n_j),
     draws every image exactly once per epoch, so its epoch is exactly as imbalanced as instance
     sampling: its first draws look balanced, then the small classes run out.
+    Labels: the real train file's, or the committed profile's (the file is sorted by label, so
+    repeating each label by its count gives the same sequence).
     """
-    manifest = MANIFESTS / "Places_LT_train.txt"
-    if not manifest.exists():
-        pytest.skip(f"Places-LT train split not found at {manifest}")
-    labels = np.array([int(line.split()[1]) for line in manifest.read_text().splitlines()])
+    if manifest is None:
+        labels = np.repeat(np.arange(365), places_lt_train_counts())
+    else:
+        labels = np.array([int(line.split()[1]) for line in manifest.read_text().splitlines()])
     num_classes, n = 365, len(labels)
     assert n == 62_500
     counts = np.bincount(labels, minlength=num_classes)

@@ -212,6 +212,7 @@ def check_done_blocks(path) -> bool:
         return cache.complete
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference.h5"
     run_writer(reference)
