@@ -89,7 +89,7 @@ class ExtractConfig:
     preprocess_from: str | None = None
     tokens: bool = True
     batch_size: int = 256
-    workers: int = 4
+    workers: int | None = None  # DataLoader decode workers; None: this process's share of the CPUs, at most 8
     device: str = "auto"
     precision: str = "fp32"
     test_views: str = "center"

@@ -55,6 +55,19 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
     return torch.device(device)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(ctx: DistContext, cap: int = 8) -> int:
+    """DataLoader workers when none are asked for: this process's share of the CPUs, at most ``cap``."""
+    return max(0, min(cap, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
+
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

@@ -10,6 +10,7 @@ import difflib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,23 @@ class Backbone:
         if v.proj is not None:
             pooled = pooled @ v.proj
         return pooled, seq
+
+
+class _RandomWeightsNote(logging.Filter):
+    """open_clip's own root-logger line for random weights: ltclip has already warned once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_weights_note():
+    note = _RandomWeightsNote()
+    logging.getLogger().addFilter(note)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(note)
 
 
 def _close(name: str, options: list[str]) -> str:
@@ -179,7 +197,7 @@ def load_backbone(
     if pretrained_arg is None and not model_name.startswith("local-dir:"):
         log.warning("--pretrained none: %s has RANDOM weights; features are meaningless for real data", model_name)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_random_weights_note():
             torch.manual_seed(0)  # random weights ('none') are the same in every process and run
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained_arg, precision=precision, device=device, cache_dir=cache_dir, **kwargs

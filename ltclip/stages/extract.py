@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,10 @@ from torch.utils.data import DataLoader
 
 from ..atomic import save_json
 from ..config import ExtractConfig, provenance, to_dict
-from ..data.images import ImageSplit
+from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images
 from ..data.registry import open_dataset
 from ..data.views import make_views
-from ..distributed import autocast, init_distributed, resolve_device
+from ..distributed import autocast, available_cpus, default_workers, init_distributed, resolve_device
 from ..errors import LtclipError
 from ..models.backbone import load_backbone
 from ..models.text import text_classifier
@@ -48,6 +50,16 @@ def _fetch(loader, single_thread: bool):
         if batch is None:
             return
         yield batch
+
+
+def _workers(asked: int | None, ctx) -> int:
+    """``--workers``, or this process's share of the CPUs; more than the CPUs is warned about once."""
+    if asked is None:
+        return default_workers(ctx)
+    if asked > available_cpus():
+        log.warning("--workers %d: more than the %d CPUs this process may use; decoding may be slower", asked, available_cpus())
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)  # said above
+    return asked
 
 
 def _complete(path: Path) -> bool:
@@ -92,7 +104,7 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
     with writer:
         pending = writer.pending_blocks()
         local_rows = [r for b in pending for r in range(*writer.block_range(b))]
-        todo = ImageSplit(dataset, split, views, cfg.bad_images, [writer.row_start + r for r in local_rows])
+        todo = ImageSplit(dataset, split, views, [writer.row_start + r for r in local_rows])
         loader = DataLoader(
             todo, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
             persistent_workers=False, shuffle=False,
@@ -102,7 +114,8 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
         buf_e = buf_t = None
         filled = 0
         with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), autocast(device, cfg.precision):
-            for images, _, row_ids, ok in _fetch(loader, single_thread=cfg.workers == 0):
+            for images, _, row_ids, problems in _fetch(loader, single_thread=cfg.workers == 0):
+                ok = torch.tensor(apply_bad_image_policy(cfg.bad_images, problems))
                 b, v = images.shape[:2]
                 x = images.flatten(0, 1).to(device, non_blocking=True)
                 if device.type == "cuda":
@@ -165,11 +178,13 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     splits = cfg.splits or tuple(dataset.splits)
     for split in splits:
         dataset.split(split)  # refuse unknown splits before any work
-    if cfg.batch_size < 1 or cfg.block_size < 1 or cfg.workers < 0:
+    if cfg.batch_size < 1 or cfg.block_size < 1 or (cfg.workers is not None and cfg.workers < 0):
         raise LtclipError("--batch-size and --block-size must be >= 1 and --workers >= 0")
+    check_bad_images(cfg.bad_images)
     device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     ctx = init_distributed(device_type)
     device = resolve_device(cfg.device, ctx)
+    saved_cfg, cfg = cfg, dataclasses.replace(cfg, workers=_workers(cfg.workers, ctx))
     autocast(device, cfg.precision)  # refuse a precision the device lacks before any work
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
     if cfg.tokens and not backbone.has_tokens:
@@ -181,5 +196,5 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress) for s in splits]
     if ctx.is_main:
         results.append(_text_file(cfg, dataset, backbone, device, out, progress))
-        save_json(out / "extract.json", {"config": to_dict(cfg), "provenance": provenance(), "identity": backbone.identity})
+        save_json(out / "extract.json", {"config": to_dict(saved_cfg), "provenance": provenance(), "identity": backbone.identity})
     return {"out": str(out), "splits": results, "identity": backbone.identity}
