@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -60,6 +61,17 @@ def given(values: dict, *, drop: tuple[str, ...] = ()) -> dict:
     """The options a user set: None and empty lists mean "not given" (the config's default applies)."""
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()
             if k not in drop and v is not None and v != []}
+
+
+def say_default(option: str, value) -> None:
+    """Print a default the command chose, so the user sees it (an explicit option always wins)."""
+    if is_main_process():
+        typer.echo(f"{option}: {value} (default)", err=True)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def load_config(ctx: typer.Context, param, value: Optional[str]):

@@ -5,22 +5,24 @@ Option names are the config fields' names and their defaults are read from the c
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..config import EvalConfig, ExtractConfig
 from ..errors import LtclipError
+from ..workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, finished_runs, record_features, recorded_features
 from .common import (
     REGISTRIES, Classnames, ConfigFile, DataRoot, DatasetName, Download, Imbalance, ManifestDir, SubsetSeed, Templates,
-    TestList, TrainList, ValList, given, guarded, registry,
+    TestList, TrainList, ValList, given, guarded, is_main_process, registry, say_default,
 )
 
 _X, _E = ExtractConfig(out=""), EvalConfig()
 
 
 def extract(
-    out: Annotated[str, typer.Option("--out", "-o", help="Output folder: train.h5, val.h5, test.h5, text.h5.")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder: train.h5, val.h5, test.h5, text.h5 (default: features/DATASET-MODEL-PRETRAINED).")] = None,
     config: ConfigFile = None,
     dataset: DatasetName = None,
     data_root: DataRoot = None,
@@ -39,7 +41,7 @@ def extract(
     preprocess_from: Annotated[Optional[str], typer.Option("--preprocess-from", help="Tag whose preprocessing a checkpoint file needs.")] = None,
     tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store the ViT token sequence (the decoder head needs it).")] = _X.tokens,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = _X.batch_size,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader decode workers.")] = _X.workers,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader decode workers (default: this process's share of the CPUs, at most 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = _X.device,
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (autocast).")] = _X.precision,
     test_views: Annotated[str, typer.Option("--test-views", help="center, fivecrop or tencrop views of val/test images.")] = _X.test_views,
@@ -55,12 +57,17 @@ def extract(
     from ..stages.extract import run_extract
 
     values["splits"] = tuple(s.strip() for item in splits or () for s in item.split(",") if s.strip())
+    if out is None:
+        values["out"] = str(default_features_dir(values.get("dataset", _X.data.dataset), model, pretrained))
+        say_default("--out", values["out"])
     cfg = from_flat(ExtractConfig, values, owner="extract")
     progress = RichProgress()
     summary = run_extract(cfg, progress)
     for item in summary["splits"]:
         progress.log(f"{item['split']}: {item['status']} ({item['rows']:,} rows)")
     progress.log(f"cache: {summary['out']}")
+    if is_main_process():
+        progress.log(f"{record_features(Path(summary['out']))} now names this cache for `ltclip train-head` and `ltclip eval`")
 
 
 def evaluate(
@@ -92,6 +99,14 @@ def evaluate(
     from ..report import markdown_table
     from ..stages.evaluate import run_eval
 
+    if not runs and not (zero_shot or knn or ncm):
+        values["runs"] = tuple(str(r) for r in finished_runs())
+        if not values["runs"]:
+            raise LtclipError(f"nothing to evaluate: no run folders given and no finished run under {RUNS_DIR}/")
+        say_default("runs", f"the {len(values['runs'])} finished runs under {RUNS_DIR}/")
+    if features is None and (zero_shot or knn or ncm) and recorded_features() is not None:
+        values["features"] = str(recorded_features())
+        say_default("--features", f"{values['features']}, named by ./{WORKSPACE_FILE}")
     cfg = from_flat(EvalConfig, values, owner="eval")
     typer.echo(markdown_table(run_eval(cfg)))
 

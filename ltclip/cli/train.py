@@ -6,12 +6,16 @@ differ between stage 1 (:class:`OptimConfig`) and second stages (``SECOND_STAGE_
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..config import SECOND_STAGE_OPTIM, MethodConfig, OptimConfig, TrainHeadConfig
-from .common import ConfigFile, check_choice, given, guarded
+from ..errors import LtclipError
+from ..workspace import WORKSPACE_FILE, default_run_dir, recorded_features
+from .common import ConfigFile, check_choice, given, guarded, say_default
 
 _M, _O, _S, _T = MethodConfig(), OptimConfig(), SECOND_STAGE_OPTIM, TrainHeadConfig(features="", out="")
 
@@ -26,9 +30,9 @@ Opts = Optional[list[str]]
 
 
 def train_head(
-    out: Annotated[str, typer.Option("--out", "-o", help="Run folder (config, checkpoints, train_log.jsonl, model.pt).")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (default: runs/HEAD-LOSS-SAMPLER, or runs/STAGE1-METHOD for a second stage; never a finished run).")] = None,
     config: ConfigFile = None,
-    features: Annotated[Optional[str], typer.Option("--features", "-f", help="Feature cache folder from `ltclip extract`.")] = None,
+    features: Annotated[Optional[str], typer.Option("--features", "-f", help="Feature cache folder from `ltclip extract` (default: the one ./ltclip.toml names).")] = None,
     head: Annotated[Optional[str], typer.Option("--head", help=f"Head (`ltclip list heads`) \\[default: {_M.head}].")] = None,
     head_opts: Annotated[Opts, typer.Option("--head-opt", help="Head option key=value (repeatable), e.g. depth=3.")] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help=f"Loss (`ltclip list losses`) \\[default: {_M.loss}; second stage: the method's].")] = None,
@@ -65,12 +69,17 @@ def train_head(
     """Train a head with an imbalance-aware loss on a feature cache, or a second stage on a finished run."""
     values = given(locals(), drop=("config", "resume"))
     from ..config import SecondStageConfig, from_flat
-    from ..errors import LtclipError
     from ..progress import RichProgress
 
     for option, kind in (("--head", "heads"), ("--loss", "losses"), ("--sampler", "samplers"), ("--two-stage", "two-stage"),
                          ("--schedule", "schedules")):
         check_choice(option, kind, values.get(option[2:].replace("-", "_")))
+    if not from_run and features is None:
+        values["features"] = str(_recorded_features())
+        say_default("--features", f"{values['features']}, named by ./{WORKSPACE_FILE}")
+    if out is None:
+        values["out"] = str(_default_out(values, resume))
+        say_default("--out", values["out"])
     progress = RichProgress()
     if from_run:
         from ..stages.second_stage import run_second_stage
@@ -80,8 +89,6 @@ def train_head(
     else:
         from ..stages.train_head import run_train_head
 
-        if not features:
-            raise LtclipError("--features DIR is required (or --from RUN for a second stage)")
         cfg = from_flat(TrainHeadConfig, values, owner="stage 1 (second-stage options need --from RUN)")
         result = run_train_head(cfg, progress, resume=resume)
     best = result["best"] or {}
@@ -90,6 +97,24 @@ def train_head(
         progress.log(f"run: {result['out']}, val balanced accuracy {best['val_balanced_accuracy']:.2f}%{when}")
     else:
         progress.log(f"run: {result['out']}")
+
+
+def _recorded_features():
+    found = recorded_features()
+    if found is None:
+        raise LtclipError(f"--features DIR is required (no ./{WORKSPACE_FILE} from `ltclip extract` here), or --from RUN for a second stage")
+    return found
+
+
+def _default_out(values: dict, resume: bool):
+    """``runs/<head>-<loss>-<sampler>`` for stage 1, ``runs/<stage-1 run>-<method>`` for a second stage."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise LtclipError("--out is required under torchrun (every process must write to the same folder)")
+    if values.get("from_run"):
+        name = f"{Path(values['from_run']).name}-{values.get('two_stage') or 'la'}" + ("-la" if values.get("two_stage") and values.get("posthoc_la") else "")
+    else:
+        name = "-".join(values.get(k, getattr(_M, k)) for k in ("head", "loss", "sampler"))
+    return default_run_dir(name, resume)
 
 
 def register(app: typer.Typer) -> None:

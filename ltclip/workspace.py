@@ -1,0 +1,78 @@
+"""Defaults that make the examples run as written: output folders named from their options, and the
+workspace file ``ltclip.toml`` through which ``extract`` tells later commands which cache to use.
+
+Every default is printed by the CLI, and an explicit option always wins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from .atomic import atomic_path
+from .errors import LtclipError
+
+WORKSPACE_FILE = "ltclip.toml"
+FEATURES_DIR = Path("features")
+RUNS_DIR = Path("runs")
+
+
+def slug(text: str) -> str:
+    """``text`` as one path component: separators and odd characters become ``-``."""
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", text).strip("-") or "x"
+
+
+def default_features_dir(dataset: str, model: str, pretrained: str) -> Path:
+    """``features/<dataset>-<model>-<pretrained>``; a checkpoint file is named by its stem."""
+    model = Path(model.removeprefix("local-dir:")).name if model.startswith("local-dir:") else model
+    weights = Path(pretrained).stem if Path(pretrained).is_file() else pretrained
+    return FEATURES_DIR / slug(f"{dataset}-{model}-{weights}")
+
+
+def default_run_dir(name: str, resume: bool) -> Path:
+    """``runs/<name>``, or ``runs/<name>-2``, ``-3``, … so that a finished run is never overwritten.
+
+    With ``resume`` it is the newest of those folders (the one an interrupted run left).
+    """
+    candidates = [RUNS_DIR / slug(name)] + [RUNS_DIR / slug(f"{name}-{k}") for k in range(2, 10_000)]
+    if resume:
+        existing = [c for c in candidates[:1000] if c.exists()]
+        if not existing:
+            raise LtclipError(f"--resume: no run folder {candidates[0]} to resume; pass --out RUN")
+        return existing[-1]
+    return next(c for c in candidates if not (c / "run.json").exists())
+
+
+def record_features(features: Path, where: Path = Path(".")) -> Path:
+    """Write ``where/ltclip.toml`` naming ``features`` as this folder's cache."""
+    path = where / WORKSPACE_FILE
+    text = ("# Written by `ltclip extract`: the feature cache later commands use when --features is not given.\n"
+            f"features = {json.dumps(str(features))}\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def recorded_features(where: Path = Path(".")) -> Path | None:
+    """The cache ``ltclip.toml`` in ``where`` names, or None without that file."""
+    path = where / WORKSPACE_FILE
+    if not path.is_file():
+        return None
+    try:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise LtclipError(f"{path}: cannot parse ({err}); delete it or pass --features DIR") from None
+    if not isinstance(data.get("features"), str):
+        raise LtclipError(f"{path}: no `features = \"DIR\"` line; delete it or pass --features DIR")
+    return Path(data["features"])
+
+
+def finished_runs(root: Path = RUNS_DIR) -> list[Path]:
+    """The finished run folders under ``root`` (holding ``run.json``), in name order."""
+    return sorted(p.parent for p in root.glob("*/run.json")) if root.is_dir() else []
