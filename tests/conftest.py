@@ -69,6 +69,15 @@ def write_places_lt_standin(folder: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _work_in_a_temporary_folder(tmp_path_factory):
+    """Commands write workspace files (ltclip.toml, features/, runs/) into the current folder: never the checkout's."""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """10 classes, imbalance 20, 40 images in the largest class, 32 px."""
