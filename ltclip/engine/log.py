@@ -23,15 +23,21 @@ class TrainLog:
         self.on_record = on_record
         self.history: list[dict] = []
         self.writer = None
+        self.tensorboard_dir = None
         if tensorboard and out is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise LtclipError("--tensorboard needs the tensorboard package: pip install 'ltclip[tensorboard]'") from None
-            self.writer = SummaryWriter(str(out / TENSORBOARD_DIR))
+            self.tensorboard_dir = out / TENSORBOARD_DIR
 
     def start(self, step: int) -> None:
         """Keep the records up to ``step`` (where a resumed run continues) and drop later ones."""
+        if self.tensorboard_dir is not None and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides what a killed run logged after ``step`` (it is logged again)
+            self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=step + 1 if step else None)
         if self.path is None or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
