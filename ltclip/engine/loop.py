@@ -146,6 +146,8 @@ def fit(
     progress: Progress | None = None,
     on_record: Callable[[dict], None] | None = None,
     tensorboard: bool = False,
+    lrs: dict[str, float] | None = None,
+    no_decay: tuple[str, ...] = (),
 ) -> FitResult:
     """Train ``model``'s trainable parameters with ``task`` on ``source`` as :class:`OptimConfig` ``cfg`` says.
 
@@ -153,7 +155,8 @@ def fit(
     every process; the weights with the highest ``cfg.select`` metric are kept and loaded at the
     end (the last weights without ``validate``). With ``out`` the loop writes ``train_log.jsonl``,
     ``last.pt`` (each epoch and every ``cfg.checkpoint_every`` steps) and ``best.pt`` there, on
-    rank 0; ``resume=True`` continues from ``last.pt``.
+    rank 0; ``resume=True`` continues from ``last.pt``. ``lrs`` maps submodules to their own peak
+    learning rates and ``no_decay`` names parameters kept out of weight decay (:func:`create_optimizer`).
     """
     device = torch.device(device)
     progress = progress if progress is not None and ctx.is_main else Progress()
@@ -164,7 +167,7 @@ def fit(
     order_sampler = create_sampler(sampler, labels, num_classes, seed=cfg.seed, total_epochs=epochs,
                                    rank=ctx.rank, world_size=ctx.world_size)
     autocast = precision_autocast(device, cfg.precision)
-    optimizer = create_optimizer(model, cfg)
+    optimizer = create_optimizer(model, cfg, lrs, no_decay)
     schedule = create_schedule(optimizer, cfg.schedule, total, int(round(cfg.warmup * per_epoch)))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     task = task.to(device) if hasattr(task, "to") else task
@@ -181,7 +184,7 @@ def fit(
         if out is None or not (out / LAST_FILE).is_file():
             raise LtclipError(f"--resume: {out} holds no interrupted run ({LAST_FILE} missing); drop --resume")
         saved = load_checkpoint(out / LAST_FILE)
-        model.load_state_dict(saved["model"])
+        _load_state(model, saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         if scaler is not None and saved.get("scaler"):
@@ -198,7 +201,7 @@ def fit(
         guard.check(state, params)  # never save (or return) weights a NaN or an overflow has already reached
         if out is not None and ctx.is_main:
             save_checkpoint(out / LAST_FILE, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "model": _state(model), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
                 "state": to_python(vars(state)),
             })
@@ -215,9 +218,9 @@ def fit(
         if state.best is None or score > state.best[f"val_{cfg.select}"]:
             state.best = to_python({"epoch": state.epoch, "step": state.step, **summary})
             if out is None:
-                best_weights = copy.deepcopy(model.state_dict())
+                best_weights = copy.deepcopy(_state(model))
             elif ctx.is_main:
-                save_checkpoint(out / BEST_FILE, {"model": model.state_dict()})
+                save_checkpoint(out / BEST_FILE, {"model": _state(model)})
         return summary
 
     for epoch in range(state.epoch, epochs):
@@ -281,8 +284,18 @@ def fit(
         if out is not None:
             ctx.barrier()
             best_weights = load_checkpoint(out / BEST_FILE)["model"]
-        model.load_state_dict(best_weights)
+        _load_state(model, best_weights)
     return FitResult(state.best, log.history, state.step, epochs)
+
+
+def _state(model: torch.nn.Module) -> dict:
+    """What checkpoints hold: ``model.training_state_dict()`` where the model defines one (a finetuned
+    encoder stores only what trains), else its whole state dict."""
+    return model.training_state_dict() if hasattr(model, "training_state_dict") else model.state_dict()
+
+
+def _load_state(model: torch.nn.Module, state: dict) -> None:
+    (model.load_training_state_dict if hasattr(model, "load_training_state_dict") else model.load_state_dict)(state)
 
 
 def _reduce_sum(ctx: DistContext, total: float, rows: int, device) -> tuple[float, int]:

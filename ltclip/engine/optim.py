@@ -9,6 +9,7 @@ one per-step multiplier covers every schedule here, including the paper's 7/16-c
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import torch
 
@@ -45,23 +46,33 @@ def lr_factor(step_index: int, total: int, warmup: int, schedule: str) -> float:
     return SCHEDULES.get(schedule)((step_index - warmup) / max(1, total - warmup))
 
 
-def create_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None = None,
+                     no_decay: Collection[str] = ()) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2`` over ``model``'s trainable parameters, from an :class:`OptimConfig`.
 
-    ``no_decay_1d`` keeps weight decay off biases, norms and other 1-D parameters (timm's
-    ``filter_bias_and_bn``, which also honours a model's ``no_weight_decay()``).
+    ``parts`` maps submodule names to their learning rates (default: the whole model at ``cfg.lr``),
+    e.g. ``{"backbone": 1e-5, "head": 1e-3}``. Weight decay stays off ``no_decay`` parameter names
+    and, with ``cfg.no_decay_1d``, off biases, norms and other 1-D parameters (timm's
+    ``param_groups_weight_decay``).
     """
-    from timm.optim import create_optimizer_v2
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
     if cfg.optimizer not in OPTIMIZERS:
         raise LtclipError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-    name = "nesterov" if cfg.optimizer == "sgd" and cfg.nesterov else OPTIMIZERS[cfg.optimizer]
-    extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
-    params = model if cfg.no_decay_1d else [p for p in model.parameters() if p.requires_grad]
     if not any(p.requires_grad for p in model.parameters()):
         raise LtclipError("nothing to train: every parameter of the model is frozen")
-    return create_optimizer_v2(params, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               filter_bias_and_bn=cfg.no_decay_1d, **extra)
+    groups = []
+    for prefix, lr in (parts or {"": cfg.lr}).items():
+        module = model.get_submodule(prefix) if prefix else model
+        skip = [n.removeprefix(prefix + ".") if prefix else n for n in no_decay if not prefix or n.startswith(prefix + ".")]
+        if cfg.no_decay_1d or skip:
+            part = param_groups_weight_decay(module, cfg.weight_decay, cfg.no_decay_1d, skip)
+        else:
+            part = [{"params": [p for p in module.parameters() if p.requires_grad]}]
+        groups += [{**g, "lr": lr} for g in part if g["params"]]
+    name = "nesterov" if cfg.optimizer == "sgd" and cfg.nesterov else OPTIMIZERS[cfg.optimizer]
+    extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    return create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
 
 
 def create_schedule(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int):
