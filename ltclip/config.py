@@ -68,6 +68,20 @@ class OptimConfig:
 SECOND_STAGE_OPTIM = OptimConfig(optimizer="sgd", lr=0.1, weight_decay=5e-4, batch_size=512)
 
 
+# Fine-tuning an encoder: AdamW with warm-up, no decay on biases, norms and prompt tokens.
+FINETUNE_OPTIM = OptimConfig(batch_size=128, warmup=1.0, no_decay_1d=True)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """What of the image encoder trains (``ltclip list tuning``) and how."""
+
+    tune: str = "frozen"
+    tune_opts: tuple[str, ...] = ()
+    backbone_lr: float | None = None  # the encoder's peak lr; None: --lr
+    grad_checkpointing: bool = False
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """What is trained: the head, the loss, the sampler and their options (``key=value`` strings)."""
@@ -97,6 +111,7 @@ class ExtractConfig:
     bad_images: str = "fail"
     block_size: int = 1024
     seed: int = 0  # of the train views
+    from_run: str | None = None  # a finetuned run whose encoder extracts (instead of model/pretrained alone)
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,26 @@ class SecondStageConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """End-to-end training on images: an open_clip encoder (tuned as ``tuning`` says) and a head."""
+
+    out: str
+    data: DataConfig = DataConfig()
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    preprocess_from: str | None = None
+    tuning: TuningConfig = TuningConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = FINETUNE_OPTIM
+    augment: bool = True  # RandomResizedCrop + horizontal flip at every step
+    normalize: str = "model"  # the model's own mean/std, or "imagenet" (the seed code's)
+    workers: int | None = None
+    val_split: str = "val"
+    device: str = "auto"
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     runs: tuple[str, ...] = ()
     features: str | None = None  # for baselines without a run
@@ -146,6 +181,9 @@ class EvalConfig:
     retrieval_k: int = 10
     temperature: float = 0.07
     views: str = "mean"
+    data_root: str | None = None  # images of a finetuned run (default: the run's own data root)
+    test_views: str = "center"  # views of each image for a finetuned run: center, flip, fivecrop, tencrop
+    workers: int | None = None
     many: int = 100
     few: int = 20
     backend: str = "auto"
@@ -274,6 +312,6 @@ def provenance() -> dict:
 
 
 __all__ = [
-    "DataConfig", "EvalConfig", "ExtractConfig", "MethodConfig", "OptimConfig", "SECOND_STAGE_OPTIM", "SecondStageConfig",
-    "TrainHeadConfig", "flatten", "from_dict", "from_flat", "load_config_file", "option_names", "provenance", "to_dict",
+    "DataConfig", "EvalConfig", "ExtractConfig", "FINETUNE_OPTIM", "FinetuneConfig", "MethodConfig", "OptimConfig",
+    "SECOND_STAGE_OPTIM", "SecondStageConfig", "TrainHeadConfig", "TuningConfig", "flatten", "from_dict", "from_flat", "load_config_file", "option_names", "provenance", "to_dict",
 ]

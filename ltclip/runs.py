@@ -26,7 +26,7 @@ from .errors import LtclipError
 from .store import FeatureCache
 
 RUN_SCHEMA_VERSION = 1
-RUN_KINDS = ("head", "second_stage")
+RUN_KINDS = ("head", "second_stage", "finetune")
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
@@ -107,6 +107,62 @@ def build_model(payload: dict, class_counts) -> RunModel:
     return RunModel(head, two_stage, payload.get("tau"), class_counts).eval()
 
 
+def finetune_payload(cfg, backbone, model) -> dict:
+    """``model.pt`` of a finetuned run: the head, and the base encoder's identity, tuning and trained entries."""
+    from .models.tuning import TUNING, trainable_state
+
+    tuning = cfg.tuning
+    return {
+        "schema_version": RUN_SCHEMA_VERSION,
+        "head": {"name": model.head.name, "config": model.head.config, "state_dict": model.head.state_dict()},
+        "encoder": {"model": cfg.model, "pretrained": cfg.pretrained, "preprocess_from": cfg.preprocess_from,
+                    "identity": backbone.identity, "tune": tuning.tune, "tune_opts": TUNING.parse(tuning.tune, tuning.tune_opts),
+                    "state_dict": trainable_state(backbone.model)},
+        "tau": None,
+    }
+
+
+def build_encoder_classifier(payload: dict, device="cpu"):
+    """``(backbone, EncoderClassifier)`` of a finetuned run: the base model loaded by name, checked
+    against the identity the run recorded, the tuning applied and the trained entries loaded."""
+    from .models.backbone import load_backbone
+    from .models.encoder_classifier import EncoderClassifier
+    from .models.heads import create_head
+    from .models.tuning import apply_tuning, load_trainable_state
+
+    enc = payload["encoder"]
+    backbone = load_backbone(enc["model"], enc["pretrained"], device=device, preprocess_from=enc["preprocess_from"])
+    changed = sorted(k for k in set(enc["identity"]) | set(backbone.identity) if enc["identity"].get(k) != backbone.identity.get(k))
+    if changed:
+        raise LtclipError(f"the base model {enc['model']} / {enc['pretrained']} is not the one the run was trained on "
+                          f"({', '.join(changed)} differ); restore that model or retrain")
+    apply_tuning(backbone.model, enc["tune"], dict(enc["tune_opts"]))
+    load_trainable_state(backbone.model, enc["state_dict"])
+    spec = payload["head"]
+    head = create_head(spec["name"], **spec["config"], from_checkpoint=True)
+    head.load_state_dict(spec["state_dict"])
+    return backbone, EncoderClassifier(backbone, head).to(device).eval()
+
+
+def finetuned_backbone(run_dir: str | Path, device="cpu"):
+    """The encoder of a finetuned run as a :class:`Backbone` for ``extract --from-run``: its tuning and
+    trained entries applied, its normalisation, and an identity naming the run's ``model.pt``."""
+    from .data.image_batches import eval_transform
+    from .data.manifests import file_sha256
+
+    run = Path(run_dir)
+    info = read_run_info(run)
+    if info["kind"] != "finetune":
+        raise LtclipError(f"--from-run {run}: a {info['kind']} run has no encoder of its own; pass a finetuned run")
+    payload = torch.load(run / MODEL_FILE, map_location="cpu", weights_only=True)
+    _check_schema(run, payload.get("schema_version"), MODEL_FILE)
+    backbone, _ = build_encoder_classifier(payload, device)
+    normalize = json.loads((run / CONFIG_FILE).read_text()).get("normalize", "model")
+    backbone.preprocess = eval_transform(backbone.preprocess, backbone.preprocess_cfg, normalize)
+    backbone.identity = {**backbone.identity, "finetuned_run_sha256": file_sha256(run / MODEL_FILE), "normalize": normalize}
+    return backbone
+
+
 def features_input(features: Path) -> dict:
     """The ``inputs`` record of a run trained on the cache folder ``features``."""
     return {"features": {"dir": str(features.resolve()), "train_sha256": cache_fingerprint(features / "train.h5")}}
@@ -129,6 +185,11 @@ class Run:
     info: dict  # run.json
     config: dict
     model: RunModel
+
+    @property
+    def on_images(self) -> bool:
+        """A finetuned run: it reads images, not a feature cache."""
+        return self.info["kind"] == "finetune"
 
     @property
     def features(self) -> Path:
@@ -178,7 +239,7 @@ def verify_features(info: dict, run_dir: str | Path) -> None:
 def load_run(run_dir: str | Path, check_features: bool = True, device: str | torch.device = "cpu") -> Run:
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    if check_features:
+    if check_features and info["kind"] != "finetune":
         verify_features(info, run_dir)
     try:
         payload = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
@@ -188,4 +249,6 @@ def load_run(run_dir: str | Path, check_features: bool = True, device: str | tor
         raise LtclipError(f"{run_dir / MODEL_FILE}: unreadable ({type(err).__name__}); train the run again") from None
     _check_schema(run_dir, payload.get("schema_version"), MODEL_FILE)
     config = json.loads((run_dir / CONFIG_FILE).read_text())
+    if info["kind"] == "finetune":
+        return Run(run_dir, info, config, build_encoder_classifier(payload, device)[1])
     return Run(run_dir, info, config, build_model(payload, info["class_counts"]).to(device))

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import stages, train
+from . import finetune, stages, train
 from .datasets import cache_app, datasets_app
 
 app = typer.Typer(
@@ -37,8 +37,9 @@ def root(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-stages.register(app)  # extract, eval, list, finetune
+stages.register(app)  # extract, eval, list
 train.register(app)  # train-head
+finetune.register(app)  # finetune
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ REGISTRIES = {
     "samplers": ("ltclip.data.samplers", "SAMPLERS"),
     "two-stage": ("ltclip.second_stage", "TWO_STAGE"),
     "schedules": ("ltclip.engine.optim", "SCHEDULES"),
+    "tuning": ("ltclip.models.tuning", "TUNING"),
 }
 
 

@@ -1,4 +1,4 @@
-"""``ltclip extract``, ``ltclip eval``, ``ltclip list`` and the ``finetune`` placeholder.
+"""``ltclip extract``, ``ltclip eval`` and ``ltclip list``.
 
 Option names are the config fields' names and their defaults are read from the configs.
 """
@@ -44,11 +44,12 @@ def extract(
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader decode workers (default: this process's share of the CPUs, at most 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = _X.device,
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (autocast).")] = _X.precision,
-    test_views: Annotated[str, typer.Option("--test-views", help="center, fivecrop or tencrop views of val/test images.")] = _X.test_views,
+    test_views: Annotated[str, typer.Option("--test-views", help="center, flip, fivecrop or tencrop views of val/test images.")] = _X.test_views,
     train_views: Annotated[int, typer.Option("--train-views", help="K seeded augmented views per training image (0: the model's preprocessing).")] = _X.train_views,
     bad_images: Annotated[str, typer.Option("--bad-images", help="fail, or skip (logged; zero features).")] = _X.bad_images,
     block_size: Annotated[int, typer.Option("--block-size", help="Rows written (and resumed) together.")] = _X.block_size,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the train views.")] = _X.seed,
+    from_run: Annotated[Optional[str], typer.Option("--from-run", help="A finetuned run: extract with its encoder (its model and weights).")] = None,
 ):
     """Run the frozen CLIP image encoder once; write embeddings (+ tokens) to a resumable HDF5 cache."""
     values = given(locals(), drop=("config",))
@@ -58,7 +59,8 @@ def extract(
 
     values["splits"] = tuple(s.strip() for item in splits or () for s in item.split(",") if s.strip())
     if out is None:
-        values["out"] = str(default_features_dir(values.get("dataset", _X.data.dataset), model, pretrained))
+        weights = (Path(from_run).name, "finetuned") if from_run else (model, pretrained)
+        values["out"] = str(default_features_dir(values.get("dataset", _X.data.dataset), *weights))
         say_default("--out", values["out"])
     cfg = from_flat(ExtractConfig, values, owner="extract")
     progress = RichProgress()
@@ -82,6 +84,9 @@ def evaluate(
     retrieval_k: Annotated[int, typer.Option("--retrieval-k", help="Neighbours for --retrieval-mix.")] = _E.retrieval_k,
     temperature: Annotated[float, typer.Option("--temperature", help="kNN vote temperature.")] = _E.temperature,
     views: Annotated[str, typer.Option("--views", help="Test views: mean (average logits) or first.")] = _E.views,
+    data_root: Annotated[Optional[str], typer.Option("--data-root", help="Images of finetuned runs (default: the run's own data root).")] = None,
+    test_views: Annotated[str, typer.Option("--test-views", help="Views of each image for finetuned runs: center, flip, fivecrop or tencrop.")] = _E.test_views,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Image decode workers for finetuned runs.")] = None,
     many: Annotated[int, typer.Option("--many", help="Classes with more training images than this are 'many'.")] = _E.many,
     few: Annotated[int, typer.Option("--few", help="Classes with fewer training images than this are 'few'.")] = _E.few,
     backend: Annotated[str, typer.Option("--backend", help="kNN search: auto, faiss or torch.")] = _E.backend,
@@ -111,24 +116,42 @@ def evaluate(
     typer.echo(markdown_table(run_eval(cfg)))
 
 
-def list_registered(kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(REGISTRIES)}.")]):
+def list_registered(
+    kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(REGISTRIES)}.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="With `tuning`: count each mode's trainable parameters on this open_clip model.")] = None,
+):
     """Registered methods of one kind: name, options with their defaults, and what it is."""
     if kind not in REGISTRIES:
         raise LtclipError(f"ltclip list {kind!r}: choose one of {', '.join(REGISTRIES)}")
+    if model is not None and kind != "tuning":
+        raise LtclipError("--model: only `ltclip list tuning` counts parameters on a model")
     reg = registry(kind)
+    counts = _trainable_counts(model, reg.names()) if model else {}
     for name in reg.names():
         options = " ".join(f"{k}={v}" for k, v in reg.options(name).items())
-        typer.echo(f"{name:16s} {options:34s} {reg.summary(name)}".rstrip())
+        count = f"{counts[name]:>12,} " if counts else ""
+        typer.echo(f"{name:16s} {count}{options:34s} {reg.summary(name)}".rstrip())
 
 
-def finetune():
-    """Fine-tune the backbone end to end (full, last-k blocks, prompts, LoRA)."""
-    typer.echo("error: `ltclip finetune` is not built yet in this version", err=True)
-    raise typer.Exit(2)
+def _trainable_counts(model: str, modes: list[str]) -> dict[str, int]:
+    """Trainable encoder parameters of each tuning mode (default options) on ``model`` (random weights)."""
+    import copy
+    import logging
+
+    from ..models.backbone import load_backbone
+    from ..models.tuning import apply_tuning, count_trainable
+
+    logging.getLogger("ltclip.models.backbone").setLevel(logging.ERROR)  # weights do not matter for a count
+    base = load_backbone(model, "none").model
+    counts = {}
+    for mode in modes:
+        tuned = copy.deepcopy(base)
+        apply_tuning(tuned, mode, {})
+        counts[mode] = count_trainable(tuned)
+    return counts
 
 
 def register(app: typer.Typer) -> None:
     app.command("extract")(guarded(extract))
     app.command("eval")(guarded(evaluate))
     app.command("list")(guarded(list_registered))
-    app.command("finetune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(finetune)

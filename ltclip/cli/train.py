@@ -12,55 +12,47 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import SECOND_STAGE_OPTIM, MethodConfig, OptimConfig, TrainHeadConfig
+from ..config import MethodConfig, TrainHeadConfig
 from ..errors import LtclipError
 from ..workspace import WORKSPACE_FILE, default_run_dir, recorded_features
 from .common import ConfigFile, check_choice, given, guarded, say_default
+from .options import Device, Tensorboard, Accum, BatchSize, CheckpointEvery, Epochs, EvalEvery, GradClip, Head, HeadOpts, Loss, LossOpts, Lr, Momentum, Nesterov, NoDecay1d, Optimizer, Opts, Precision, Sampler, Schedule, Seed, Select, Steps, Warmup, WeightDecay
 
-_M, _O, _S, _T = MethodConfig(), OptimConfig(), SECOND_STAGE_OPTIM, TrainHeadConfig(features="", out="")
-
-
-def _d(field: str) -> str:
-    """The default of an optimization option in help texts, for stage 1 and second stages."""
-    a, b = getattr(_O, field), getattr(_S, field)
-    return f" \\[default: {a}" + (f"; second stage {b}]" if a != b else "]")
-
-
-Opts = Optional[list[str]]
+_M, _T = MethodConfig(), TrainHeadConfig(features="", out="")
 
 
 def train_head(
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (default: runs/HEAD-LOSS-SAMPLER, or runs/STAGE1-METHOD for a second stage; never a finished run).")] = None,
     config: ConfigFile = None,
     features: Annotated[Optional[str], typer.Option("--features", "-f", help="Feature cache folder from `ltclip extract` (default: the one ./ltclip.toml names).")] = None,
-    head: Annotated[Optional[str], typer.Option("--head", help=f"Head (`ltclip list heads`) \\[default: {_M.head}].")] = None,
-    head_opts: Annotated[Opts, typer.Option("--head-opt", help="Head option key=value (repeatable), e.g. depth=3.")] = None,
-    loss: Annotated[Optional[str], typer.Option("--loss", help=f"Loss (`ltclip list losses`) \\[default: {_M.loss}; second stage: the method's].")] = None,
-    loss_opts: Annotated[Opts, typer.Option("--loss-opt", help="Loss option key=value (repeatable), e.g. tau=1.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help=f"Sampler (`ltclip list samplers`) \\[default: {_M.sampler}; second stage: the method's].")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (one epoch draws as many rows as the train split has)." + _d("epochs"))] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Total optimizer steps instead of --epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Rows per optimizer step, over all processes." + _d("batch_size"))] = None,
-    accum: Annotated[Optional[int], typer.Option("--accum", help="Micro-batches per optimizer step (gradient accumulation)." + _d("accum"))] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="adamw or sgd (timm's factory)." + _d("optimizer"))] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate." + _d("lr"))] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay." + _d("weight_decay"))] = None,
-    momentum: Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum." + _d("momentum"))] = None,
-    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum for sgd." + _d("nesterov"))] = None,
-    no_decay_1d: Annotated[Optional[bool], typer.Option("--no-decay-1d/--decay-1d", help="No weight decay on biases, norms and other 1-D parameters." + _d("no_decay_1d"))] = None,
-    schedule: Annotated[Optional[str], typer.Option("--schedule", help="Learning-rate schedule per step (`ltclip list schedules`)." + _d("schedule"))] = None,
-    warmup: Annotated[Optional[float], typer.Option("--warmup", help="Linear warm-up, in epochs." + _d("warmup"))] = None,
-    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm (0: off)." + _d("grad_clip"))] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; fp16 on CUDA with a GradScaler)." + _d("precision"))] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the initialisation, sampler and views." + _d("seed"))] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Also validate every N steps (0: at epoch ends only)." + _d("eval_every"))] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps (0: at epoch ends only)." + _d("checkpoint_every"))] = None,
-    select: Annotated[Optional[str], typer.Option("--select", help="Validation metric that picks the kept weights." + _d("select"))] = None,
+    head: Head = None,
+    head_opts: HeadOpts = None,
+    loss: Loss = None,
+    loss_opts: LossOpts = None,
+    sampler: Sampler = None,
+    epochs: Epochs = None,
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    accum: Accum = None,
+    optimizer: Optimizer = None,
+    lr: Lr = None,
+    weight_decay: WeightDecay = None,
+    momentum: Momentum = None,
+    nesterov: Nesterov = None,
+    no_decay_1d: NoDecay1d = None,
+    schedule: Schedule = None,
+    warmup: Warmup = None,
+    grad_clip: GradClip = None,
+    precision: Precision = None,
+    seed: Seed = None,
+    eval_every: EvalEvery = None,
+    checkpoint_every: CheckpointEvery = None,
+    select: Select = None,
     val_split: Annotated[Optional[str], typer.Option("--val-split", help=f"Split for model selection \\[default: {_T.val_split}].")] = None,
     max_ram: Annotated[Optional[str], typer.Option("--max-ram", help="Stream token caches larger than this, e.g. 8G (default: half of the available memory, shared by the processes).")] = None,
     posthoc_la: Annotated[Optional[bool], typer.Option("--posthoc-la", help="Post-hoc logit adjustment, tau chosen on val.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")] = None,
-    tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard", help="Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")] = None,
+    device: Device = None,
+    tensorboard: Tensorboard = None,
     from_run: Annotated[Optional[str], typer.Option("--from", help="Finished first-stage run: train a second stage on it.")] = None,
     two_stage: Annotated[Optional[str], typer.Option("--two-stage", help="Second-stage method (`ltclip list two-stage`), with --from.")] = None,
     two_stage_opts: Annotated[Opts, typer.Option("--two-stage-opt", help="Second-stage option key=value (repeatable).")] = None,

@@ -9,7 +9,7 @@ from torchvision import transforms as T
 
 from ..errors import LtclipError
 
-TEST_VIEWS = ("center", "fivecrop", "tencrop")
+TEST_VIEWS = ("center", "flip", "fivecrop", "tencrop")
 
 
 class Views:
@@ -32,6 +32,19 @@ class CenterView(Views):
 
     def __call__(self, image, row: int) -> torch.Tensor:
         return self.preprocess(image).unsqueeze(0)
+
+
+class FlipViews(Views):
+    """The model's own preprocessing and its horizontal mirror: two views (test-time ensembling)."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+        self.count = 2
+        self.description = f"flip: {preprocess} and its mirror"
+
+    def __call__(self, image, row: int) -> torch.Tensor:
+        x = self.preprocess(image)
+        return torch.stack([x, x.flip(-1)])
 
 
 class CropViews(Views):
@@ -91,9 +104,11 @@ def _interpolation(cfg: dict) -> T.InterpolationMode:
 
 
 def make_views(kind: str, preprocess, preprocess_cfg: dict, *, count: int = 1, seed: int = 0) -> Views:
-    """``center`` | ``fivecrop`` | ``tencrop`` for evaluation, ``train`` for K augmented views."""
+    """``center`` | ``flip`` | ``fivecrop`` | ``tencrop`` for evaluation, ``train`` for K augmented views."""
     if kind == "center":
         return CenterView(preprocess)
+    if kind == "flip":
+        return FlipViews(preprocess)
     if kind in ("fivecrop", "tencrop"):
         return CropViews(preprocess_cfg, ten=kind == "tencrop")
     if kind == "train":

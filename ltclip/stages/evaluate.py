@@ -55,6 +55,14 @@ def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
 
     run = load_run(run_dir, device=device)
     counts = np.asarray(run.info["class_counts"])
+    if run.on_images:
+        from .image_eval import image_run_logits
+
+        logits, labels = image_run_logits(run, cfg, device)
+        result = _result(logits, labels, counts, cfg, name=method_name(run.info["method"]), kind="run",
+                         dataset=run.info.get("dataset"), run_dir=str(run.path))
+        save_json(run.path / ("eval.json" if cfg.split == "test" else f"eval_{cfg.split}.json"), result)
+        return result
     with _split_cache(run.features, cfg.split, str(run_dir)) as cache:
         inputs = FeatureInputs(cache, run.model.head.input)
         logits = average_views(run.model.predict(inputs, cfg.batch_size, device), cfg.views)

@@ -62,6 +62,21 @@ def _workers(asked: int | None, ctx) -> int:
     return asked
 
 
+def _backbone(cfg: ExtractConfig, device):
+    """The frozen encoder: ``--model``/``--pretrained``, or a finetuned run's (``--from-run``)."""
+    if cfg.from_run is None:
+        return load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
+    defaults = ExtractConfig(out="")
+    given = [f"--{k.replace('_', '-')}" for k in ("model", "pretrained", "preprocess_from") if getattr(cfg, k) != getattr(defaults, k)]
+    if given:
+        raise LtclipError(f"{', '.join(given)}: the encoder comes from --from-run {cfg.from_run}; drop them")
+    from ..runs import finetuned_backbone
+
+    backbone = finetuned_backbone(cfg.from_run, device)
+    backbone.model.requires_grad_(False).eval()
+    return backbone
+
+
 def _complete(path: Path) -> bool:
     if not path.exists():
         return False
@@ -186,7 +201,7 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     device = resolve_device(cfg.device, ctx)
     saved_cfg, cfg = cfg, dataclasses.replace(cfg, workers=_workers(cfg.workers, ctx))
     autocast(device, cfg.precision)  # refuse a precision the device lacks before any work
-    backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
+    backbone = _backbone(cfg, device)
     if cfg.tokens and not backbone.has_tokens:
         raise LtclipError(f"--tokens: {cfg.model} is not an open_clip ViT, so it has no token sequence; pass --no-tokens")
     if device.type == "cuda":

@@ -1,0 +1,40 @@
+"""The image side of ``ltclip eval``: a finetuned run scored on its dataset's images (test-time views)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..config import DataConfig, EvalConfig, from_dict
+from ..data.image_batches import eval_transform, image_batches, mean_std
+from ..data.registry import open_dataset
+from ..data.views import make_views
+from ..distributed import DistContext, default_workers
+from ..errors import LtclipError
+from ..metrics import average_views
+from ..models.encoder_classifier import image_logits
+
+
+def image_run_logits(run, cfg: EvalConfig, device) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits [N, C], labels)`` of a finetuned run on ``cfg.split``'s images, views averaged as ``--views`` says."""
+    if cfg.retrieval_mix > 0:
+        raise LtclipError(f"--retrieval-mix needs a feature cache; {run.path} is a finetuned run: "
+                          f"`ltclip extract --from-run {run.path}` makes one")
+    data = from_dict(DataConfig, run.info["inputs"]["data"])
+    if cfg.data_root:
+        data = dataclasses.replace(data, data_root=cfg.data_root)
+    dataset = open_dataset(data)
+    model = run.model
+    normalize = run.config.get("normalize", "model")
+    mean, std = mean_std(model.preprocess_cfg, normalize)
+    views = make_views(cfg.test_views, eval_transform(model.preprocess, model.preprocess_cfg, normalize),
+                       {**model.preprocess_cfg, "mean": mean, "std": std})
+    split = dataset.split(cfg.split)
+    workers = default_workers(DistContext()) if cfg.workers is None else cfg.workers
+    parts, labels = [], []
+    for logits, y in image_logits(model, image_batches(dataset, cfg.split, views, range(len(split)), cfg.batch_size, workers),
+                                  device):
+        parts.append(logits)
+        labels.append(y)
+    return average_views(np.concatenate(parts), cfg.views), np.concatenate(labels)

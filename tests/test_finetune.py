@@ -1,0 +1,174 @@
+"""`ltclip finetune`: the frozen protocol equals train-head on a float32 cache of the same images; every
+tuning mode trains, saves, reloads and evaluates; extract --from-run; torchrun; option errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import TINY_MODEL
+from ltclip.cli import app
+from ltclip.data.registry import load_dataset
+from ltclip.models.backbone import load_backbone
+from ltclip.models.tuning import TUNING
+from ltclip.store import FeatureCache
+
+runner = CliRunner()
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def ok(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def data_args(root: Path) -> list[str]:
+    return ["--dataset", "synthetic", "--data-root", str(root), "--model", TINY_MODEL, "--pretrained", "none"]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def float32_cache(root: Path, folder: Path) -> Path:
+    """train/val caches of the tiny model's float32 outputs (the model's own preprocessing), written with h5py."""
+    backbone = load_backbone(TINY_MODEL, "none")
+    dataset = load_dataset("synthetic", root)
+    folder.mkdir()
+    for split in ("train", "val"):
+        rows = dataset.split(split)
+        x = torch.stack([backbone.preprocess(dataset.open_image(split, i)) for i in range(len(rows))])
+        with torch.no_grad():
+            embeds, tokens = backbone.encode(x, tokens=True)
+        with h5py.File(folder / f"{split}.h5", "w") as f:
+            f["embeds"], f["tokens"] = embeds.numpy(), tokens.numpy()
+            f["labels"] = rows.labels.astype(np.int32)
+            f.attrs["schema_version"], f.attrs["num_classes"] = 1, dataset.num_classes
+    return folder
+
+
+COMMON = ["--head", "decoder", "--head-opt", "depth=1", "--head-opt", "heads=2", "--loss", "balanced_softmax", "--epochs", "3",
+          "--batch-size", "16", "--lr", "2e-3", "--warmup", "0", "--decay-1d", "--device", "cpu"]
+
+
+def test_frozen_protocol_equals_train_head_on_a_float32_cache(synthetic_root, tmp_path):
+    cache = float32_cache(synthetic_root, tmp_path / "features")
+    with FeatureCache(cache / "train.h5") as c:
+        assert c.token_dtype == np.float32
+    head_run, tuned_run = tmp_path / "head", tmp_path / "tuned"
+    ok("train-head", "--features", cache, "--out", head_run, *COMMON)
+    ok("finetune", *data_args(synthetic_root), "--tune", "frozen", "--no-augment", "--workers", "0", "--out", tuned_run, *COMMON)
+    a, b = records(head_run), records(tuned_run)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+        assert rb["val_balanced_accuracy"] == pytest.approx(ra["val_balanced_accuracy"])
+    ha = torch.load(head_run / "model.pt", weights_only=True)["head"]["state_dict"]
+    hb = torch.load(tuned_run / "model.pt", weights_only=True)["head"]["state_dict"]
+    for key in ha:
+        torch.testing.assert_close(hb[key], ha[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("mode", TUNING.names())
+def test_every_tuning_mode_trains_saves_reloads_and_evaluates(synthetic_root, tmp_path, mode):
+    run = tmp_path / mode
+    ok("finetune", *data_args(synthetic_root), "--tune", mode, "--head", "linear", "--loss", "ce", "--epochs", "3",
+       "--batch-size", "32", "--lr", "5e-3", "--workers", "0", "--device", "cpu", "--out", run)
+    log = records(run)
+    assert log[-1]["loss"] < log[0]["loss"], log
+    info = json.loads((run / "run.json").read_text())
+    assert info["kind"] == "finetune" and info["method"]["tune"] == mode
+    payload = torch.load(run / "model.pt", weights_only=True)
+    base = sum(p.numel() for p in load_backbone(TINY_MODEL, "none").model.visual.parameters())
+    stored = sum(v.numel() for v in payload["encoder"]["state_dict"].values())
+    assert stored == info["encoder_trainable"] and (stored == 0) == (mode == "frozen")
+    assert stored < base or mode in ("full", "last-k")  # only what trains is stored, never the whole base model
+    ok("eval", run, "--split", "val", "--json", tmp_path / "e.json")
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    # the reloaded run predicts exactly what the trained model did on val when it was selected
+    assert evaluated["results"][0]["balanced_accuracy"] == pytest.approx(info["best"]["val_balanced_accuracy"])
+
+
+def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_path):
+    run = tmp_path / "lora"
+    ok("finetune", *data_args(synthetic_root), "--tune", "lora", "--head", "linear", "--epochs", "2", "--batch-size", "32",
+       "--lr", "1e-2", "--workers", "0", "--device", "cpu", "--out", run)
+    ok("eval", run, "--test-views", "flip")
+    flip = json.loads((run / "eval.json").read_text())
+    assert flip["num_samples"] == len(load_dataset("synthetic", synthetic_root).split("test"))
+    feats = tmp_path / "feats"
+    result = runner.invoke(app, ["extract", "--dataset", "synthetic", "--data-root", str(synthetic_root), "--from-run", str(run),
+                                 "--model", "ViT-B-32", "--out", str(feats)])
+    assert result.exit_code == 2 and "--model: the encoder comes from --from-run" in result.output
+    ok("extract", "--dataset", "synthetic", "--data-root", synthetic_root, "--from-run", run, "--splits", "test", "--device", "cpu",
+       "--workers", "0", "--out", feats)
+    from ltclip.runs import load_run
+
+    model = load_run(run).model
+    dataset = load_dataset("synthetic", synthetic_root)
+    x = torch.stack([model.preprocess(dataset.open_image("test", i)) for i in range(8)])
+    with torch.no_grad():
+        expected = model.encode(x)[0].numpy()
+    with FeatureCache(feats / "test.h5") as cache:
+        np.testing.assert_allclose(cache.load_embeds()[:8, 0].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+        assert len(cache.attrs["finetuned_run_sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tune", "frozen", "--backbone-lr", "1e-4"], "--backbone-lr: --tune frozen trains nothing"),
+        (["--tune", "lorra"], "--tune 'lorra': unknown (did you mean lora?)"),
+        (["--tune", "lora", "--tune-opt", "rnk=4"], "--tune-opt"),
+        (["--normalize", "clip"], "--normalize 'clip': choose one of model, imagenet"),
+        (["--two-stage", "crt"], "No such option"),
+    ],
+)
+def test_bad_options_are_one_line_errors(synthetic_root, tmp_path, args, message):
+    result = runner.invoke(app, ["finetune", *data_args(synthetic_root), "--out", str(tmp_path / "r"), "--device", "cpu", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_finetune_the_same_model_as_one(synthetic_root, tmp_path):
+    args = ["finetune", *data_args(synthetic_root), "--tune", "lora", "--head", "decoder", "--head-opt", "depth=1", "--head-opt",
+            "heads=2", "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd", "--lr", "0.05", "--workers", "0",
+            "--device", "cpu"]
+    # SGD, not Adam: Adam turns the float noise of a zero gradient (an attention key bias has one) into full-size steps
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(*args, "--out", one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ltclip", *args, "--out", str(two)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    a, b = (torch.load(r / "model.pt", weights_only=True) for r in (one, two))
+    for part in ("head", "encoder"):
+        for key, value in a[part]["state_dict"].items():
+            torch.testing.assert_close(b[part]["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{key}")
+    for ra, rb in zip(records(one), records(two), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+
+
+def test_list_tuning_counts_trainable_parameters_on_a_model():
+    result = ok("list", "tuning", "--model", TINY_MODEL)
+    counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in result.output.strip().splitlines()}
+    visual = sum(p.numel() for p in load_backbone(TINY_MODEL, "none").model.visual.parameters())
+    assert set(counts) == set(TUNING.names()) and counts["frozen"] == 0 and counts["full"] == visual
+    assert runner.invoke(app, ["list", "losses", "--model", TINY_MODEL]).exit_code == 2
