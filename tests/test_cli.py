@@ -84,11 +84,6 @@ def test_bad_manifest_is_a_one_line_error_with_exit_2(tmp_path, lines, message):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_unbuilt_stage_says_so():
-    result = runner.invoke(app, ["finetune"])
-    assert result.exit_code == 2 and "not built yet" in result.output
-
-
 def test_list_reads_the_registries():
     from ltclip.losses import list_losses
 
