@@ -55,6 +55,13 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
     return torch.device(device)
 
 
+def setup(device: str) -> tuple[DistContext, torch.device]:
+    """The process group (under torchrun) and this process's device for ``--device``."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    ctx = init_distributed("cuda" if cuda else "cpu")
+    return ctx, resolve_device(device, ctx)
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     try:

@@ -16,12 +16,14 @@ from ..config import ExtractConfig, provenance, to_dict
 from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images
 from ..data.registry import open_dataset
 from ..data.views import make_views
-from ..distributed import autocast, available_cpus, default_workers, init_distributed, resolve_device
+from ..distributed import autocast, available_cpus, default_workers, setup
 from ..errors import LtclipError
 from ..models.backbone import load_backbone
 from ..models.text import text_classifier
 from ..progress import Progress
-from ..store import FeatureCache, FeatureWriter, join_shards, load_text_embeddings, save_text_embeddings, shard_path
+from ..store import (
+    FeatureCache, FeatureWriter, amend_attribute, join_shards, load_text_embeddings, save_text_embeddings, shard_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,16 @@ def _backbone(cfg: ExtractConfig, device):
     return backbone
 
 
+def _out_dir(out: str) -> Path:
+    """``--out``, created if missing; a folder that cannot be made is a one-line error."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LtclipError(f"--out {out}: cannot create the folder ({err.strerror}); choose a writable folder") from None
+    return path
+
+
 def _complete(path: Path) -> bool:
     if not path.exists():
         return False
@@ -105,10 +117,15 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
     }
     if _complete(final):
         with FeatureCache(final) as cache:  # read-only: a finished cache is never reopened for writing
-            cache.expect(**attrs, num_rows=len(rows), views=views.count)
+            same = dict(attrs)
+            if cfg.bad_images == "skip" and cache.attrs.get("bad_images") == "fail":
+                del same["bad_images"]  # no image was unreadable: what skip would have written
+            cache.expect(**same, num_rows=len(rows), views=views.count)
             if cfg.tokens != cache.has_tokens:
                 raise LtclipError(f"{final} was made with{'out' if cfg.tokens else ''} tokens; pass another --out or delete it")
         return {"split": split, "rows": len(rows), "written": 0, "status": "up to date"}
+    if cfg.bad_images == "skip":  # resuming a file a bad image stopped under --bad-images fail (as its error advises)
+        amend_attribute(shard_path(final, ctx.rank) if ctx.enabled else final, "bad_images", "fail", "skip")
     writer = FeatureWriter.open(
         final, num_rows=len(rows), embed_dim=embed_dim, block_size=cfg.block_size, attrs=attrs,
         labels=rows.labels, classnames=dataset.classnames, paths=rows.keys,
@@ -196,9 +213,8 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     if cfg.batch_size < 1 or cfg.block_size < 1 or (cfg.workers is not None and cfg.workers < 0):
         raise LtclipError("--batch-size and --block-size must be >= 1 and --workers >= 0")
     check_bad_images(cfg.bad_images)
-    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ctx = init_distributed(device_type)
-    device = resolve_device(cfg.device, ctx)
+    out = _out_dir(cfg.out)  # before the model loads: an unwritable --out is refused at once
+    ctx, device = setup(cfg.device)
     saved_cfg, cfg = cfg, dataclasses.replace(cfg, workers=_workers(cfg.workers, ctx))
     autocast(device, cfg.precision)  # refuse a precision the device lacks before any work
     backbone = _backbone(cfg, device)
@@ -206,8 +222,6 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
         raise LtclipError(f"--tokens: {cfg.model} is not an open_clip ViT, so it has no token sequence; pass --no-tokens")
     if device.type == "cuda":
         backbone.model.to(memory_format=torch.channels_last)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress) for s in splits]
     if ctx.is_main:
         results.append(_text_file(cfg, dataset, backbone, device, out, progress))

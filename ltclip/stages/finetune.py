@@ -12,7 +12,7 @@ from ..config import FinetuneConfig, to_dict
 from ..data.image_batches import NORMALIZATIONS, ImageSource, eval_transform, image_batches, train_transform
 from ..data.registry import open_dataset
 from ..data.views import CenterView
-from ..distributed import default_workers, init_distributed, resolve_device
+from ..distributed import default_workers, setup
 from ..engine import Task, ValidationStats, check_optim, fit
 from ..errors import LtclipError
 from ..losses import LOSSES
@@ -74,9 +74,7 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     """Train (or resume) an encoder + head on images; on several processes each takes its share of every batch."""
     progress = progress or Progress()
     check_options(cfg)
-    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ctx = init_distributed(device_type)
-    device = resolve_device(cfg.device, ctx)
+    ctx, device = setup(cfg.device)
     check_optim(cfg.optim, ctx.world_size)
     dataset = open_dataset(cfg.data)
     val_split = cfg.val_split if cfg.val_split in dataset.splits else None

@@ -12,7 +12,7 @@ import torch
 
 from ..config import SECOND_STAGE_OPTIM, SecondStageConfig, flag, from_dict, to_dict
 from ..data.feature_batches import FeatureInputs
-from ..distributed import init_distributed, resolve_device
+from ..distributed import setup
 from ..engine import check_optim
 from ..errors import LtclipError
 from ..losses import LOSSES
@@ -57,9 +57,7 @@ def run_second_stage(cfg: SecondStageConfig, progress: Progress | None = None, r
     """cRT / LWS / tau-norm / DisAlign / MARC / NCM and post-hoc logit adjustment on a finished run."""
     progress = progress or Progress()
     check_options(cfg)
-    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ctx = init_distributed(device_type)
-    device = resolve_device(cfg.device, ctx)
+    ctx, device = setup(cfg.device)
     check_optim(cfg.optim, ctx.world_size)
     stage1 = load_run(cfg.from_run, device=device)
     features = Path(cfg.features) if cfg.features else stage1.features

@@ -9,7 +9,7 @@ import torch
 
 from ..config import TrainHeadConfig, from_dict, to_dict
 from ..data.feature_batches import FeatureInputs
-from ..distributed import init_distributed, resolve_device
+from ..distributed import setup
 from ..engine import Task, check_optim, fit
 from ..losses import LOSSES
 from ..models.heads import HEADS, create_head
@@ -25,9 +25,7 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     out, features = Path(cfg.out), Path(cfg.features)
     loss_opts = LOSSES.parse(method.loss, method.loss_opts)
     head_opts = HEADS.parse(method.head, method.head_opts)
-    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ctx = init_distributed(device_type)
-    device = resolve_device(cfg.device, ctx)
+    ctx, device = setup(cfg.device)
     check_optim(optim, ctx.world_size)
     train_cache = open_split(features, "train")
     val_cache = open_split(features, cfg.val_split, required=False)
