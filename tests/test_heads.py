@@ -180,7 +180,7 @@ def test_decoder_without_tokens_is_refused():
 
 
 def test_text_init_without_text_embeds_is_refused_unless_rebuilding():
-    with pytest.raises(LtclipError, match="text-init needs the class text embeddings"):
+    with pytest.raises(LtclipError, match="--head text-init starts from the class text embeddings"):
         create_head("text-init", num_classes=C, embed_dim=D)
     with pytest.raises(LtclipError, match=r"text embeddings have shape \(7, 3\)"):
         create_head("text-init", num_classes=C, embed_dim=D, text_embeds=torch.zeros(C, 3))
@@ -249,3 +249,15 @@ def test_head_flops_matches_flop_counter(name):
     x = batch(head, n=4)
     counted = counted_macs(head, x)
     assert abs(head_flops(head, tuple(x.shape)) - counted) / counted < 0.01
+
+
+def test_cosine_head_with_text_init_starts_as_scaled_zero_shot():
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    x = torch.randn(7, 8)
+    head = create_head("cosine", num_classes=5, embed_dim=8, text_embeds=text, text_init=True, init_scale=20.0)
+    expected = 20.0 * torch.nn.functional.normalize(x, dim=1) @ text.T
+    torch.testing.assert_close(head(x), expected)
+    assert HEADS.get("cosine").wants_text({"text_init": True}) and not HEADS.get("cosine").wants_text({})
+    with pytest.raises(LtclipError, match="--head cosine starts from the class text embeddings"):
+        create_head("cosine", num_classes=5, embed_dim=8, text_init=True)

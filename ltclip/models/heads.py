@@ -88,6 +88,11 @@ class Head(nn.Module):
             "token_shape": [int(n) for n in token_shape] if token_shape is not None else None,
         }
 
+    @staticmethod
+    def wants_text(options: dict) -> bool:
+        """Whether the head with these options starts from the class text embeddings (callers pass them)."""
+        return False
+
     def features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -119,16 +124,27 @@ class LinearHead(Head):
 
 @HEADS.register("cosine")
 class CosineHead(Head):
-    """Cosine classifier on the normalised embedding, scale learned from ``init_scale``."""
+    """Cosine classifier on the normalised embedding, scale learned from ``init_scale``.
+
+    With ``text_init`` the class rows start as the class text embeddings (LIFT's classifier), so
+    before training the logits are ``init_scale`` × CLIP's zero-shot cosines.
+    """
 
     def __init__(
         self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
-        init_scale: float = 16.0, learn_scale: bool = True,
+        init_scale: float = 16.0, learn_scale: bool = True, text_init: bool = False,
     ):
         super().__init__(num_classes, embed_dim, token_shape)
         _require(init_scale > 0, "init_scale", init_scale, "must be positive (e.g. init_scale=16)")
         self.feature_dim = embed_dim
         self.classifier = CosineClassifier(embed_dim, num_classes, init_scale, learn_scale)
+        if text_init:
+            with torch.no_grad():
+                self.classifier.weight.copy_(_checked_text(text_embeds, num_classes, embed_dim, "cosine"))
+
+    @staticmethod
+    def wants_text(options: dict) -> bool:
+        return bool(options.get("text_init", False))
 
     def features(self, x):
         return F.normalize(x, dim=-1)
@@ -167,26 +183,36 @@ class TextInitHead(Head):
     """
 
     def __init__(self, num_classes, embed_dim, token_shape=None, text_embeds=None, *, logit_scale: float = 100.0):
-        if text_embeds is None:
-            raise LtclipError(
-                "--head text-init needs the class text embeddings (text.h5, written by extract beside the cache); "
-                "rerun extract or choose another --head"
-            )
+        text_embeds = _checked_text(text_embeds, num_classes, embed_dim, "text-init")
         super().__init__(num_classes, embed_dim, token_shape)
-        text_embeds = torch.as_tensor(text_embeds, dtype=torch.float32)
-        if tuple(text_embeds.shape) != (num_classes, embed_dim):
-            raise LtclipError(
-                f"--head text-init: text embeddings have shape {tuple(text_embeds.shape)}, expected "
-                f"({num_classes}, {embed_dim}); use the text.h5 extracted with this cache"
-            )
         self.feature_dim = embed_dim
         self.classifier = nn.Linear(embed_dim, num_classes)
         with torch.no_grad():
             self.classifier.weight.copy_(logit_scale * text_embeds)
             self.classifier.bias.zero_()
 
+    @staticmethod
+    def wants_text(options: dict) -> bool:
+        return True
+
     def features(self, x):
         return F.normalize(x, dim=-1)
+
+
+def _checked_text(text_embeds, num_classes: int, embed_dim: int, head: str) -> Tensor:
+    """The class text embeddings a text-initialised head starts from, as float32 [C, D]."""
+    if text_embeds is None:
+        raise LtclipError(
+            f"--head {head} starts from the class text embeddings (text.h5, written by extract beside the cache); "
+            "rerun extract or choose another --head"
+        )
+    text_embeds = torch.as_tensor(text_embeds, dtype=torch.float32)
+    if tuple(text_embeds.shape) != (num_classes, embed_dim):
+        raise LtclipError(
+            f"--head {head}: text embeddings have shape {tuple(text_embeds.shape)}, expected "
+            f"({num_classes}, {embed_dim}); use the text.h5 extracted with this cache"
+        )
+    return text_embeds
 
 
 def _init_vit_weights(module: nn.Module) -> None:

@@ -28,22 +28,23 @@ from ..store import shard_range
 from .common import start_run
 
 
-def build_encoder_classifier(cfg: FinetuneConfig, dataset, device, *, for_training: bool):
-    """The base encoder with the tuning mode applied, and the head (text-init gets the class text
-    embeddings, computed once in batches). Seeded by ``cfg.optim.seed``; also rebuilds a saved run."""
+def new_encoder_classifier(cfg: FinetuneConfig, dataset, device):
+    """The base encoder with the tuning mode applied, and a new head (a text-initialised head gets the
+    class text embeddings, computed once in batches), seeded by ``cfg.optim.seed``."""
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
     torch.manual_seed(cfg.optim.seed)
     apply_tuning(backbone.model, cfg.tuning.tune, TUNING.parse(cfg.tuning.tune, cfg.tuning.tune_opts))
     backbone.model.to(device)
-    if cfg.tuning.grad_checkpointing and for_training:
+    if cfg.tuning.grad_checkpointing:
         backbone.model.set_grad_checkpointing(True)
     embed_dim, token_shape = backbone.encode_dims()
     method = cfg.method
+    head_opts = HEADS.parse(method.head, method.head_opts)
     text = None
-    if method.head == "text-init" and for_training:
+    if HEADS.get(method.head).wants_text(head_opts):
         text = torch.from_numpy(text_classifier(backbone, dataset.classnames, dataset.prompt_templates(), device=device))
     head = create_head(method.head, num_classes=dataset.num_classes, embed_dim=embed_dim, token_shape=token_shape,
-                       text_embeds=text, from_checkpoint=not for_training, **HEADS.parse(method.head, method.head_opts))
+                       text_embeds=text, **head_opts)
     return backbone, EncoderClassifier(backbone, head).to(device)
 
 
@@ -78,7 +79,7 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     check_optim(cfg.optim, ctx.world_size)
     dataset = open_dataset(cfg.data)
     val_split = cfg.val_split if cfg.val_split in dataset.splits else None
-    backbone, model = build_encoder_classifier(cfg, dataset, device, for_training=True)
+    backbone, model = new_encoder_classifier(cfg, dataset, device)
     workers = default_workers(ctx) if cfg.workers is None else cfg.workers
     trainable = count_trainable(backbone.model)
     progress.log(f"{cfg.model}: --tune {cfg.tuning.tune} trains {trainable:,} encoder parameters; "

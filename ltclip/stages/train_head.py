@@ -33,7 +33,8 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     torch.manual_seed(optim.seed)
     head = create_head(
         method.head, num_classes=train_cache.num_classes, embed_dim=train_cache.embed_dim, token_shape=train_cache.token_shape,
-        text_embeds=text_embeds(features, train_cache.num_classes) if method.head == "text-init" else None, **head_opts,
+        text_embeds=text_embeds(features, train_cache.num_classes) if HEADS.get(method.head).wants_text(head_opts) else None,
+        **head_opts,
     ).to(device)
     max_ram = ram_budget(cfg.max_ram, ctx)
     train = FeatureInputs(train_cache, head.input, max_ram)
