@@ -26,16 +26,22 @@ for head in linear decoder; do
     # unit-norm embeddings (linear) need a larger second-stage step than the decoder's CLS features
     stage2_lr=0.1
     [ "$head" = linear ] && stage2_lr=1.0
-    for loss in ce focal cbw cb grw balanced_softmax logit_adjusted lade; do
+    for loss in ce focal cbw cb balanced_softmax logit_adjusted lade; do
         run "$head-$loss" "${base[@]}" --loss "$loss"
     done
-    # LDAM on plain logits as in the paper's code (s = 1); its s = 30 assumes cosine logits
+    run "$head-grw" "${base[@]}" --loss grw --loss-opt exponent=1.2  # the paper's GRW (exponent 1 is CBW)
+    # LDAM on plain logits as in the paper's code (s = 1; its s = 30 assumes cosine logits): without DRW,
+    # as the paper ran it, and LDAM-DRW as a row of its own
+    run "$head-ldam" "${base[@]}" --loss ldam --loss-opt s=1
     run "$head-ldam-drw" "${base[@]}" --loss ldam --loss-opt s=1 --loss-opt "drw_epoch=$((epochs * 4 / 5))"
     for sampler in class-balanced sqrt progressive; do
         run "$head-ce-$sampler" "${base[@]}" --loss ce --sampler "$sampler"
     done
-    for method in crt lws tau-norm disalign marc ncm; do
+    for method in crt lws disalign marc; do
         run "$head-ce-$method" --from "$out/runs/$head-ce" --two-stage "$method" --epochs "$epochs" --lr "$stage2_lr"
+    done
+    for method in tau-norm ncm; do  # closed-form: nothing to train
+        run "$head-ce-$method" --from "$out/runs/$head-ce" --two-stage "$method"
     done
     if [ -f "$out/features/val.h5" ]; then  # tau is chosen on val (CIFAR-100-LT has none)
         run "$head-ce-posthoc-la" --from "$out/runs/$head-ce" --posthoc-la

@@ -41,7 +41,7 @@ def batch(head, n=5, seed=2):
 def test_registry_lists_every_head():
     assert list_heads() == ["cosine", "decoder", "linear", "mlp", "text-init"]
     assert [build(n).input for n in list_heads()] == ["embeds", "tokens", "embeds", "embeds", "embeds"]
-    assert HEADS.options("decoder") == {"depth": 3, "heads": 4, "mlp_ratio": 0.5, "qkv_bias": True, "dropout": 0.0}
+    assert HEADS.options("decoder") == {"depth": 3, "heads": 4, "mlp_ratio": 0.5, "qkv_bias": True, "dropout": 0.0, "final_norm": True}
 
 
 @pytest.mark.parametrize("name", ["cosine", "decoder", "linear", "mlp", "text-init"])
@@ -261,3 +261,15 @@ def test_cosine_head_with_text_init_starts_as_scaled_zero_shot():
     assert HEADS.get("cosine").wants_text({"text_init": True}) and not HEADS.get("cosine").wants_text({})
     with pytest.raises(LtclipError, match="--head cosine starts from the class text embeddings"):
         create_head("cosine", num_classes=5, embed_dim=8, text_init=True)
+
+
+def test_decoder_without_final_norm_feeds_the_last_cls_token_to_the_classifier():
+    x = torch.randn(4, 6, 16)
+    torch.manual_seed(0)
+    with_norm = create_head("decoder", num_classes=3, embed_dim=8, token_shape=(6, 16), depth=1, heads=2)
+    torch.manual_seed(0)
+    without = create_head("decoder", num_classes=3, embed_dim=8, token_shape=(6, 16), depth=1, heads=2, final_norm=False)
+    cls = without.blocks[0](x)[:, 0]
+    torch.testing.assert_close(without.features(x), cls)
+    torch.testing.assert_close(with_norm.features(x), F.layer_norm(cls, (16,)))  # LayerNorm at its init: ones, zeros
+    assert "norm.weight" in with_norm.state_dict() and "norm.weight" not in without.state_dict()

@@ -269,6 +269,8 @@ class DecoderHead(Head):
 
     ``depth`` pre-norm blocks (``heads`` attention heads with qkv bias, MLP hidden
     ``mlp_ratio · W``), a final LayerNorm, and the CLS token (index 0) → Linear(W, C).
+    ``final_norm=false`` leaves the final LayerNorm out, as the seed paper's code does (its decoder
+    feeds the last block's CLS token straight to the classifier).
     """
 
     input = "tokens"
@@ -276,6 +278,7 @@ class DecoderHead(Head):
     def __init__(
         self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
         depth: int = 3, heads: int = 4, mlp_ratio: float = 0.5, qkv_bias: bool = True, dropout: float = 0.0,
+        final_norm: bool = True,
     ):
         if token_shape is None:
             raise LtclipError("--head decoder needs token sequences; re-extract with --tokens")
@@ -290,7 +293,7 @@ class DecoderHead(Head):
         self.blocks = nn.ModuleList(
             DecoderBlock(width, heads, self.mlp_hidden, qkv_bias, dropout) for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width) if final_norm else nn.Identity()
         self.classifier = nn.Linear(width, num_classes)
         self.apply(_init_vit_weights)
 
