@@ -172,3 +172,19 @@ def test_list_tuning_counts_trainable_parameters_on_a_model():
     visual = sum(p.numel() for p in load_backbone(TINY_MODEL, "none").model.visual.parameters())
     assert set(counts) == set(TUNING.names()) and counts["frozen"] == 0 and counts["full"] == visual
     assert runner.invoke(app, ["list", "losses", "--model", TINY_MODEL]).exit_code == 2
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_finetune(synthetic_root, tmp_path):
+    from test_training_runs import kill_at_random_steps
+
+    args = ["finetune", *data_args(synthetic_root), "--tune", "adaptformer", "--head", "linear", "--epochs", "4",
+            "--batch-size", "16", "--lr", "5e-3", "--workers", "0", "--device", "cpu", "--checkpoint-every", "1"]
+    reference = tmp_path / "reference"
+    ok(*args, "--out", reference)
+    killed = tmp_path / "killed"
+    assert kill_at_random_steps(args, killed, kills=3, seed=2) >= 2
+    a, b = (torch.load(r / "model.pt", weights_only=True) for r in (reference, killed))
+    for part in ("head", "encoder"):
+        assert all(torch.equal(v, b[part]["state_dict"][k]) for k, v in a[part]["state_dict"].items()), part
+    assert records(reference) == records(killed)
