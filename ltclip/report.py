@@ -102,6 +102,14 @@ def markdown_table(
     return "\n\n".join(blocks) + "\n"
 
 
+def write_markdown(results: Sequence[dict], path: str | os.PathLike, **options) -> Path:
+    """:func:`markdown_table` of ``results`` written to ``path``, atomically."""
+    text = markdown_table(results, **options)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 # ----------------------------------------------------------------------------- JSON / CSV
 
 

@@ -1,11 +1,17 @@
-"""Shared fixtures: a small synthetic long-tailed image set, a tiny open_clip feature cache, and the
-committed excerpts and class-count profiles of the real benchmark files (tests/fixtures/)."""
+"""Shared fixtures: a small synthetic long-tailed image set, a tiny open_clip feature cache, the
+committed excerpts and class-count profiles of the real benchmark files (tests/fixtures/), and the
+SIGKILL-at-random-moments driver of the crash tests."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -95,3 +101,55 @@ def write_cache(folder: Path, split: str, embeds, labels, num_classes: int, toke
     folder.mkdir(parents=True, exist_ok=True)
     return write_arrays(folder / f"{split}.h5", embeds, labels, [f"class {i}" for i in range(num_classes)],
                         {"dataset": dataset, "split": split, "model": "gaussian"}, tokens)
+
+
+def write_token_cache(folder: Path) -> Path:
+    """A long-tailed token cache for the decoder head: 6 classes, 240 train rows (96 … 8), 60 val rows."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", [96, 60, 40, 24, 12, 8]), ("val", [10] * 6)):
+        y = np.repeat(np.arange(6), per_class)
+        tokens = rng.standard_normal((len(y), 5, 16)).astype(np.float32)
+        tokens[:, 0, :6] += 2.0 * np.eye(6)[y]
+        write_cache(folder, split, tokens[:, 0], y, 6, tokens=tokens)
+    return folder
+
+
+def kill_at_random_moments(
+    command: Callable[[], list[str]],
+    progress: Callable[[], object],
+    *,
+    kills: int,
+    seed: int,
+    max_delay: float,
+    env: dict | None = None,
+    timeout: float = 120.0,
+) -> int:
+    """Start ``command()``, wait until ``progress()`` differs from its value at the start (the process
+    has written something: a checkpoint, a block), sleep a seeded ``uniform(0, max_delay)`` and
+    SIGKILL the process if it still runs; ``kills`` times, ``command()`` asked anew before each start
+    (it may add ``--resume`` once a checkpoint exists). Returns how many kills landed before the
+    process finished by itself."""
+    rnd = random.Random(seed)
+    landed = 0
+    for _ in range(kills):
+        before = progress()
+        proc = subprocess.Popen(command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while proc.poll() is None and time.time() < deadline and progress() == before:
+                time.sleep(0.005)
+            time.sleep(rnd.uniform(0.0, max_delay))
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: DataLoader workers too
+                landed += 1
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return landed
+
+
+def newest_mtime(*paths: Path) -> int | None:
+    """The latest modification time (ns) of the files among ``paths`` that exist, or None: a progress marker."""
+    times = [p.stat().st_mtime_ns for p in paths if p.exists()]
+    return max(times) if times else None

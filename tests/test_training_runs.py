@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_cache
+from conftest import kill_at_random_moments, newest_mtime, write_cache
 from ltclip.cli import app
 
 runner = CliRunner()
@@ -94,22 +92,11 @@ def kill_at_random_steps(args: list[str], out: Path, kills: int, seed: int) -> i
     """Start ``ltclip ARGS --out OUT``, SIGKILL it at a random moment after its first checkpoint, resume; ``kills`` times.
 
     Returns how many kills landed before the run finished."""
-    rnd = random.Random(seed)
-    landed = 0
-    for _ in range(kills):
-        cmd = [sys.executable, "-m", "ltclip", *args, "--out", str(out)] + (["--resume"] if (out / "last.pt").exists() else [])
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before = (out / "last.pt").stat().st_mtime_ns if (out / "last.pt").exists() else None
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:  # wait for a checkpoint of this process
-            if (out / "last.pt").exists() and (out / "last.pt").stat().st_mtime_ns != before:
-                break
-            time.sleep(0.005)
-        time.sleep(rnd.uniform(0.0, 0.3))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            landed += 1
-        proc.wait()
+    last = out / "last.pt"
+    landed = kill_at_random_moments(
+        lambda: [sys.executable, "-m", "ltclip", *args, "--out", str(out)] + (["--resume"] if last.exists() else []),
+        lambda: newest_mtime(last), kills=kills, seed=seed, max_delay=0.3, env=ENV,
+    )
     result = runner.invoke(app, [*args, "--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
     return landed

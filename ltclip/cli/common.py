@@ -9,7 +9,10 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
+import logging
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -28,20 +31,59 @@ REGISTRIES = {
 
 
 def guarded(fn):
-    """Turn project errors into one line on stderr and a non-zero exit, never a traceback."""
+    """Turn project errors into one line on stderr and a non-zero exit, never a traceback.
+
+    Also an ``OSError`` that escaped a stage (a disk that filled up under a log file, an I/O error)
+    and Ctrl-C (exit code 130). Both say how to continue: for a command with a ``--resume``
+    option (train-head) that is ``--resume`` once a checkpoint exists; other commands (extract,
+    eval) continue by running the same command again. ``-v`` logs the traceback as well.
+    """
+    resumable = "resume" in inspect.signature(fn).parameters
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except LtclipError as err:
-            typer.echo(f"error: {err}", err=True)
+            from ..atomic import WriteError
+
+            message = str(err)
+            if isinstance(err, WriteError) and err.disk_full:
+                message = f"{err.problem}; {err.fix} and {_how_to_continue(resumable, kwargs)}"
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(err.exit_code) from None
+        except OSError as err:
+            from ..atomic import FULL_ERRNOS
+
+            logging.getLogger(__name__).debug("I/O error", exc_info=True)
+            where = f" {err.filename}" if err.filename else ""
+            if err.errno in FULL_ERRNOS:
+                message = f"disk full while writing{where} ({err.strerror}); free space and {_how_to_continue(resumable, kwargs)}"
+            else:
+                message = f"I/O error on{where} ({err.strerror or err}); fix the cause and {_how_to_continue(resumable, kwargs)}"
+            typer.echo(f"error: {' '.join(message.split())}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; rerun the same command to resume", err=True)
+            logging.getLogger(__name__).debug("interrupted", exc_info=True)
+            typer.echo(f"interrupted; {_how_to_continue(resumable, kwargs)}", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _how_to_continue(resumable: bool, kwargs: dict) -> str:
+    """What continues a stopped command: the same command, or (a training run) the same command with --resume."""
+    if not resumable:
+        return "rerun the same command to resume (what was finished is kept)"
+    if kwargs.get("resume"):
+        return "rerun the same command to continue from the last checkpoint"
+    out = kwargs.get("out")
+    if out is not None:
+        from ..engine import LAST_FILE
+
+        if not (Path(out) / LAST_FILE).is_file():
+            return f"rerun the same command (no checkpoint was written in {out} yet)"
+    return "rerun the same command with --resume to continue from the last checkpoint"
 
 
 def registry(kind: str):

@@ -55,12 +55,15 @@ def datasets_info(
     few: FewThreshold = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ):
-    """Class-count profile of the train split: max/min per class, imbalance ratio, many/medium/few."""
+    """Class-count profile of the train split: max/min per class, imbalance ratio, many/medium/few.
+
+    Only the train split is needed (for `custom`: --train-list; no class names, no val/test list).
+    """
     data = data_config({**locals(), "dataset": name})
     from ..data.profile import class_profile
     from ..data.registry import open_dataset
 
-    ds = open_dataset(data)
+    ds = open_dataset(data, need_classnames=False)  # a profile / an image check needs no class names
     prof = class_profile(ds.train_counts(), many, few)
     prof = {"dataset": ds.name, **prof, "splits": {k: len(v) for k, v in ds.splits.items()}}
     if as_json:
@@ -105,7 +108,7 @@ def datasets_check(
     from ..data.registry import open_dataset
     from ..progress import RichProgress
 
-    ds = open_dataset(data)
+    ds = open_dataset(data, need_classnames=False)  # a profile / an image check needs no class names
     total = sum(len(s) for s in ds.splits.values())
     progress = RichProgress()
     with progress.task(f"checking {ds.name}", total, "img") as advance:

@@ -20,53 +20,66 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(path: str | Path, split: str, num_classes: int | None = None) -> Split:
-    """Parse and validate one split file; every problem is a one-line error naming file and line."""
+def _lines(path: Path, what: str):
+    """``(lineno, text)`` of a UTF-8 text file (a byte-order mark is dropped); undecodable bytes are a one-line error."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            yield from enumerate(f, 1)
+    except UnicodeDecodeError as err:
+        raise LtclipError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason}); save the {what} as UTF-8") from None
+
+
+def read_manifest(path: str | Path, split: str, num_classes: int | None = None, classes_from: str = "") -> Split:
+    """Parse and validate one split file; every problem is a one-line error naming file and line.
+
+    ``classes_from`` says where ``num_classes`` comes from (e.g. the class-name file), for the messages.
+    """
     path = Path(path)
     if not path.is_file():
         raise LtclipError(f"{path}: split file not found; check --data-root / --manifest-dir or the list option")
     keys: list[str] = []
     labels: list[int] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            where = f"{path}:{lineno}"
-            if len(parts) != 2:
-                raise LtclipError(f"{where}: malformed line {line[:80]!r}; expected 'relative/path label'")
-            key, label_text = parts
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise LtclipError(f"{where}: label {label_text!r} is not an integer; expected 'relative/path label'") from None
-            if label < 0:
-                raise LtclipError(f"{where}: negative label {label}; labels must be 0..num_classes-1")
-            if num_classes is not None and label >= num_classes:
-                raise LtclipError(
-                    f"{where}: label {label} >= number of classes {num_classes}; fix the file or the class list"
-                )
-            if key in seen:
-                raise LtclipError(f"{where}: duplicate path {key!r} (first on line {seen[key]}); remove one of them")
-            seen[key] = lineno
-            keys.append(key)
-            labels.append(label)
+    for lineno, raw in _lines(path, "split file"):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        where = f"{path}:{lineno}"
+        if len(parts) != 2:
+            raise LtclipError(f"{where}: malformed line {line[:80]!r}; expected 'relative/path label'")
+        key, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise LtclipError(f"{where}: label {label_text!r} is not an integer; expected 'relative/path label'") from None
+        if label < 0:
+            raise LtclipError(f"{where}: negative label {label}; labels must be 0..num_classes-1")
+        if num_classes is not None and label >= num_classes:
+            source = f" ({classes_from})" if classes_from else ""
+            raise LtclipError(
+                f"{where}: label {label} >= number of classes {num_classes}{source}; fix the file or the class list"
+            )
+        if key in seen:
+            raise LtclipError(f"{where}: duplicate path {key!r} (first on line {seen[key]}); remove one of them")
+        seen[key] = lineno
+        keys.append(key)
+        labels.append(label)
     if not keys:
         raise LtclipError(f"{path}: split file is empty; expected one 'relative/path label' per line")
     return Split(split, keys, np.asarray(labels, dtype=np.int64), str(path), file_sha256(path))
 
 
-def check_train_covers_classes(train: Split, num_classes: int) -> None:
+def check_train_covers_classes(train: Split, num_classes: int, classes_from: str = "") -> None:
     """Every class must have at least one training image (class counts come from the train split)."""
     counts = train.class_counts(num_classes)
     missing = np.flatnonzero(counts == 0)
     if missing.size:
         shown = ", ".join(map(str, missing[:10].tolist())) + (" …" if missing.size > 10 else "")
+        source = f" ({classes_from})" if classes_from else ""
         raise LtclipError(
-            f"{train.source}: {missing.size} of {num_classes} classes have no training image (labels {shown}); "
-            "fix the split file or the class list"
+            f"{train.source}: {missing.size} of {num_classes} classes{source} have no training image (labels {shown}); "
+            "labels must run 0..C-1 with an image of each: fix the split file or the class list"
         )
 
 
@@ -84,14 +97,20 @@ def read_classnames(path: str | Path) -> list[tuple[str, str]]:
     if path.suffix == ".json":
         return [(str(i), name) for i, name in enumerate(_read_categories_json(path))]
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            parts = raw.split(maxsplit=1)
-            if not parts:
-                continue
-            pairs.append((parts[0], _display_name(parts[1] if len(parts) == 2 else parts[0])))
-            if not pairs[-1][1]:
-                raise LtclipError(f"{path}:{lineno}: empty class name")
+    blank = None  # the first empty line seen: fine at the end of the file, refused before a name
+    for lineno, raw in _lines(path, "class-name file"):
+        parts = raw.split(maxsplit=1)
+        if not parts:
+            blank = blank or lineno
+            continue
+        if blank is not None:
+            raise LtclipError(
+                f"{path}:{blank}: empty line before the class name on line {lineno}; line order is label order, "
+                "so a missing name would shift every later class: remove the line or write the name"
+            )
+        pairs.append((parts[0], _display_name(parts[1] if len(parts) == 2 else parts[0])))
+        if not pairs[-1][1]:
+            raise LtclipError(f"{path}:{lineno}: empty class name")
     if not pairs:
         raise LtclipError(f"{path}: class-name file is empty")
     return pairs

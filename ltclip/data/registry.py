@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from PIL import Image
 
 from ..errors import LtclipError
@@ -73,6 +74,9 @@ class DatasetRequest:
     imbalance: float = 100.0
     download: bool = False
     seed: int = 0
+    # False for a class profile or an image check: without a class-name source the classes are
+    # then numbered (``class 0``, ``class 1``, …) instead of refused.
+    need_classnames: bool = True
 
 
 DatasetLoader = Callable[[DatasetSpec, DatasetRequest], LTDataset]
@@ -120,11 +124,14 @@ def load_dataset(
     imbalance: float = 100.0,
     download: bool = False,
     seed: int = 0,
+    need_classnames: bool = True,
 ) -> LTDataset:
     """Build a dataset by registered name, or a user's own (``custom``) from ``split_files`` + ``classnames_file``.
 
     Split files are looked up in ``manifest_dir`` and then the data root; ``split_files`` overrides
-    a spec's files per split; ``templates`` overrides the dataset's prompt templates.
+    a spec's files per split; ``templates`` overrides the dataset's prompt templates. With
+    ``need_classnames=False`` (a class profile, an image check) a dataset without a class-name
+    source gets numbered names instead of an error.
     """
     spec = CUSTOM if name == "custom" else get_spec(name)
     request = DatasetRequest(
@@ -135,6 +142,7 @@ def load_dataset(
         imbalance=imbalance,
         download=download,
         seed=seed,
+        need_classnames=need_classnames,
     )
     dataset = DATASET_KINDS.get(spec.kind)(spec, request)
     if templates:
@@ -142,12 +150,12 @@ def load_dataset(
     return dataset
 
 
-def open_dataset(cfg) -> LTDataset:
+def open_dataset(cfg, need_classnames: bool = True) -> LTDataset:
     """:func:`load_dataset` from a :class:`ltclip.config.DataConfig`."""
     return load_dataset(
         cfg.dataset, cfg.data_root, manifest_dir=cfg.manifest_dir, split_files=cfg.split_files(),
         classnames_file=cfg.classnames, templates=cfg.templates, imbalance=cfg.imbalance, download=cfg.download,
-        seed=cfg.subset_seed,
+        seed=cfg.subset_seed, need_classnames=need_classnames,
     )
 
 
@@ -162,10 +170,19 @@ def load_cifar_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
 
 @DATASET_KINDS.register("custom")
 def load_custom_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
-    """A user's own split files and class-name file, read like a manifest dataset."""
-    if "train" not in request.split_files or not request.classnames_file:
-        raise LtclipError("your own dataset needs --train-list, --classnames and at least one of --val-list/--test-list")
-    spec = replace(spec, splits=dict(request.split_files), classnames={"file": request.classnames_file})
+    """A user's own split files and class-name file, read like a manifest dataset.
+
+    Only the train list is always needed (class counts come from it); the class names are needed
+    for the text classifier (``extract``), not for a class profile or an image check.
+    """
+    if "train" not in request.split_files:
+        raise LtclipError("--dataset custom needs --train-list FILE (one 'relative/path label' per line); "
+                          "--val-list, --test-list and --classnames are added as needed")
+    if not request.classnames_file and request.need_classnames:
+        raise LtclipError("--dataset custom needs --classnames FILE (one class name per line, in label order) "
+                          "for the zero-shot text classifier")
+    names = {"file": request.classnames_file} if request.classnames_file else {}
+    spec = replace(spec, splits=dict(request.split_files), classnames=names)
     return load_manifest_kind(spec, request)
 
 
@@ -180,21 +197,31 @@ def load_manifest_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
     dirs = ([request.manifest_dir] if request.manifest_dir else []) + [root]
     names_file = request.classnames_file or spec.classnames.get("file")
     names_path = Path(names_file) if names_file and Path(names_file).is_file() else (names_file and _find(names_file, dirs))
+    if names_file and not names_path and request.classnames_file:  # the caller named it: it must exist
+        raise LtclipError(f"--classnames {names_file}: class-name file not found in {', '.join(map(str, dirs))}")
     pairs = read_classnames(names_path) if names_path else None
     classnames = [name for _, name in pairs] if pairs is not None else _builtin_classnames(spec)
     num_classes = spec.num_classes
-    if num_classes is None:
-        if classnames is None:
-            raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
+    classes_from = ""
+    if num_classes is None and classnames is not None:
         num_classes = len(classnames)
-    splits = _read_splits(spec, request, dirs, num_classes)
-    check_train_covers_classes(splits["train"], num_classes)
+        classes_from = f"the {num_classes} names in {names_path}" if names_path else ""
+    if num_classes is None and request.need_classnames:
+        raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
+    splits = _read_splits(spec, request, dirs, num_classes, classes_from)
+    if num_classes is None:  # no class list: the classes are the train split's labels 0..max
+        num_classes = int(splits["train"].labels.max()) + 1
+        classes_from = f"labels 0..{num_classes - 1} of the train split; pass --classnames for more"
+        _check_labels(splits, num_classes, classes_from)
+    check_train_covers_classes(splits["train"], num_classes, classes_from)
     if pairs is not None:
         classnames = align_classnames(pairs, splits["train"], str(names_path))
-    if classnames is None:
-        if "folder_depth" not in spec.classnames:
-            raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
+    if classnames is None and "folder_depth" in spec.classnames:
         classnames = classnames_from_folders(splits["train"], num_classes, spec.classnames["folder_depth"])
+    if classnames is None:
+        if request.need_classnames:
+            raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
+        classnames = [f"class {i}" for i in range(num_classes)]
     if len(classnames) != num_classes:
         raise LtclipError(f"{names_path}: {len(classnames)} class names for {num_classes} classes; fix the class-name file")
     keys = {s: sp.keys for s, sp in splits.items()}
@@ -212,7 +239,38 @@ def load_manifest_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
 
 def open_file_image(root: Path, keys_by_split: dict[str, list[str]], split: str, index: int) -> Image.Image:
     """Open image ``index`` of ``split`` under ``root`` as RGB."""
-    with Image.open(root / keys_by_split[split][index]) as im:
+    return read_rgb(root / keys_by_split[split][index])
+
+
+# The largest image decoded (16384 × 16384, 0.8 GB as RGB): well above any camera's photos, which
+# PIL's own decompression-bomb limit (89 Mpx, a warning; an error above 179 Mpx) would refuse.
+MAX_IMAGE_PIXELS = 2**28
+_PIL_DEFAULT_LIMIT = Image.MAX_IMAGE_PIXELS
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file as 8-bit RGB, whatever its mode; a file that is no readable image raises
+    ``ValueError`` or ``OSError`` with a short reason.
+
+    CMYK, greyscale, 1-bit, palette and alpha images are PIL's ``convert("RGB")`` (a palette with
+    transparency is converted through RGBA, which gives the same pixels without PIL's warning);
+    16-bit greyscale (``I;16``, ``I``) is scaled to 8 bits (``round(v / 257)``), which PIL's own
+    conversion would clip to 255. Images above :data:`MAX_IMAGE_PIXELS` are refused before decoding.
+    """
+    path = Path(path)
+    if Image.MAX_IMAGE_PIXELS == _PIL_DEFAULT_LIMIT:  # ltclip checks the size itself (below), without a warning
+        Image.MAX_IMAGE_PIXELS = None
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError("the file is empty (0 bytes)")
+    with Image.open(path) as im:
+        width, height = im.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{width}×{height} pixels is more than ltclip decodes ({MAX_IMAGE_PIXELS:,} pixels); downscale it")
+        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) + 128) // 257
+            return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+        if im.mode == "P" and "transparency" in im.info:
+            return im.convert("RGBA").convert("RGB")
         return im.convert("RGB")
 
 
@@ -233,7 +291,8 @@ def _builtin_classnames(spec: DatasetSpec) -> list[str] | None:
     return list(IMAGENET_CLASSNAMES)
 
 
-def _read_splits(spec: DatasetSpec, request: DatasetRequest, dirs: list[Path], num_classes: int) -> dict[str, Split]:
+def _read_splits(spec: DatasetSpec, request: DatasetRequest, dirs: list[Path], num_classes: int | None,
+                 classes_from: str = "") -> dict[str, Split]:
     """Every split whose file is found (the train split and those the caller named must be)."""
     files = {**spec.splits, **request.split_files}
     splits: dict[str, Split] = {}
@@ -254,10 +313,19 @@ def _read_splits(spec: DatasetSpec, request: DatasetRequest, dirs: list[Path], n
                     f"{spec.get or 'pass the path with --' + split + '-list'}"
                 )
             continue
-        splits[split] = read_manifest(path, split, num_classes)
+        splits[split] = read_manifest(path, split, num_classes, classes_from)
     if "train" not in splits:
         raise LtclipError(f"dataset {spec.name}: no train split found (class counts come from it)")
-    for split in splits.values():
-        if int(split.labels.max()) >= num_classes:  # labels from JSON are not range-checked while read
-            raise LtclipError(f"{split.source}: label {int(split.labels.max())} >= number of classes {num_classes}")
+    if num_classes is not None:
+        _check_labels(splits, num_classes, classes_from)
     return splits
+
+
+def _check_labels(splits: dict[str, Split], num_classes: int, classes_from: str) -> None:
+    """Every label below ``num_classes`` (labels from JSON, or read before the class count was known)."""
+    for split in splits.values():
+        if int(split.labels.max()) >= num_classes:
+            row = int(np.flatnonzero(split.labels >= num_classes)[0])
+            source = f" ({classes_from})" if classes_from else ""
+            raise LtclipError(f"{split.source}: label {int(split.labels[row])} of {split.keys[row]!r} >= number of classes "
+                              f"{num_classes}{source}; fix the file or the class list")

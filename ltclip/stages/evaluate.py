@@ -103,10 +103,27 @@ def evaluate_baselines(cfg: EvalConfig) -> list[dict]:
     return results
 
 
+def _check_outputs(cfg: EvalConfig) -> None:
+    """``--report/--json/--csv/--plot`` must be writable file paths: refused before anything is evaluated."""
+    for option in ("report", "json", "csv", "plot"):
+        target = getattr(cfg, option)
+        if not target:
+            continue
+        path = Path(target)
+        if path.is_dir():
+            raise LtclipError(f"--{option} {target}: is a folder; name a file in it")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise LtclipError(f"--{option} {target}: {folder} is a file, not a folder; choose another path")
+
+
 def run_eval(cfg: EvalConfig) -> list[dict]:
     """Evaluate runs and baselines; write eval.json per run and the requested reports."""
-    from ..report import markdown_table, plot_per_class, write_csv, write_json
+    from ..report import plot_per_class, write_csv, write_json, write_markdown
 
+    _check_outputs(cfg)
     if cfg.views not in ("mean", "first"):
         raise LtclipError(f"--views {cfg.views!r}: choose mean or first")
     if not 0 <= cfg.retrieval_mix <= 1:
@@ -127,7 +144,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     results = evaluate_baselines(cfg) if wants_baseline else []
     results += [evaluate_run(r, cfg, device) for r in cfg.runs]
     if cfg.report:
-        Path(cfg.report).write_text(markdown_table(results))
+        write_markdown(results, cfg.report)
     if cfg.json:
         write_json(results, cfg.json)
     if cfg.csv:

@@ -11,7 +11,7 @@ from ._h5 import FEATURES_KIND, SCHEMA_VERSION, TEXT_KIND
 from .reader import FeatureCache
 from .shards import join_shards
 from .text import TextEmbeddings, load_text_embeddings, save_text_embeddings
-from .writer import FeatureWriter, shard_path, shard_range, write_arrays
+from .writer import FeatureWriter, amend_attribute, shard_path, shard_range, write_arrays
 
 __all__ = [
     "FEATURES_KIND",
@@ -20,6 +20,7 @@ __all__ = [
     "FeatureCache",
     "FeatureWriter",
     "TextEmbeddings",
+    "amend_attribute",
     "join_shards",
     "load_text_embeddings",
     "save_text_embeddings",

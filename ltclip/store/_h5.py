@@ -115,11 +115,20 @@ def open_h5(path: Path, mode: str) -> h5py.File:
             f"{path} does not exist; check the path or run `ltclip extract`"
         ) from None
     except OSError as err:
-        if "lock" in str(err).lower():
+        text = str(err).lower()
+        if "unable to lock file" in text or "file locking" in text:
             raise LtclipError(
                 f"{path} is being written by another process; wait for it to finish "
                 "or use another output path"
             ) from None
+        truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+        if truncated:
+            raise LtclipError(
+                f"{path} is truncated ({int(truncated.group(1)):,} of {int(truncated.group(2)):,} bytes; "
+                "an interrupted copy?): copy it again, or delete it and rerun `ltclip extract`"
+            ) from None
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise LtclipError(f"{path} is empty (0 bytes): delete it and rerun `ltclip extract`") from None
         raise LtclipError(
             f"cannot open {path} as HDF5 ({one_line(err)}); the file is damaged: "
             "delete it and rerun"

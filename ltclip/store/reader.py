@@ -15,6 +15,38 @@ from ..errors import LtclipError
 from ._h5 import ABSENT, FEATURES_KIND, check_header, file_attrs, open_h5, plain, read_strings, same, show
 
 ROW_DATASETS = ("embeds", "tokens")
+# What every file of one cache folder shares: the features of one model on one dataset.
+SHARED_IDENTITY = ("model", "pretrained", "checkpoint_sha256", "quick_gelu", "preprocess", "dataset", "num_classes")
+
+
+def check_cache_folder(path: Path, attrs: dict, embed_dim: int | None, classnames: list[str] | None) -> None:
+    """A file beside a ``train.h5`` must hold features of the same model and dataset as it.
+
+    A folder's ``val.h5``, ``test.h5`` and ``text.h5`` are used together with its ``train.h5``
+    (model selection, evaluation, the zero-shot classifier), so a file copied in from another
+    extraction would silently mix two feature spaces. Only attributes both files carry are
+    compared (hand-made caches may lack them); an unreadable ``train.h5`` is left to its own reader.
+    """
+    train = path.with_name("train.h5")
+    if path.name == train.name or not train.is_file():
+        return
+    try:
+        with h5py.File(train, "r") as h5:
+            ref = file_attrs(h5)
+            ref_dim = h5["embeds"].shape[-1] if isinstance(h5.get("embeds"), h5py.Dataset) else None
+            ref_names = read_strings(h5, "classnames")
+    except (OSError, KeyError, ValueError):
+        return
+    fix = f"re-extract {path.name} with the same --model, --pretrained and --dataset, or move it out of {path.parent}"
+    for key in SHARED_IDENTITY:
+        if key in attrs and key in ref and not same(plain(attrs[key]), ref[key]):
+            raise LtclipError(f"{path} was made with {key}={show(plain(attrs[key]))} but {train.name} beside it with "
+                              f"{key}={show(ref[key])}: the folder mixes two extractions; {fix}")
+    if embed_dim is not None and ref_dim is not None and embed_dim != ref_dim:
+        raise LtclipError(f"{path} holds {embed_dim}-d embeddings but {train.name} beside it {ref_dim}-d: "
+                          f"the folder mixes two extractions; {fix}")
+    if classnames is not None and ref_names is not None and classnames != ref_names:
+        raise LtclipError(f"{path} has other class names than {train.name} beside it; {fix}")
 
 
 class FeatureCache:
@@ -92,6 +124,7 @@ class FeatureCache:
                                    ("classnames", self.classnames, self.num_classes)):
             if values is not None and len(values) != size:
                 raise LtclipError(f"{path}: {name} has {len(values)} entries, expected {size}")
+        check_cache_folder(path, self.attrs, self.embed_dim, self.classnames)
         done = h5["done"][()] if "done" in h5 else np.ones(1, np.uint8)
         self.complete = bool(self.attrs.get("complete", True)) and bool(done.all())
         if not self.complete and not allow_incomplete:

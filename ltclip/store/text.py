@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import LtclipError
 from ._h5 import TEXT_KIND, atomic_h5, check_header, file_attrs, header, identity_attrs, open_h5, read_strings, strings
+from .reader import check_cache_folder
 
 
 class TextEmbeddings(NamedTuple):
@@ -58,4 +59,5 @@ def load_text_embeddings(path: str | os.PathLike) -> TextEmbeddings:
             f"{path}: embeds {embeds.shape} and {len(classnames)} classnames do not match "
             f"num_classes={num_classes}; re-create it"
         )
+    check_cache_folder(path, attrs, embeds.shape[1], classnames)
     return TextEmbeddings(embeds, classnames, templates, attrs)

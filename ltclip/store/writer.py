@@ -260,6 +260,30 @@ def _check_resume(path: Path, h5: h5py.File, attrs: dict, shapes: dict, contents
             raise LtclipError(f"{path} was created with other {name} than this run's; {fix}")
 
 
+def amend_attribute(path: str | os.PathLike, key: str, old, new) -> bool:
+    """Change identity attribute ``key`` of an unfinished cache from ``old`` to ``new``; True if it did.
+
+    For a resumed run whose option is looser than the one that started the file, where every row
+    written so far is also what the new option writes (``--bad-images fail`` → ``skip``: the rows
+    written under ``fail`` are all of readable images). Called before any further row is written;
+    like :meth:`FeatureWriter.finalise`, it overwrites an attribute that exists since creation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    h5 = open_h5(path, "r+")
+    try:
+        if h5.attrs.get("complete", True) or not same(file_attrs(h5).get(key, ABSENT), old):
+            return False
+        h5.attrs.modify(key, new)
+        sync(h5)
+        return True
+    except IO_ERRORS as err:
+        raise write_error(path, err) from None
+    finally:
+        h5.close()
+
+
 def write_arrays(path: str | os.PathLike, embeds, labels, classnames: Sequence[str], attrs: dict, tokens=None) -> Path:
     """A complete cache file from in-memory arrays (features made elsewhere), in one block."""
     embeds = np.asarray(embeds)
