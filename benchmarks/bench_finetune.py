@@ -1,0 +1,386 @@
+"""Fine-tuning cost: images/s and peak memory of every ``--tune`` mode, and of every head against the class count.
+
+Run as ``python -m benchmarks.bench_finetune [--quick] [--out DIR]``; prints Markdown tables and writes
+DIR/finetune.json (default bench_out/). Weights are random (``--pretrained none``): speed does not
+depend on them. Full: open_clip ``ViT-B-32`` at 224 px (50 tokens × 768, 12 blocks), batch 16; quick:
+``ltclip-tiny-vit`` (32 px, 2 blocks).
+
+Every measurement runs in its own process (started through a forking shell, as in
+``bench_streaming``, so ``ru_maxrss`` is its own), which builds the model the way ``ltclip finetune``
+does (``new_encoder_classifier``: ``load_backbone``, ``apply_tuning``, grad checkpointing, the head,
+``EncoderClassifier``) and trains it with the engine's ``fit`` exactly as ``run_finetune`` calls it
+(its ``Task``, per-submodule learning rates and no-decay names, ``FINETUNE_OPTIM`` with the batch size
+and step count changed, fp32, the instance sampler). The only difference from ``run_finetune``: the
+training source yields images already in RAM (random tensors of the model's input size, indexed per
+batch), so neither PNG decoding nor augmentation is timed. Timed: the wall time of each optimizer step
+(batch indexing → forward → loss → backward → AdamW → schedule step), from the engine's progress
+callbacks; the first ``warmup`` steps of each process are dropped and the median over the remaining
+steps of all quiet runs is reported (and the best round's median). Rounds interleave: round r runs every
+configuration once, in order, before round r + 1 starts; a run during which other processes kept more
+than 0.5 cores busy is repeated once (``--retries``) and left out of the medians if a quiet run exists.
+The encoder's forward time is taken around ``EncoderClassifier.encode``.
+
+1. **Tuning modes** (each with its default options, ``last-k`` with ``k=2``, and ``full`` once more with
+   ``--grad-checkpointing``) with a linear head on the pooled embedding and with the decoder head on
+   the tokens, 100 classes: images/s relative to ``frozen`` with the same head, peak RSS (ru_maxrss)
+   and the RSS after the model is built, trainable encoder parameters (``count_trainable``).
+2. **Heads against the class count** (100, 1,000, 8,142) on the frozen encoder: step time, the part of
+   it that is not the encoder's forward, and peak RSS. ``text-init`` starts from real class text
+   embeddings (``text_classifier``, one template) up to ``real_text_max`` classes and from random unit
+   rows above that (its step costs the same; the text encoding is a one-off set-up, reported as
+   ``text_setup_s``). If ``HEADS`` has ``prompt`` (text prompt tuning), it runs with
+   ``classes_per_step=0`` and ``=256``; otherwise the output says it is not registered. The *naive*
+   row is this benchmark's own CoOp-style module, not a registered head: 4 learned context vectors in
+   ``"X X X X <class>."``, all C prompts through the frozen text tower with autograd at every step.
+
+Timings need a quiet machine (torch's intra-op threads slow down badly on busy cores): each row shows
+how many cores other processes kept busy during the runs it uses (from /proc/stat), and the output warns
+above 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_eval import PeakRSS, machine_info
+from benchmarks.bench_train_head import ImageSource
+from benchmarks.timing import OtherLoad, StepTimer, loadavg, median
+
+MODES = (  # (tune, tune_opts, grad_checkpointing)
+    ("frozen", (), False), ("full", (), False), ("full", (), True), ("last-k", ("k=2",), False),
+    ("bitfit", (), False), ("ln", (), False), ("lora", (), False), ("adapter", (), False),
+    ("adaptformer", (), False), ("vpt-shallow", (), False), ("vpt-deep", (), False),
+)
+CLASS_HEADS = (("linear", ()), ("cosine", ()), ("mlp", ()), ("decoder", ()), ("text-init", ()),
+               ("prompt", ("classes_per_step=0",)), ("prompt", ("classes_per_step=256",)), ("naive", ()))
+FULL = {"model": "ViT-B-32", "batch_size": 16, "warmup": 1, "steps": 2, "rounds": 2, "mode_classes": 100,
+        "classes": (100, 1000, 8142), "class_rounds": 1, "naive_classes": (25, 100), "real_text_max": 100,
+        "optional_timeout_s": 150}
+QUICK = {"model": "ltclip-tiny-vit", "batch_size": 16, "warmup": 1, "steps": 2, "rounds": 1, "mode_classes": 100,
+         "classes": (100, 1000, 8142), "class_rounds": 1, "naive_classes": (100,), "real_text_max": 100,
+         "optional_timeout_s": 60}
+MiB = 2**20
+
+
+class _Classes:
+    """What ``new_encoder_classifier`` reads of a dataset: C class names and one prompt template."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes, self.name = num_classes, f"bench-{num_classes}"
+        self.classnames = [f"class {i}" for i in range(num_classes)]
+
+    def prompt_templates(self) -> list[str]:
+        return ["a photo of a {}."]
+
+
+class NaivePromptHead(torch.nn.Module):
+    """CoOp-style text prompt tuning done naively: all C prompts through the text tower, with gradients, every step."""
+
+    input = "embeds"
+
+    def __init__(self, backbone, classnames: list[str], n_ctx: int = 4):
+        super().__init__()
+        self._clip = (backbone.model,)  # not a submodule: the frozen text tower stays the encoder's
+        self.n_ctx = n_ctx
+        self.register_buffer("text", backbone.tokenizer([" ".join(["X"] * n_ctx) + f" {c}." for c in classnames]),
+                             persistent=False)
+        with torch.no_grad():
+            self.ctx = torch.nn.Parameter(backbone.model.token_embedding(self.text[0, 1 : 1 + n_ctx]).clone())
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        clip = self._clip[0]
+        x = clip.token_embedding(self.text)
+        x = torch.cat([x[:, :1], self.ctx.expand(len(x), -1, -1), x[:, 1 + self.n_ctx :]], dim=1)
+        x = clip.ln_final(clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask))
+        x = x[torch.arange(len(x)), self.text.argmax(dim=-1)]
+        x = clip.text_projection(x) if isinstance(clip.text_projection, torch.nn.Module) else x @ clip.text_projection
+        return 100.0 * F.normalize(embeds, dim=-1) @ F.normalize(x, dim=-1).T
+
+
+# ------------------------------------------------------------------ one measurement, in its own process
+
+
+def child_main(spec: dict) -> dict:
+    logging.getLogger().setLevel(logging.ERROR)
+    torch.set_num_threads(spec["threads"])
+    import psutil
+
+    import ltclip.stages.finetune as stage
+    from ltclip.config import FinetuneConfig, from_flat
+    from ltclip.engine import Task, fit
+    from ltclip.models.backbone import register_tiny_configs
+    from ltclip.models.encoder_classifier import EncoderClassifier
+    from ltclip.models.heads import count_params
+    from ltclip.models.tuning import count_trainable, no_weight_decay_names
+
+    register_tiny_configs()
+    classes, batch, steps = spec["classes"], spec["batch_size"], spec["warmup"] + spec["steps"]
+    naive = spec["head"] == "naive"
+    cfg = from_flat(FinetuneConfig, {
+        "out": "unused", "model": spec["model"], "pretrained": "none", "tune": spec["tune"],
+        "tune_opts": tuple(spec["tune_opts"]), "grad_checkpointing": spec["grad_checkpointing"],
+        "head": "linear" if naive else spec["head"], "head_opts": tuple(spec["head_opts"]), "loss": "ce",
+        "batch_size": batch, "steps": steps, "epochs": 1, "device": "cpu", "seed": 0, "workers": 0,
+    }, owner="bench_finetune")
+    dataset = _Classes(classes)
+    text_setup = {}
+    real = stage.text_classifier
+
+    def text_rows(backbone, classnames, templates, **kwargs):
+        if len(classnames) > spec["real_text_max"]:  # a text-init step costs the same from any unit rows
+            rows = torch.randn(len(classnames), backbone.encode_dims()[0], generator=torch.Generator().manual_seed(0))
+            return F.normalize(rows, dim=-1).numpy()
+        t0 = time.perf_counter()
+        out = real(backbone, classnames, templates, **kwargs)
+        text_setup["s"] = time.perf_counter() - t0
+        return out
+
+    t = time.perf_counter()
+    stage.text_classifier = text_rows
+    try:
+        backbone, model = stage.new_encoder_classifier(cfg, dataset, torch.device("cpu"))
+    finally:
+        stage.text_classifier = real
+    if naive:
+        model = EncoderClassifier(backbone, NaivePromptHead(backbone, dataset.classnames))
+    build_s = time.perf_counter() - t
+    forward_s: list[float] = []
+    encode = model.encode
+
+    def timed_encode(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = encode(*args, **kwargs)
+        forward_s.append(time.perf_counter() - t0)
+        return out
+
+    model.encode = timed_encode
+    px = backbone.preprocess_cfg["size"]
+    px = px[0] if isinstance(px, (tuple, list)) else px
+    labels = np.arange(batch * steps) % classes
+    source = ImageSource(torch.randn(batch * steps, 3, px, px, generator=torch.Generator().manual_seed(0)), labels)
+    trainable = count_trainable(backbone.model)
+    lrs = {"head": cfg.optim.lr, **({"backbone": cfg.tuning.backbone_lr or cfg.optim.lr} if trainable else {})}
+    rss_built = psutil.Process().memory_info().rss / MiB
+    timer = StepTimer()
+    with PeakRSS() as mem:
+        fit(model, Task("ce", {}, np.bincount(labels, minlength=classes)), source, cfg.optim, sampler="instance",
+            num_classes=classes, device="cpu", progress=timer, lrs=lrs,
+            no_decay=tuple(f"backbone.{n}" for n in no_weight_decay_names(backbone.model)))
+    (epoch,) = timer.epochs
+    ends = [0.0, *epoch["step_ends_s"]]
+    step_s = [b - a for a, b in zip(ends, ends[1:])]
+    w = spec["warmup"]
+    return {"step_s": step_s[w:], "warmup_step_s": step_s[:w], "encoder_forward_s": forward_s[w:],
+            "build_s": build_s, "text_setup_s": text_setup.get("s"), "encoder_trainable": trainable,
+            "head_trainable": count_params(model.head, trainable_only=True), "rss_built_mib": rss_built,
+            "peak_rss_mib": mem.peak_mib, "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_child(specs: list[dict], timeout: float | None = None) -> list[dict]:
+    repo = Path(__file__).resolve().parent.parent
+    # Through a shell that forks: a child spawned straight from this process would report this
+    # process's peak as its own ru_maxrss (Linux carries the parent's high-water mark over exec).
+    cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--child", json.dumps(specs)]
+    proc = subprocess.Popen(["/bin/sh", "-c", '"$0" "$@"; exit $?', *cmd], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the shell and the python it started
+        proc.communicate()
+        raise RuntimeError(f"timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {specs[0]['label']} failed:\n{stderr[-4000:]}")
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+QUIET = 0.5  # cores other processes may keep busy during a run that counts as quiet
+
+
+def run_rounds(specs: list[dict], rounds: int, shared: bool, optional_timeout: float, retries: int) -> dict:
+    """Every spec once per round, rounds one after another, each in its own process (``shared``: all of
+    a round in one process, so its peak RSS is not per spec). A run during which other processes kept
+    more than QUIET cores busy is repeated (at most ``retries`` times per spec and round); the statistics
+    pool the step times of the quiet runs, or of all runs when none was quiet; the JSON keeps every run.
+    A ``prompt`` spec (another engineer's head) runs alone, within ``optional_timeout`` s; if it fails
+    or times out, its row says so instead of stopping the benchmark."""
+    results: dict = {}
+    optional = [s for s in specs if s["head"] == "prompt"]
+    required = [s for s in specs if s["head"] != "prompt"]
+    groups = ([required] if shared and required else [[s] for s in required]) + [[s] for s in optional]
+    for r in range(rounds):
+        for group in groups:
+            for attempt in range(1 + (0 if shared else retries)):
+                load = loadavg()
+                try:
+                    with OtherLoad() as other:
+                        outs = run_child(group, optional_timeout if group[0]["head"] == "prompt" else None)
+                except RuntimeError as err:
+                    if group[0]["head"] != "prompt":
+                        raise
+                    results[group[0]["label"]] = {"spec": group[0], "runs": [], "error": str(err).splitlines()[-1]}
+                    break
+                for spec, out in zip(group, outs):
+                    res = results.setdefault(spec["label"], {"spec": spec, "runs": []})
+                    res["runs"].append({**out, "other_cores": other.cores, "loadavg_before": load, "round": r,
+                                        "attempt": attempt})
+                if other.cores <= QUIET:
+                    break
+    results = {s["label"]: results[s["label"]] for s in specs}  # the specs' order
+    for res in results.values():
+        if not res["runs"]:
+            continue
+        runs = [run for run in res["runs"] if run["other_cores"] <= QUIET] or res["runs"]
+        step = median([s for run in runs for s in run["step_s"]])
+        fwd = [s for run in runs for s in run["encoder_forward_s"]]
+        res.update({
+            "step_s": step, "images_per_s": res["spec"]["batch_size"] / step, "runs_used": len(runs),
+            "best_step_s": min(median(run["step_s"]) for run in res["runs"]),
+            "encoder_forward_s": median(fwd) if fwd else None,
+            # the kernel's high-water mark of the spec's own process; sampled (5 ms) when processes are shared
+            "peak_rss_mib": max(run["peak_rss_mib" if shared else "ru_maxrss_mib"] for run in res["runs"]),
+            "rss_built_mib": median([run["rss_built_mib"] for run in res["runs"]]),
+            "other_cores": max(run["other_cores"] for run in runs),
+            **{k: runs[0][k] for k in ("encoder_trainable", "head_trainable", "build_s", "text_setup_s")},
+        })
+    return results
+
+
+def base_spec(size: dict, threads: int, **kw) -> dict:
+    spec = {"model": size["model"], "batch_size": size["batch_size"], "warmup": size["warmup"], "steps": size["steps"],
+            "real_text_max": size["real_text_max"], "threads": threads, "tune": "frozen", "tune_opts": [],
+            "grad_checkpointing": False, "head_opts": [], **kw}
+    opts = " ".join([*spec["tune_opts"], *(["--grad-checkpointing"] if spec["grad_checkpointing"] else [])])
+    spec["label"] = f"{spec['tune']}{f' {opts}' if opts else ''} / {spec['head']} {' '.join(spec['head_opts'])}".strip()
+    spec["label"] += f" / C={spec['classes']}"
+    return spec
+
+
+# ------------------------------------------------------------------ report
+
+
+def _runs(r: dict) -> str:
+    return f"{r['runs_used']} of {len(r['runs'])}"
+
+
+def mode_table(results: dict) -> str:
+    rows = ["| `--tune` | head | trainable encoder params | step s: median (best round) | images/s | vs `frozen` "
+            "| RSS after build MiB | peak RSS MiB (+ training) | quiet runs used | cores busy with other work |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    frozen = {r["spec"]["head"]: r for r in results.values() if r["spec"]["tune"] == "frozen"}
+    for r in results.values():
+        s = r["spec"]
+        tune = " ".join([s["tune"], *s["tune_opts"], *(["--grad-checkpointing"] if s["grad_checkpointing"] else [])])
+        rel = r["images_per_s"] / frozen[s["head"]]["images_per_s"]
+        rows.append(f"| {tune} | {s['head']} | {r['encoder_trainable']:,} | {r['step_s']:.3f} ({r['best_step_s']:.3f}) "
+                    f"| {r['images_per_s']:.1f} | {rel:.2f} | {r['rss_built_mib']:,.0f} | {r['peak_rss_mib']:,.0f} "
+                    f"(+{r['peak_rss_mib'] - r['rss_built_mib']:,.0f}) | {_runs(r)} | {r['other_cores']:.1f} |")
+    return "\n".join(rows)
+
+
+def class_table(results: dict) -> str:
+    rows = ["| head | classes | trainable head params | step s (median) | of which not the encoder's forward s "
+            "| peak RSS MiB (+ over build) | build s (text embeddings) | quiet runs used "
+            "| cores busy with other work |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results.values():
+        s = r["spec"]
+        head = f"{s['head']} {' '.join(s['head_opts'])}".strip()
+        if "error" in r:
+            rows.append(f"| {head} | {s['classes']:,} | {r['error'][:200]} | | | | | | |")
+            continue
+        rest = r["step_s"] - r["encoder_forward_s"]
+        text = f" ({r['text_setup_s']:.1f})" if r["text_setup_s"] is not None else ""
+        rows.append(f"| {head} | {s['classes']:,} | {r['head_trainable']:,} | {r['step_s']:.3f} | {rest:.3f} "
+                    f"| {r['peak_rss_mib']:,.0f} (+{r['peak_rss_mib'] - r['rss_built_mib']:,.0f}) "
+                    f"| {r['build_s']:.1f}{text} | {_runs(r)} | {r['other_cores']:.1f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the tiny model, few steps (1-2 minutes)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds of the tuning modes (default: 2, quick: 1)")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="reruns of a run during which other processes kept > 0.5 cores busy (default 1)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for finetune.json")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, one per core)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print("RESULT " + json.dumps([child_main(spec) for spec in json.loads(args.child)]), flush=True)
+        return {}
+    from ltclip.models.heads import HEADS
+
+    size = QUICK if args.quick else FULL
+    rounds, threads = args.rounds or size["rounds"], torch.get_num_threads()
+    prompt_registered = "prompt" in HEADS
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    sections = {}
+    t = time.perf_counter()
+    mode_specs = [base_spec(size, threads, tune=tune, tune_opts=list(opts), grad_checkpointing=gc, head=head,
+                            classes=size["mode_classes"]) for head in ("linear", "decoder") for tune, opts, gc in MODES]
+    modes = run_rounds(mode_specs, rounds, args.quick, size["optional_timeout_s"], args.retries)
+    sections["tuning modes"] = time.perf_counter() - t
+    t = time.perf_counter()
+    class_specs = [base_spec(size, threads, head=head, head_opts=list(opts), classes=c)
+                   for head, opts in CLASS_HEADS
+                   for c in (size["naive_classes"] if head == "naive" else size["classes"])
+                   if head != "prompt" or prompt_registered]
+    heads = run_rounds(class_specs, size["class_rounds"], args.quick, size["optional_timeout_s"], args.retries)
+    sections["heads × classes"] = time.perf_counter() - t
+    machine = {**machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    report = {"size": size, "rounds": rounds, "shared_processes": args.quick, "machine": machine,
+              "wall_s": time.perf_counter() - start,
+              "sections_s": sections, "prompt_registered": prompt_registered, "modes": modes, "heads": heads}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{machine['cpu_model']}, {machine['nproc']} cores, torch {machine['torch']} ({threads} threads); "
+          f"load average {load_before[0]:.1f} before, {machine['loadavg_after'][0]:.1f} after; "
+          f"{report['wall_s']:.0f} s in all\n")
+    print(f"{size['model']}, batch {size['batch_size']}, fp32, images in RAM; per optimizer step (forward + backward "
+          f"+ AdamW), median of {size['steps']} steps × the quiet runs of {rounds} rounds, after {size['warmup']} "
+          f"warm-up step(s) per process; {size['mode_classes']} classes:\n")
+    print(mode_table(modes))
+    print(f"\nHeads on the frozen encoder against the number of classes (median of {size['steps']} steps; 'not the "
+          "encoder's forward': head forward + backward, loss, AdamW, loop):\n")
+    print(class_table(heads))
+    print("\n`naive`: this benchmark's CoOp-style module (every class prompt through the text tower with gradients "
+          "at every step), not a registered head.")
+    if args.quick:
+        print("Quick: each section's runs shared one process, so the RSS columns are sampled and not per mode or head.")
+    if not prompt_registered:
+        print("`prompt` (text prompt tuning, classes_per_step=0 / 256): NOT REGISTERED in ltclip.models.heads.HEADS "
+              "when this ran; no numbers for it.")
+    busy = {name: [v["other_cores"] for v in part.values() if v.get("other_cores", 0) > QUIET]
+            for name, part in (("tuning modes", modes), ("heads × classes", heads))}
+    if any(busy.values()):
+        print("\nWARNING: other processes kept cores busy during "
+              + ", ".join(f"{len(v)} of {len(part)} {name} rows (up to {max(v):.1f} cores)"
+                          for (name, v), part in zip(busy.items(), (modes, heads)) if v)
+              + f"; torch's {threads} intra-op threads slow down badly when the cores are "
+              "oversubscribed, so those timings are distorted: rerun on a quiet machine (or with --threads 1).")
+    return report
+
+
+if __name__ == "__main__":
+    main()
