@@ -20,6 +20,8 @@ from .errors import LtclipError
 
 # A write that more free space would let through (EFBIG: a file-size limit, as with RLIMIT_FSIZE).
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_UMASK = os.umask(0o022)  # read once (the call sets it): files get the permissions open() would give them
+os.umask(_UMASK)
 
 
 class WriteError(LtclipError):
@@ -53,6 +55,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise IsADirectoryError(errno.EISDIR, "is a folder, not a file")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide reports and runs from other users
     except OSError as err:
         raise WriteError(path, err) from None
     try:

@@ -56,11 +56,12 @@ def guarded(fn):
             from ..atomic import FULL_ERRNOS
 
             logging.getLogger(__name__).debug("I/O error", exc_info=True)
-            where = f" {err.filename}" if err.filename else ""
+            out = kwargs.get("out")
+            where = f" {err.filename}" if err.filename else f" a file in {out}" if out else ""
             if err.errno in FULL_ERRNOS:
                 message = f"disk full while writing{where} ({err.strerror}); free space and {_how_to_continue(resumable, kwargs)}"
             else:
-                message = f"I/O error on{where} ({err.strerror or err}); fix the cause and {_how_to_continue(resumable, kwargs)}"
+                message = f"I/O error{' on' + where if where else ''} ({err.strerror or err}); fix the cause and {_how_to_continue(resumable, kwargs)}"
             typer.echo(f"error: {' '.join(message.split())}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
+import threading
 
 import torch
 from PIL import Image
@@ -44,6 +47,30 @@ class ImageSplit(Dataset):
             where = f"{self.dataset.data_root}/{self.split.keys[row]}"
             problem = " ".join(f"{where}: cannot read image ({type(err).__name__}: {err})".split())
             return torch.zeros_like(self.views(Image.new("RGB", (8, 8)), row)), label, row, problem
+
+
+def worker_init(_worker_id: int) -> None:
+    """``worker_init_fn`` of the DataLoaders that decode images: Ctrl-C is the main process's.
+
+    Ctrl-C in a terminal signals every process of the group. A worker that dies of it races the
+    main process, which then fails with "DataLoader worker exited unexpectedly" or on a tensor
+    the dead worker was handing over, instead of stopping with one clean line. So workers ignore
+    SIGINT (the main process shuts them down, and they exit if it dies), and the thread that hands
+    tensors to the main process does not print a traceback when the main process has gone away.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gone = (BrokenPipeError, ConnectionResetError, EOFError)  # the peer (the main process) has left
+    thread_hook, process_hook = threading.excepthook, sys.excepthook
+
+    def quiet_thread(args) -> None:
+        if not issubclass(args.exc_type, gone):
+            thread_hook(args)
+
+    def quiet(exc_type, exc, tb) -> None:  # multiprocessing's resource sharer reports through sys.excepthook
+        if not issubclass(exc_type, gone):
+            process_hook(exc_type, exc, tb)
+
+    threading.excepthook, sys.excepthook = quiet_thread, quiet
 
 
 def check_bad_images(policy: str) -> str:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..atomic import save_json
 from ..config import ExtractConfig, provenance, to_dict
-from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images
+from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
 from ..data.registry import open_dataset
 from ..data.views import make_views
 from ..distributed import autocast, available_cpus, default_workers, setup
@@ -139,7 +139,7 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
         todo = ImageSplit(dataset, split, views, [writer.row_start + r for r in local_rows])
         loader = DataLoader(
             todo, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-            persistent_workers=False, shuffle=False,
+            persistent_workers=False, shuffle=False, worker_init_fn=worker_init,
         )
         block_iter = iter(pending)
         block = next(block_iter, None)
