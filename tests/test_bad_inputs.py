@@ -622,6 +622,31 @@ def test_ctrl_c_during_train_head_and_a_second_stage_then_resume(tmp_path):
     assert_same_run(tmp_path / "ref2", out2, "two_stage")
 
 
+def test_a_ctrl_c_that_python_swallows_is_raised_again(capsys):
+    """A KeyboardInterrupt raised in a finaliser (or an at-fork handler, as when DataLoader workers
+    are forked) is only "ignored" by Python; the guard sends the signal again, so the command stops."""
+    import typer
+
+    from ltclip.cli.common import guarded
+
+    class Finaliser:
+        def __del__(self):
+            raise KeyboardInterrupt  # where Ctrl-C lands when it arrives during a finaliser
+
+    def work():
+        Finaliser()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            time.sleep(0.01)
+        return "ran on as if Ctrl-C had not been pressed"
+
+    with pytest.raises(typer.Exit) as stopped:
+        guarded(work)()
+    assert stopped.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted; rerun the same command") and "Exception ignored" not in err
+
+
 @pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_says_to_rerun_without_resume(tmp_path):
     features = write_token_cache(tmp_path / "features")

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,6 +43,8 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        unraisable = sys.unraisablehook
+        sys.unraisablehook = _interrupt_again(unraisable)
         try:
             return fn(*args, **kwargs)
         except LtclipError as err:
@@ -68,8 +71,32 @@ def guarded(fn):
             logging.getLogger(__name__).debug("interrupted", exc_info=True)
             typer.echo(f"interrupted; {_how_to_continue(resumable, kwargs)}", err=True)
             raise typer.Exit(130) from None
+        finally:
+            sys.unraisablehook = unraisable
 
     return wrapper
+
+
+def _interrupt_again(hook):
+    """A ``sys.unraisablehook`` that re-raises a Ctrl-C Python could not raise where it landed.
+
+    A KeyboardInterrupt that arrives while Python runs a finaliser, a weakref callback or an
+    at-fork handler (DataLoader workers are forked) is printed as "Exception ignored in ..." and
+    lost: the command would run on. Instead the signal is sent to the main thread again a moment
+    later, from a helper thread (raising it at once would land in the same place).
+    """
+    import signal
+    import threading
+
+    def unraisable(info) -> None:
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+            again.daemon = True
+            again.start()
+            return
+        hook(info)
+
+    return unraisable
 
 
 def _how_to_continue(resumable: bool, kwargs: dict) -> str:
