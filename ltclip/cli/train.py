@@ -81,14 +81,20 @@ def train_head(
     else:
         from ..stages.train_head import run_train_head
 
-        cfg = from_flat(TrainHeadConfig, values, owner="stage 1 (second-stage options need --from RUN)")
-        result = run_train_head(cfg, progress, resume=resume)
+        result = run_train_head(stage_one_config(values), progress, resume=resume)
     best = result["best"] or {}
     if best.get("val_balanced_accuracy") is not None:
         when = f" (epoch {best['epoch'] + 1})" if best.get("epoch") is not None else ""
         progress.log(f"run: {result['out']}, val balanced accuracy {best['val_balanced_accuracy']:.2f}%{when}")
     else:
         progress.log(f"run: {result['out']}")
+
+
+def stage_one_config(values: dict) -> TrainHeadConfig:
+    """The stage-1 config that option values given on the command line (or by a sweep point) make."""
+    from ..config import from_flat
+
+    return from_flat(TrainHeadConfig, values, owner="stage 1 (second-stage options need --from RUN)")
 
 
 def _recorded_features():
