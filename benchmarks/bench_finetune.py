@@ -1,9 +1,13 @@
 """Fine-tuning cost: images/s and peak memory of every ``--tune`` mode, and of every head against the class count.
 
-Run as ``python -m benchmarks.bench_finetune [--quick] [--out DIR]``; prints Markdown tables and writes
-DIR/finetune.json (default bench_out/). Weights are random (``--pretrained none``): speed does not
-depend on them. Full: open_clip ``ViT-B-32`` at 224 px (50 tokens × 768, 12 blocks), batch 16; quick:
-``ltclip-tiny-vit`` (32 px, 2 blocks).
+Run as ``python -m benchmarks.bench_finetune [--quick] [--model M] [--out DIR]``; prints Markdown tables
+and writes DIR/finetune.json (default bench_out/). Weights are random (``--pretrained none``): speed does
+not depend on them. Full: the tuning modes on ``bench_train_head``'s bench ViT (``ltclip-bench-vit-w384``:
+128 px, 65 tokens × 384, 8 blocks), batch 16, the largest model whose run fits in about 15 minutes on 2
+CPU cores (one ViT-B-32 step, batch 16, ``--tune full``, took 29-39 s there on a busy machine); the heads
+against the class count on ``ltclip-tiny-vit`` (text tower 2 blocks × 64), whose 8,142-class exact prompt
+step already lasts one to two minutes there. ``--model`` / ``--class-model`` (any open_clip name, e.g.
+``ViT-B-32``) measure others. Quick: ``ltclip-tiny-vit`` for both, fewer steps.
 
 Every measurement runs in its own process (started through a forking shell, as in
 ``bench_streaming``, so ``ru_maxrss`` is its own), which builds the model the way ``ltclip finetune``
@@ -21,17 +25,19 @@ than 0.5 cores busy is repeated once (``--retries``) and left out of the medians
 The encoder's forward time is taken around ``EncoderClassifier.encode``.
 
 1. **Tuning modes** (each with its default options, ``last-k`` with ``k=2``, and ``full`` once more with
-   ``--grad-checkpointing``) with a linear head on the pooled embedding and with the decoder head on
-   the tokens, 100 classes: images/s relative to ``frozen`` with the same head, peak RSS (ru_maxrss)
-   and the RSS after the model is built, trainable encoder parameters (``count_trainable``).
-2. **Heads against the class count** (100, 1,000, 8,142) on the frozen encoder: step time, the part of
-   it that is not the encoder's forward, and peak RSS. ``text-init`` starts from real class text
-   embeddings (``text_classifier``, one template) up to ``real_text_max`` classes and from random unit
-   rows above that (its step costs the same; the text encoding is a one-off set-up, reported as
-   ``text_setup_s``). If ``HEADS`` has ``prompt`` (text prompt tuning), it runs with
-   ``classes_per_step=0`` and ``=256``; otherwise the output says it is not registered. The *naive*
-   row is this benchmark's own CoOp-style module, not a registered head: 4 learned context vectors in
-   ``"X X X X <class>."``, all C prompts through the frozen text tower with autograd at every step.
+   ``--grad-checkpointing``) with a linear head on the pooled embedding (full size; quick: also the
+   decoder head on the tokens), 100 classes: images/s relative to ``frozen`` with the same head, peak
+   RSS (ru_maxrss) and the RSS after the model is built, trainable encoder parameters (``count_trainable``).
+2. **Heads against the class count** (100, 1,000, 8,142) on the frozen encoder: linear, cosine, decoder,
+   and the CoOp prompt head (text prompt tuning) exact (``classes_per_step=0``: every class through the
+   text tower at every step, chunked and checkpointed) and sampled (``classes_per_step=256``): step
+   time, the part of it that is not the encoder's forward, and peak RSS. The *naive* row is this
+   benchmark's own CoOp-style module, not a registered head: 4 learned context vectors in
+   ``"X X X X <class>."``, all C prompts through the frozen text tower with autograd at every step
+   (up to 1,000 classes: at 8,142 it needs several GiB). The exact prompt head above 1,000 classes runs
+   one step without warm-up (``long_steps``). The first step of each process is reported too: for the
+   sampled prompt head it includes the exact no-grad encoding of every class, which recurs every
+   ``refresh_every`` (10) steps.
 
 Timings need a quiet machine (torch's intra-op threads slow down badly on busy cores): each row shows
 how many cores other processes kept busy during the runs it uses (from /proc/stat), and the output warns
@@ -56,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_eval import PeakRSS, machine_info
-from benchmarks.bench_train_head import ImageSource
+from benchmarks.bench_train_head import BENCH_MODEL, ImageSource, register_bench_model
 from benchmarks.timing import OtherLoad, StepTimer, loadavg, median
 
 MODES = (  # (tune, tune_opts, grad_checkpointing)
@@ -64,26 +70,23 @@ MODES = (  # (tune, tune_opts, grad_checkpointing)
     ("bitfit", (), False), ("ln", (), False), ("lora", (), False), ("adapter", (), False),
     ("adaptformer", (), False), ("vpt-shallow", (), False), ("vpt-deep", (), False),
 )
-CLASS_HEADS = (("linear", ()), ("cosine", ()), ("mlp", ()), ("decoder", ()), ("text-init", ()),
-               ("prompt", ("classes_per_step=0",)), ("prompt", ("classes_per_step=256",)), ("naive", ()))
-FULL = {"model": "ViT-B-32", "batch_size": 16, "warmup": 1, "steps": 2, "rounds": 2, "mode_classes": 100,
-        "classes": (100, 1000, 8142), "class_rounds": 1, "naive_classes": (25, 100), "real_text_max": 100,
-        "optional_timeout_s": 150}
-QUICK = {"model": "ltclip-tiny-vit", "batch_size": 16, "warmup": 1, "steps": 2, "rounds": 1, "mode_classes": 100,
-         "classes": (100, 1000, 8142), "class_rounds": 1, "naive_classes": (100,), "real_text_max": 100,
-         "optional_timeout_s": 60}
+CLASS_HEADS = (("linear", ()), ("cosine", ()), ("decoder", ()), ("prompt", ("classes_per_step=0",)),
+               ("prompt", ("classes_per_step=256",)), ("naive", ()))
+FULL = {"model": BENCH_MODEL, "class_model": "ltclip-tiny-vit", "batch_size": 16, "warmup": 1, "steps": 2,
+        "rounds": 1, "mode_heads": ("linear",), "mode_classes": 100, "classes": (100, 1000, 8142), "class_rounds": 1,
+        "naive_classes": (100, 1000), "long_steps": {"warmup": 0, "steps": 1}}
+QUICK = {"model": "ltclip-tiny-vit", "class_model": "ltclip-tiny-vit", "batch_size": 16, "warmup": 1, "steps": 2,
+         "rounds": 1, "mode_heads": ("linear", "decoder"), "mode_classes": 100, "classes": (100, 1000, 8142),
+         "class_rounds": 1, "naive_classes": (100,), "long_steps": {"warmup": 0, "steps": 1}}
 MiB = 2**20
 
 
 class _Classes:
-    """What ``new_encoder_classifier`` reads of a dataset: C class names and one prompt template."""
+    """What ``new_encoder_classifier`` reads of a dataset: C class names."""
 
     def __init__(self, num_classes: int):
         self.num_classes, self.name = num_classes, f"bench-{num_classes}"
         self.classnames = [f"class {i}" for i in range(num_classes)]
-
-    def prompt_templates(self) -> list[str]:
-        return ["a photo of a {}."]
 
 
 class NaivePromptHead(torch.nn.Module):
@@ -127,6 +130,8 @@ def child_main(spec: dict) -> dict:
     from ltclip.models.tuning import count_trainable, no_weight_decay_names
 
     register_tiny_configs()
+    if spec["model"] == BENCH_MODEL:
+        register_bench_model(Path(spec["config_dir"]))
     classes, batch, steps = spec["classes"], spec["batch_size"], spec["warmup"] + spec["steps"]
     naive = spec["head"] == "naive"
     cfg = from_flat(FinetuneConfig, {
@@ -136,24 +141,8 @@ def child_main(spec: dict) -> dict:
         "batch_size": batch, "steps": steps, "epochs": 1, "device": "cpu", "seed": 0, "workers": 0,
     }, owner="bench_finetune")
     dataset = _Classes(classes)
-    text_setup = {}
-    real = stage.text_classifier
-
-    def text_rows(backbone, classnames, templates, **kwargs):
-        if len(classnames) > spec["real_text_max"]:  # a text-init step costs the same from any unit rows
-            rows = torch.randn(len(classnames), backbone.encode_dims()[0], generator=torch.Generator().manual_seed(0))
-            return F.normalize(rows, dim=-1).numpy()
-        t0 = time.perf_counter()
-        out = real(backbone, classnames, templates, **kwargs)
-        text_setup["s"] = time.perf_counter() - t0
-        return out
-
     t = time.perf_counter()
-    stage.text_classifier = text_rows
-    try:
-        backbone, model = stage.new_encoder_classifier(cfg, dataset, torch.device("cpu"))
-    finally:
-        stage.text_classifier = real
+    backbone, model = stage.new_encoder_classifier(cfg, dataset, torch.device("cpu"))
     if naive:
         model = EncoderClassifier(backbone, NaivePromptHead(backbone, dataset.classnames))
     build_s = time.perf_counter() - t
@@ -184,12 +173,12 @@ def child_main(spec: dict) -> dict:
     step_s = [b - a for a, b in zip(ends, ends[1:])]
     w = spec["warmup"]
     return {"step_s": step_s[w:], "warmup_step_s": step_s[:w], "encoder_forward_s": forward_s[w:],
-            "build_s": build_s, "text_setup_s": text_setup.get("s"), "encoder_trainable": trainable,
+            "build_s": build_s, "encoder_trainable": trainable,
             "head_trainable": count_params(model.head, trainable_only=True), "rss_built_mib": rss_built,
             "peak_rss_mib": mem.peak_mib, "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_child(specs: list[dict], timeout: float | None = None) -> list[dict]:
+def run_child(specs: list[dict]) -> list[dict]:
     repo = Path(__file__).resolve().parent.parent
     # Through a shell that forks: a child spawned straight from this process would report this
     # process's peak as its own ru_maxrss (Linux carries the parent's high-water mark over exec).
@@ -197,11 +186,11 @@ def run_child(specs: list[dict], timeout: float | None = None) -> list[dict]:
     proc = subprocess.Popen(["/bin/sh", "-c", '"$0" "$@"; exit $?', *cmd], cwd=repo, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the shell and the python it started
-        proc.communicate()
-        raise RuntimeError(f"timed out after {timeout:.0f} s") from None
+        stdout, stderr = proc.communicate()
+    finally:
+        if proc.poll() is None:  # interrupted: its own session, the shell and the python it started
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"child {specs[0]['label']} failed:\n{stderr[-4000:]}")
     line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -211,29 +200,19 @@ def run_child(specs: list[dict], timeout: float | None = None) -> list[dict]:
 QUIET = 0.5  # cores other processes may keep busy during a run that counts as quiet
 
 
-def run_rounds(specs: list[dict], rounds: int, shared: bool, optional_timeout: float, retries: int) -> dict:
+def run_rounds(specs: list[dict], rounds: int, shared: bool, retries: int) -> dict:
     """Every spec once per round, rounds one after another, each in its own process (``shared``: all of
     a round in one process, so its peak RSS is not per spec). A run during which other processes kept
     more than QUIET cores busy is repeated (at most ``retries`` times per spec and round); the statistics
-    pool the step times of the quiet runs, or of all runs when none was quiet; the JSON keeps every run.
-    A ``prompt`` spec (another engineer's head) runs alone, within ``optional_timeout`` s; if it fails
-    or times out, its row says so instead of stopping the benchmark."""
+    pool the step times of the quiet runs, or of all runs when none was quiet; the JSON keeps every run."""
     results: dict = {}
-    optional = [s for s in specs if s["head"] == "prompt"]
-    required = [s for s in specs if s["head"] != "prompt"]
-    groups = ([required] if shared and required else [[s] for s in required]) + [[s] for s in optional]
+    groups = [specs] if shared else [[s] for s in specs]
     for r in range(rounds):
         for group in groups:
             for attempt in range(1 + (0 if shared else retries)):
                 load = loadavg()
-                try:
-                    with OtherLoad() as other:
-                        outs = run_child(group, optional_timeout if group[0]["head"] == "prompt" else None)
-                except RuntimeError as err:
-                    if group[0]["head"] != "prompt":
-                        raise
-                    results[group[0]["label"]] = {"spec": group[0], "runs": [], "error": str(err).splitlines()[-1]}
-                    break
+                with OtherLoad() as other:
+                    outs = run_child(group)
                 for spec, out in zip(group, outs):
                     res = results.setdefault(spec["label"], {"spec": spec, "runs": []})
                     res["runs"].append({**out, "other_cores": other.cores, "loadavg_before": load, "round": r,
@@ -242,8 +221,6 @@ def run_rounds(specs: list[dict], rounds: int, shared: bool, optional_timeout: f
                     break
     results = {s["label"]: results[s["label"]] for s in specs}  # the specs' order
     for res in results.values():
-        if not res["runs"]:
-            continue
         runs = [run for run in res["runs"] if run["other_cores"] <= QUIET] or res["runs"]
         step = median([s for run in runs for s in run["step_s"]])
         fwd = [s for run in runs for s in run["encoder_forward_s"]]
@@ -255,14 +232,14 @@ def run_rounds(specs: list[dict], rounds: int, shared: bool, optional_timeout: f
             "peak_rss_mib": max(run["peak_rss_mib" if shared else "ru_maxrss_mib"] for run in res["runs"]),
             "rss_built_mib": median([run["rss_built_mib"] for run in res["runs"]]),
             "other_cores": max(run["other_cores"] for run in runs),
-            **{k: runs[0][k] for k in ("encoder_trainable", "head_trainable", "build_s", "text_setup_s")},
+            **{k: runs[0][k] for k in ("encoder_trainable", "head_trainable", "build_s")},
         })
     return results
 
 
-def base_spec(size: dict, threads: int, **kw) -> dict:
+def base_spec(size: dict, threads: int, config_dir: Path, **kw) -> dict:
     spec = {"model": size["model"], "batch_size": size["batch_size"], "warmup": size["warmup"], "steps": size["steps"],
-            "real_text_max": size["real_text_max"], "threads": threads, "tune": "frozen", "tune_opts": [],
+            "config_dir": str(config_dir), "threads": threads, "tune": "frozen", "tune_opts": [],
             "grad_checkpointing": False, "head_opts": [], **kw}
     opts = " ".join([*spec["tune_opts"], *(["--grad-checkpointing"] if spec["grad_checkpointing"] else [])])
     spec["label"] = f"{spec['tune']}{f' {opts}' if opts else ''} / {spec['head']} {' '.join(spec['head_opts'])}".strip()
@@ -294,26 +271,28 @@ def mode_table(results: dict) -> str:
 
 def class_table(results: dict) -> str:
     rows = ["| head | classes | trainable head params | step s (median) | of which not the encoder's forward s "
-            "| peak RSS MiB (+ over build) | build s (text embeddings) | quiet runs used "
+            "| first step s | peak RSS MiB (+ over build) | build s | quiet runs used "
             "| cores busy with other work |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results.values():
         s = r["spec"]
+        first = r["runs"][0]["warmup_step_s"]
         head = f"{s['head']} {' '.join(s['head_opts'])}".strip()
-        if "error" in r:
-            rows.append(f"| {head} | {s['classes']:,} | {r['error'][:200]} | | | | | | |")
-            continue
         rest = r["step_s"] - r["encoder_forward_s"]
-        text = f" ({r['text_setup_s']:.1f})" if r["text_setup_s"] is not None else ""
         rows.append(f"| {head} | {s['classes']:,} | {r['head_trainable']:,} | {r['step_s']:.3f} | {rest:.3f} "
+                    f"| {f'{first[0]:.3f}' if first else '(no warm-up)'} "
                     f"| {r['peak_rss_mib']:,.0f} (+{r['peak_rss_mib'] - r['rss_built_mib']:,.0f}) "
-                    f"| {r['build_s']:.1f}{text} | {_runs(r)} | {r['other_cores']:.1f} |")
+                    f"| {r['build_s']:.1f} | {_runs(r)} | {r['other_cores']:.1f} |")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model, few steps (1-2 minutes)")
+    parser.add_argument("--model", default=None, help=f"open_clip model of the tuning modes (default: {FULL['model']}; "
+                        f"quick: {QUICK['model']})")
+    parser.add_argument("--class-model", default=None,
+                        help=f"open_clip model of the heads against the class count (default: {FULL['class_model']})")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds of the tuning modes (default: 2, quick: 1)")
     parser.add_argument("--retries", type=int, default=1,
@@ -328,31 +307,32 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         print("RESULT " + json.dumps([child_main(spec) for spec in json.loads(args.child)]), flush=True)
         return {}
-    from ltclip.models.heads import HEADS
-
-    size = QUICK if args.quick else FULL
+    size = {**(QUICK if args.quick else FULL), **({"model": args.model} if args.model else {}),
+            **({"class_model": args.class_model} if args.class_model else {})}
     rounds, threads = args.rounds or size["rounds"], torch.get_num_threads()
-    prompt_registered = "prompt" in HEADS
+    args.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     start = time.perf_counter()
     sections = {}
     t = time.perf_counter()
-    mode_specs = [base_spec(size, threads, tune=tune, tune_opts=list(opts), grad_checkpointing=gc, head=head,
-                            classes=size["mode_classes"]) for head in ("linear", "decoder") for tune, opts, gc in MODES]
-    modes = run_rounds(mode_specs, rounds, args.quick, size["optional_timeout_s"], args.retries)
+    mode_specs = [base_spec(size, threads, args.out, tune=tune, tune_opts=list(opts), grad_checkpointing=gc, head=head,
+                            classes=size["mode_classes"]) for head in size["mode_heads"] for tune, opts, gc in MODES]
+    modes = run_rounds(mode_specs, rounds, args.quick, args.retries)
     sections["tuning modes"] = time.perf_counter() - t
     t = time.perf_counter()
-    class_specs = [base_spec(size, threads, head=head, head_opts=list(opts), classes=c)
-                   for head, opts in CLASS_HEADS
-                   for c in (size["naive_classes"] if head == "naive" else size["classes"])
-                   if head != "prompt" or prompt_registered]
-    heads = run_rounds(class_specs, size["class_rounds"], args.quick, size["optional_timeout_s"], args.retries)
+    def class_spec(head, opts, c):
+        long = head == "prompt" and "classes_per_step=0" in opts and c > 1000
+        return base_spec(size, threads, args.out, head=head, head_opts=list(opts), classes=c, model=size["class_model"],
+                         **(size["long_steps"] if long else {}))
+
+    class_specs = [class_spec(head, opts, c) for head, opts in CLASS_HEADS
+                   for c in (size["naive_classes"] if head == "naive" else size["classes"])]
+    heads = run_rounds(class_specs, size["class_rounds"], args.quick, args.retries)
     sections["heads × classes"] = time.perf_counter() - t
     machine = {**machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     report = {"size": size, "rounds": rounds, "shared_processes": args.quick, "machine": machine,
               "wall_s": time.perf_counter() - start,
-              "sections_s": sections, "prompt_registered": prompt_registered, "modes": modes, "heads": heads}
-    args.out.mkdir(parents=True, exist_ok=True)
+              "sections_s": sections, "modes": modes, "heads": heads}
     (args.out / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{machine['cpu_model']}, {machine['nproc']} cores, torch {machine['torch']} ({threads} threads); "
           f"load average {load_before[0]:.1f} before, {machine['loadavg_after'][0]:.1f} after; "
@@ -361,16 +341,15 @@ def main(argv: list[str] | None = None) -> dict:
           f"+ AdamW), median of {size['steps']} steps × the quiet runs of {rounds} rounds, after {size['warmup']} "
           f"warm-up step(s) per process; {size['mode_classes']} classes:\n")
     print(mode_table(modes))
-    print(f"\nHeads on the frozen encoder against the number of classes (median of {size['steps']} steps; 'not the "
-          "encoder's forward': head forward + backward, loss, AdamW, loop):\n")
+    print(f"\nHeads on the frozen {size['class_model']} encoder against the number of classes (batch "
+          f"{size['batch_size']}; median of {size['steps']} steps after {size['warmup']} warm-up step(s), exact prompt "
+          f"above 1,000 classes: {size['long_steps']['steps']} step, no warm-up; 'not the encoder's forward': head "
+          "forward + backward, loss, AdamW, loop):\n")
     print(class_table(heads))
     print("\n`naive`: this benchmark's CoOp-style module (every class prompt through the text tower with gradients "
           "at every step), not a registered head.")
     if args.quick:
         print("Quick: each section's runs shared one process, so the RSS columns are sampled and not per mode or head.")
-    if not prompt_registered:
-        print("`prompt` (text prompt tuning, classes_per_step=0 / 256): NOT REGISTERED in ltclip.models.heads.HEADS "
-              "when this ran; no numbers for it.")
     busy = {name: [v["other_cores"] for v in part.values() if v.get("other_cores", 0) > QUIET]
             for name, part in (("tuning modes", modes), ("heads × classes", heads))}
     if any(busy.values()):

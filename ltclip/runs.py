@@ -82,10 +82,35 @@ class RunModel(torch.nn.Module):
         return out
 
 
+def head_record(head) -> dict:
+    """A head as ``model.pt`` stores it: name, config and state; a prompt head adds what finds its
+    text tower again (``text_encoder``: the model's identity and the class names)."""
+    record = {"name": head.name, "config": head.config, "state_dict": head.state_dict()}
+    if getattr(head, "requires_text_encoder", False):
+        record["text_encoder"] = head.text_encoder.record()
+    return record
+
+
+def build_head(record: dict, backbone=None):
+    """The head :func:`head_record` stored; a prompt head's text tower is ``backbone``'s (a finetuned
+    run's own encoder) or, without one, the recorded model's, loaded by name."""
+    from .models.heads import create_head
+
+    tower = None
+    if "text_encoder" in record:
+        from .models.text_prompts import load_text_encoder, text_encoder
+
+        names = record["text_encoder"]["classnames"]
+        tower = (text_encoder(backbone, names) if backbone is not None
+                 else load_text_encoder(record["text_encoder"], names, "the run's recorded model"))
+    head = create_head(record["name"], **record["config"], text_encoder=tower, from_checkpoint=True)
+    head.load_state_dict(record["state_dict"])
+    return head
+
+
 def model_payload(head, two_stage=None, tau: float | None = None) -> dict:
     """What ``model.pt`` holds: enough to rebuild every part by name and config."""
-    payload = {"schema_version": RUN_SCHEMA_VERSION, "head": {"name": head.name, "config": head.config, "state_dict": head.state_dict()},
-               "tau": tau}
+    payload = {"schema_version": RUN_SCHEMA_VERSION, "head": head_record(head), "tau": tau}
     if two_stage is not None:
         payload["two_stage"] = {"name": two_stage.name, "config": two_stage.config, "state_dict": two_stage.state_dict()}
     return payload
@@ -93,12 +118,9 @@ def model_payload(head, two_stage=None, tau: float | None = None) -> dict:
 
 def build_model(payload: dict, class_counts) -> RunModel:
     """Rebuild a :class:`RunModel` from :func:`model_payload`'s dict."""
-    from .models.heads import create_head
     from .second_stage import build_two_stage
 
-    spec = payload["head"]
-    head = create_head(spec["name"], **spec["config"], from_checkpoint=True)
-    head.load_state_dict(spec["state_dict"])
+    head = build_head(payload["head"])
     two_stage = None
     if payload.get("two_stage"):
         ts = payload["two_stage"]
@@ -114,7 +136,7 @@ def finetune_payload(cfg, backbone, model) -> dict:
     tuning = cfg.tuning
     return {
         "schema_version": RUN_SCHEMA_VERSION,
-        "head": {"name": model.head.name, "config": model.head.config, "state_dict": model.head.state_dict()},
+        "head": head_record(model.head),
         "encoder": {"model": cfg.model, "pretrained": cfg.pretrained, "preprocess_from": cfg.preprocess_from,
                     "identity": backbone.identity, "tune": tuning.tune, "tune_opts": TUNING.parse(tuning.tune, tuning.tune_opts),
                     "state_dict": trainable_state(backbone.model)},
@@ -127,7 +149,6 @@ def build_encoder_classifier(payload: dict, device="cpu"):
     against the identity the run recorded, the tuning applied and the trained entries loaded."""
     from .models.backbone import load_backbone
     from .models.encoder_classifier import EncoderClassifier
-    from .models.heads import create_head
     from .models.tuning import apply_tuning, load_trainable_state
 
     enc = payload["encoder"]
@@ -138,9 +159,7 @@ def build_encoder_classifier(payload: dict, device="cpu"):
                           f"({', '.join(changed)} differ); restore that model or retrain")
     apply_tuning(backbone.model, enc["tune"], dict(enc["tune_opts"]))
     load_trainable_state(backbone.model, enc["state_dict"])
-    spec = payload["head"]
-    head = create_head(spec["name"], **spec["config"], from_checkpoint=True)
-    head.load_state_dict(spec["state_dict"])
+    head = build_head(payload["head"], backbone)
     return backbone, EncoderClassifier(backbone, head).to(device).eval()
 
 

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from conftest import TINY_MODEL
@@ -123,6 +124,36 @@ def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_pa
     with FeatureCache(feats / "test.h5") as cache:
         np.testing.assert_allclose(cache.load_embeds()[:8, 0].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
         assert len(cache.attrs["finetuned_run_sha256"]) == 64
+
+
+def test_prompt_head_finetunes_on_the_backbones_text_tower_and_reloads(synthetic_root, tmp_path):
+    from test_text_prompts import naive_features
+
+    from ltclip.runs import load_run
+
+    run = tmp_path / "prompt"
+    ok("finetune", *data_args(synthetic_root), "--tune", "lora", "--head", "prompt", "--head-opt", "classes_per_step=4",
+       "--head-opt", "chunk=3", "--loss", "ce", "--epochs", "3", "--batch-size", "32", "--lr", "1e-2", "--workers", "0",
+       "--device", "cpu", "--out", run)
+    assert records(run)[-1]["loss"] < records(run)[0]["loss"]
+    dataset = load_dataset("synthetic", synthetic_root)
+    payload = torch.load(run / "model.pt", weights_only=True)
+    assert payload["head"]["text_encoder"]["classnames"] == dataset.classnames
+    assert list(payload["head"]["state_dict"]) == ["classifier.ctx"]
+    assert payload["encoder"]["state_dict"] and all(k.startswith("visual.") for k in payload["encoder"]["state_dict"])
+    model = load_run(run).model
+    x = torch.stack([model.preprocess(dataset.open_image("test", i)) for i in range(8)])
+    base = load_backbone(TINY_MODEL, "none")  # the text tower never trains: the base model's is the run's
+    tokens = base.tokenizer([f"a photo of a {name}." for name in dataset.classnames])
+    with torch.no_grad():
+        z = F.normalize(model.encode(x)[0], dim=-1)
+        text = naive_features(base, tokens, payload["head"]["state_dict"]["classifier.ctx"], 4)
+        torch.testing.assert_close(model(x), base.model.logit_scale.exp() * z @ text.T, atol=1e-4, rtol=0)
+        assert torch.equal(load_run(run).model(x), model(x))
+    ok("eval", run, "--split", "val", "--json", tmp_path / "e.json")
+    evaluated = json.loads((tmp_path / "e.json").read_text())["results"][0]
+    info = json.loads((run / "run.json").read_text())
+    assert evaluated["balanced_accuracy"] == pytest.approx(info["best"]["val_balanced_accuracy"])
 
 
 @pytest.mark.parametrize(

@@ -48,9 +48,33 @@ def label(registry: Registry) -> str:
     return registry.flag or f"{registry.kind} option"
 
 
+def tiny_text_encoder():
+    """A 1-layer, 16-wide open_clip text tower with ``D``-d features and ``C`` class names, for the heads
+    that need one (``requires_text_encoder``)."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from ltclip.models.text_prompts import TextEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = open_clip.CLIP(D, open_clip.CLIPVisionCfg(layers=1, width=16, head_width=8, patch_size=8, image_size=16),
+                               open_clip.CLIPTextCfg(context_length=16, vocab_size=49408, width=16, heads=2, layers=1))
+    return TextEncoder(model.eval(), SimpleTokenizer(context_length=16), [f"class {i}" for i in range(C)])
+
+
+TEXT_ENCODER = tiny_text_encoder()
+
+
+def tower(name):
+    """The ``text_encoder`` argument head ``name`` takes: the tiny tower, or None for heads that need none."""
+    return TEXT_ENCODER if getattr(HEADS.get(name), "requires_text_encoder", False) else None
+
+
 def build_head(name, seed=0, **params):
     torch.manual_seed(seed)
-    return create_head(name, num_classes=C, embed_dim=D, token_shape=(T, W), text_embeds=TEXT, **params).eval()
+    return create_head(name, num_classes=C, embed_dim=D, token_shape=(T, W), text_embeds=TEXT,
+                       text_encoder=tower(name), **params).eval()
 
 
 def head_inputs(head, n=4, seed=2):
@@ -187,7 +211,7 @@ def test_head_rebuilt_from_its_config_gives_identical_logits(name):
     config = json.loads(json.dumps(head.config))
     assert "text_embeds" not in config
     torch.manual_seed(99)
-    rebuilt = create_head(name, **config, from_checkpoint=True)
+    rebuilt = create_head(name, **config, text_encoder=tower(name), from_checkpoint=True)
     rebuilt.load_state_dict(head.state_dict())
     rebuilt.eval()
     x = head_inputs(head)
@@ -196,12 +220,13 @@ def test_head_rebuilt_from_its_config_gives_identical_logits(name):
 
 @pytest.mark.parametrize(
     "name, params", [("decoder", {"depth": 1, "heads": 2, "qkv_bias": False}), ("mlp", {"hidden": 5}),
-                     ("cosine", {"learn_scale": False, "init_scale": 4.0}), ("linear", {"normalize": False})],
+                     ("cosine", {"learn_scale": False, "init_scale": 4.0}), ("linear", {"normalize": False}),
+                     ("prompt", {"init": "", "context": 3, "class_specific": True, "classes_per_step": 2, "chunk": 2})],
 )
 def test_head_config_records_given_options_and_rebuilds_them(name, params):
     head = build_head(name, **params)
     assert head.config == {"num_classes": C, "embed_dim": D, "token_shape": [T, W], **HEADS.options(name), **params}
-    rebuilt = create_head(name, **json.loads(json.dumps(head.config)), from_checkpoint=True)
+    rebuilt = create_head(name, **json.loads(json.dumps(head.config)), text_encoder=tower(name), from_checkpoint=True)
     rebuilt.load_state_dict(head.state_dict())
     x = head_inputs(head)
     assert torch.equal(rebuilt.eval()(x), head(x))

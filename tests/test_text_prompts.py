@@ -1,34 +1,29 @@
 """The CoOp prompt head (ltclip/models/text_prompts.py) on the tiny open_clip model: zero-shot at
-init, only ctx trains, chunked + checkpointed = naive, the sampled regime's cache, rebuilding."""
+init, only ctx trains, chunked + checkpointed = naive, the sampled regime's cache, rebuilding; and
+wired into the stages: train-head on an extracted cache, runs that reload to the same logits, eval,
+and one-line refusals where the text tower cannot be rebuilt."""
 
 from __future__ import annotations
 
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
+from conftest import TINY_MODEL
+from ltclip.cli import app
 from ltclip.errors import LtclipError
 from ltclip.models.backbone import load_backbone
-from ltclip.models.heads import HEADS
+from ltclip.models.heads import HEADS, create_head
+from ltclip.models.text_prompts import PromptHead, text_encoder
+from ltclip.runs import load_run
+from ltclip.store import FeatureCache, write_arrays
 
-def _module():
-    """ltclip.models.text_prompts, imported at first use rather than at collection: importing it
-    registers head "prompt", and tests/test_heads.py's full-list assertion predates it."""
-    import ltclip.models.text_prompts as module
-
-    return module
-
-
-def text_encoder(bb, names):
-    return _module().text_encoder(bb, names)
-
-
-def PromptHead(*args, **kwargs):
-    return _module().PromptHead(*args, **kwargs)
-
+runner = CliRunner()
 
 NAMES = ["cat", "golden retriever", "Aaaa bbbbus cccus", "red-winged blackbird", "x", "sea anemone",
          "Quercus robur", "tram", "hot-air balloon", "lesser spotted woodpecker", "ant", "Zz"]
@@ -36,7 +31,7 @@ NAMES = ["cat", "golden retriever", "Aaaa bbbbus cccus", "red-winged blackbird",
 
 @pytest.fixture(scope="module")
 def bb():
-    return load_backbone("ltclip-tiny-vit", "none")
+    return load_backbone(TINY_MODEL, "none")
 
 
 def build(te, **opts):
@@ -97,8 +92,8 @@ def test_another_init_phrase_and_random_context(bb):
 
 def test_bad_options_are_refused(bb):
     te = text_encoder(bb, NAMES[:3])
-    with pytest.raises(LtclipError, match="text_encoder"):
-        PromptHead(3, 32)
+    with pytest.raises(LtclipError, match=r"^--head prompt needs the model's text tower and the class names, [^\n]+$"):
+        create_head("prompt", num_classes=3, embed_dim=32)  # a caller with no text tower to give
     with pytest.raises(LtclipError, match="context=0"):
         build(te, context=16)  # the default init has 4 tokens
     with pytest.raises(LtclipError, match="context"):
@@ -258,7 +253,7 @@ def test_state_dict_round_trip_rebuilds_identical_logits(bb):
 
 
 def test_copies_share_the_tower_and_moves_carry_it():
-    bb = load_backbone("ltclip-tiny-vit", "none")  # its own: this test casts the tower
+    bb = load_backbone(TINY_MODEL, "none")  # its own: this test casts the tower
     head = build(text_encoder(bb, NAMES[:3])).eval()
     x = embeds(bb, 2)
     expected = head(x)
@@ -270,3 +265,67 @@ def test_copies_share_the_tower_and_moves_carry_it():
     assert bb.model.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float64
     assert bb.model.positional_embedding.dtype == torch.float64
     torch.testing.assert_close(head(x.double()).float(), expected, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- wired into the stages and runs
+
+
+def ok(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def extracted(synthetic_root, tmp_path_factory):
+    """train/val caches of the synthetic images, extracted by `ltclip extract` with the tiny model."""
+    out = tmp_path_factory.mktemp("prompt") / "features"
+    ok("extract", "--dataset", "synthetic", "--data-root", synthetic_root, "--model", TINY_MODEL, "--pretrained", "none",
+       "--splits", "train,val", "--no-tokens", "--workers", "0", "--device", "cpu", "--out", out)
+    return out
+
+
+def test_train_head_prompt_run_reloads_to_its_logits_and_evaluates(extracted, bb, tmp_path):
+    run = tmp_path / "run"
+    ok("train-head", "--features", extracted, "--head", "prompt", "--head-opt", "chunk=4", "--loss", "ce", "--epochs", "4",
+       "--batch-size", "32", "--lr", "1e-2", "--warmup", "0", "--device", "cpu", "--out", run)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"], log
+    payload = torch.load(run / "model.pt", weights_only=True)
+    with FeatureCache(extracted / "val.h5") as cache:
+        names, x = cache.classnames, torch.from_numpy(cache.load_embeds()[:, 0].astype(np.float32))
+    assert payload["head"]["text_encoder"] == {"model": TINY_MODEL, "pretrained": "none", "checkpoint_sha256": "",
+                                               "quick_gelu": False, "classnames": names}
+    ctx = payload["head"]["state_dict"]["classifier.ctx"]
+    tokens = bb.tokenizer([f"a photo of a {n}." for n in names])
+    with torch.no_grad():
+        assert not torch.allclose(naive_features(bb, tokens, ctx, 4), zero_shot(bb, names), atol=1e-3)  # it trained
+        expected = bb.model.logit_scale.exp() * F.normalize(x, dim=-1) @ naive_features(bb, tokens, ctx, 4).T
+        logits = load_run(run).model(x)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        assert torch.equal(load_run(run).model(x), logits)  # every reload: the same logits
+    ok("eval", run, "--split", "val", "--json", tmp_path / "e.json")
+    best = json.loads((run / "run.json").read_text())["best"]
+    result = json.loads((tmp_path / "e.json").read_text())["results"][0]
+    assert result["balanced_accuracy"] == pytest.approx(best["val_balanced_accuracy"])  # what training selected
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"model": TINY_MODEL, "pretrained": "file", "checkpoint_sha256": "ab" * 32}, "checkpoint file known only by its sha256"),
+    ({"model": TINY_MODEL, "pretrained": "/gone/tiny.pt"}, "cannot rebuild the text tower of --features"),
+    ({"model": TINY_MODEL, "pretrained": "none", "quick_gelu": True}, "loads with other quick_gelu than --features"),
+    ({"model": "gaussian", "pretrained": "none"}, "(--model 'gaussian': unknown open_clip model"),
+    ({}, "records no model/pretrained"),  # a user-made cache
+])
+def test_train_head_prompt_refuses_a_cache_whose_text_tower_cannot_be_rebuilt(tmp_path, attrs, message):
+    rng = np.random.default_rng(0)
+    (tmp_path / "features").mkdir()
+    for split in ("train", "val"):
+        write_arrays(tmp_path / "features" / f"{split}.h5", rng.standard_normal((12, 32)).astype(np.float32),
+                     np.arange(12) % 3, ["a", "b", "c"], {"dataset": "made", **attrs})
+    result = runner.invoke(app, ["train-head", "--features", str(tmp_path / "features"), "--head", "prompt",
+                                 "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("error: --head prompt: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+

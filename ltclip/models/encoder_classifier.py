@@ -17,7 +17,7 @@ class EncoderClassifier(nn.Module):
 
     def __init__(self, backbone, head):
         super().__init__()
-        self.backbone = backbone.model  # the open_clip CLIP (its text tower is never run here)
+        self.backbone = backbone.model  # the open_clip CLIP (its text tower runs only for a prompt head)
         self.encode = backbone.encode
         self.preprocess, self.preprocess_cfg = backbone.preprocess, backbone.preprocess_cfg
         self.head = head

@@ -320,6 +320,7 @@ def create_head(
     embed_dim: int,
     token_shape: Sequence[int] | None = None,
     text_embeds: Tensor | None = None,
+    text_encoder=None,
     from_checkpoint: bool = False,
     **params,
 ) -> Head:
@@ -329,13 +330,15 @@ def create_head(
     included, in ``head.config``. ``text_embeds`` [C, D] is the zero-shot classifier (used by
     ``text-init``). With ``from_checkpoint=True`` missing text embeddings are replaced by zeros, to
     be overwritten by ``load_state_dict``: ``create_head(name, **head.config, from_checkpoint=True)``
-    rebuilds ``head``.
+    rebuilds ``head``. ``text_encoder`` (a :class:`~ltclip.models.text_prompts.TextEncoder`) goes to
+    the heads that set ``requires_text_encoder`` (``prompt``), as their sixth positional argument.
     """
     HEADS.check(name, params)
     options = {**HEADS.options(name), **params}
     if from_checkpoint and text_embeds is None:
         text_embeds = torch.zeros(num_classes, embed_dim)
-    head = HEADS.create(name, num_classes, embed_dim, token_shape, text_embeds, **options)
+    text = (text_encoder,) if getattr(HEADS.get(name), "requires_text_encoder", False) else ()
+    head = HEADS.create(name, num_classes, embed_dim, token_shape, text_embeds, *text, **options)
     head.config.update(options)
     return head
 
@@ -376,3 +379,6 @@ def vit_flops(visual: nn.Module, image_size: int | Sequence[int]) -> int:
     if visual.proj is not None:
         macs += visual.proj.numel()
     return macs
+
+
+from . import text_prompts  # noqa: E402,F401  (registers head "prompt"; it imports this module)

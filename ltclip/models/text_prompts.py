@@ -57,13 +57,15 @@ from ..errors import LtclipError
 from .heads import HEADS, Head, _require
 
 SAMPLES = ("hard", "uniform")
+# what names the text tower's weights: a backbone's identity minus its (image) preprocessing
+TEXT_IDENTITY = ("model", "pretrained", "checkpoint_sha256", "quick_gelu")
 
 
 class TextEncoder:
     """open_clip's frozen text tower, its tokenizer and the class names: what a prompt head needs
     besides its state_dict. A plain object (deep copies share it), never a submodule of the head."""
 
-    def __init__(self, model: nn.Module, tokenizer, classnames: Sequence[str]):
+    def __init__(self, model: nn.Module, tokenizer, classnames: Sequence[str], identity: dict | None = None):
         from open_clip.transformer import text_global_pool
 
         tower = getattr(model, "text", model)  # CustomTextCLIP keeps its tower in .text
@@ -82,6 +84,7 @@ class TextEncoder:
         self._pool = text_global_pool
         self.tokenizer = tokenizer
         self.classnames = [str(c) for c in classnames]
+        self.identity = {k: identity[k] for k in TEXT_IDENTITY if k in identity} if identity else {}
         self.logit_scale = float(model.logit_scale.detach().exp().reshape(-1)[0])
         self.width = tower.token_embedding.embedding_dim
         proj = tower.text_projection
@@ -90,6 +93,10 @@ class TextEncoder:
 
     def __deepcopy__(self, memo):
         return self  # frozen: every copy of a head shares the one tower
+
+    def record(self) -> dict:
+        """What finds this tower again (:func:`load_text_encoder`): the model's identity and the class names."""
+        return {**self.identity, "classnames": list(self.classnames)}
 
     def pool_index(self, tokens: Tensor) -> Tensor:
         """The position whose output is the text feature (open_clip's argmax / eos pooling)."""
@@ -112,7 +119,31 @@ class TextEncoder:
 
 def text_encoder(backbone, classnames: Sequence[str]) -> TextEncoder:
     """The :class:`TextEncoder` of a :class:`~ltclip.models.backbone.Backbone` for ``classnames``."""
-    return TextEncoder(backbone.model, backbone.tokenizer, classnames)
+    return TextEncoder(backbone.model, backbone.tokenizer, classnames, backbone.identity)
+
+
+def load_text_encoder(identity: dict, classnames: Sequence[str], where: str) -> TextEncoder:
+    """The text tower of the model ``identity`` records (a cache's attributes, :meth:`TextEncoder.record`),
+    loaded by name and checked against the record; ``where`` names the record in errors."""
+    from .backbone import load_backbone
+
+    model, pretrained = identity.get("model"), identity.get("pretrained")
+    fix = "extract the cache with an open_clip tag (--pretrained TAG or none), or fine-tune with finetune --head prompt"
+    if not model or pretrained is None:
+        raise LtclipError(f"--head prompt: {where} records no model/pretrained to rebuild the text tower from; {fix}")
+    if pretrained == "file":
+        raise LtclipError(f"--head prompt: {where} was made from a checkpoint file known only by its sha256 "
+                          f"({str(identity.get('checkpoint_sha256', ''))[:12]}), so its text tower cannot be rebuilt; {fix}")
+    try:
+        backbone = load_backbone(str(model), str(pretrained))
+    except LtclipError as err:
+        raise LtclipError(f"--head prompt: cannot rebuild the text tower of {where} ({err}); "
+                          "make that model loadable here, or retrain") from None
+    differ = [k for k in TEXT_IDENTITY if k in identity and str(identity[k]) != str(backbone.identity.get(k))]
+    if differ:
+        raise LtclipError(f"--head prompt: {model} / {pretrained} loads with other {', '.join(differ)} than {where} "
+                          "records; restore the weights it was made with, or retrain")
+    return text_encoder(backbone, classnames)
 
 
 def _first_unique(x: Tensor) -> Tensor:
@@ -278,8 +309,8 @@ class PromptHead(Head):
         classes_per_step: int = 0, refresh_every: int = 10, chunk: int = 128, sample: str = "hard",
     ):
         if text_encoder is None:
-            raise LtclipError("--head prompt needs the text tower and class names: pass "
-                              "text_encoder=text_encoder(backbone, classnames) (ltclip.models.text_prompts)")
+            raise LtclipError("--head prompt needs the model's text tower and the class names, which only "
+                              "train-head (from the cache's model) and finetune (its own) provide; choose another --head")
         super().__init__(num_classes, embed_dim, token_shape)
         if len(text_encoder.classnames) != self.num_classes or text_encoder.embed_dim != int(embed_dim):
             raise LtclipError(
@@ -297,6 +328,10 @@ class PromptHead(Head):
             text_encoder, context=context, init=init, class_specific=class_specific,
             classes_per_step=classes_per_step, refresh_every=refresh_every, chunk=chunk, sample=sample,
         )
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.classifier.text
 
     def features(self, x):
         return F.normalize(x, dim=-1)

@@ -21,6 +21,7 @@ from ..models.backbone import load_backbone
 from ..models.encoder_classifier import EncoderClassifier, image_logits
 from ..models.heads import HEADS, create_head
 from ..models.text import text_classifier
+from ..models.text_prompts import text_encoder
 from ..models.tuning import TUNING, apply_tuning, count_trainable, no_weight_decay_names
 from ..progress import Progress
 from ..runs import finetune_payload, write_run
@@ -30,7 +31,8 @@ from .common import start_run
 
 def new_encoder_classifier(cfg: FinetuneConfig, dataset, device):
     """The base encoder with the tuning mode applied, and a new head (a text-initialised head gets the
-    class text embeddings, computed once in batches), seeded by ``cfg.optim.seed``."""
+    class text embeddings, computed once in batches; a prompt head the backbone's own frozen text
+    tower), seeded by ``cfg.optim.seed``."""
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
     torch.manual_seed(cfg.optim.seed)
     apply_tuning(backbone.model, cfg.tuning.tune, TUNING.parse(cfg.tuning.tune, cfg.tuning.tune_opts))
@@ -40,11 +42,12 @@ def new_encoder_classifier(cfg: FinetuneConfig, dataset, device):
     embed_dim, token_shape = backbone.encode_dims()
     method = cfg.method
     head_opts = HEADS.parse(method.head, method.head_opts)
-    text = None
-    if HEADS.get(method.head).wants_text(head_opts):
+    entry, text = HEADS.get(method.head), None
+    if entry.wants_text(head_opts):
         text = torch.from_numpy(text_classifier(backbone, dataset.classnames, dataset.prompt_templates(), device=device))
+    tower = text_encoder(backbone, dataset.classnames) if getattr(entry, "requires_text_encoder", False) else None
     head = create_head(method.head, num_classes=dataset.num_classes, embed_dim=embed_dim, token_shape=token_shape,
-                       text_embeds=text, **head_opts)
+                       text_embeds=text, text_encoder=tower, **head_opts)
     return backbone, EncoderClassifier(backbone, head).to(device)
 
 

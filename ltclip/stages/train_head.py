@@ -13,6 +13,7 @@ from ..distributed import setup
 from ..engine import Task, check_optim, fit
 from ..losses import LOSSES
 from ..models.heads import HEADS, create_head
+from ..models.text_prompts import load_text_encoder
 from ..progress import Progress
 from ..runs import RunModel, features_input, model_payload, write_run
 from .common import CacheSource, open_split, posthoc_tau, ram_budget, start_run, text_embeds, validate_on_cache
@@ -30,11 +31,15 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     train_cache = open_split(features, "train")
     val_cache = open_split(features, cfg.val_split, required=False)
     counts = train_cache.class_counts()
+    entry = HEADS.get(method.head)
+    text = None
+    if getattr(entry, "requires_text_encoder", False):  # the text tower of the model the cache was extracted with
+        text = load_text_encoder(train_cache.attrs, train_cache.classnames, f"--features {features / 'train.h5'}")
     torch.manual_seed(optim.seed)
     head = create_head(
         method.head, num_classes=train_cache.num_classes, embed_dim=train_cache.embed_dim, token_shape=train_cache.token_shape,
-        text_embeds=text_embeds(features, train_cache.num_classes) if HEADS.get(method.head).wants_text(head_opts) else None,
-        **head_opts,
+        text_embeds=text_embeds(features, train_cache.num_classes) if entry.wants_text(head_opts) else None,
+        text_encoder=text, **head_opts,
     ).to(device)
     max_ram = ram_budget(cfg.max_ram, ctx)
     train = FeatureInputs(train_cache, head.input, max_ram)
