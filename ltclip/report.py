@@ -1,4 +1,4 @@
-"""Reports across evaluation results: Markdown, JSON and CSV tables, per-class accuracy plots.
+"""Reports across evaluation results: Markdown, JSON and CSV tables (the figures: :mod:`ltclip.plots`).
 
 A result is a dict from :func:`ltclip.metrics.evaluate` extended with identity keys: ``name``
 (row label), ``kind`` ("run", "zero-shot", "knn", ...), ``dataset``, ``split``, optionally
@@ -19,7 +19,6 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import LtclipError
-from .metrics import as_numpy
 
 
 class Column(NamedTuple):
@@ -160,98 +159,6 @@ def write_csv(results: Sequence[dict], path: str | os.PathLike) -> Path:
         writer.writerow(["" if r.get(c) is None else _plain(r[c]) for c in columns])
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------- plot
-
-
-def _binned_mean(counts: np.ndarray, acc: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean accuracy in ``bins`` log-spaced frequency bins (empty bins dropped), placed at the
-    geometric mean count of each bin's classes."""
-    logc = np.log(counts)
-    span = logc.max() - logc.min()
-    if span == 0:
-        which = np.zeros(len(counts), int)
-    else:
-        which = np.minimum(((logc - logc.min()) / span * bins).astype(int), bins - 1)
-    used = np.unique(which)
-    x = np.array([math.exp(logc[which == b].mean()) for b in used])
-    y = np.array([acc[which == b].mean() for b in used])
-    return x, y
-
-
-def _per_class_points(result: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(train count, accuracy) of the classes present in the eval set, sorted by count."""
-    name = result.get("name", "?")
-    if result.get("train_counts") is None or result.get("per_class") is None:
-        raise LtclipError(f"result {name!r} needs 'train_counts' and 'per_class' for the per-class plot")
-    counts = as_numpy(result["train_counts"], np.float64)
-    acc = np.array([np.nan if a is None else a for a in result["per_class"]], np.float64)
-    if counts.shape != acc.shape:
-        raise LtclipError(
-            f"result {name!r}: {counts.size} train counts but {acc.size} per-class accuracies; "
-            "use the counts of the same class list"
-        )
-    keep = ~np.isnan(acc) & (counts > 0)  # absent from the eval set, or no training image (no log position)
-    order = np.argsort(counts[keep], kind="stable")
-    return counts[keep][order], acc[keep][order]
-
-
-def plot_per_class(
-    results: Sequence[dict],
-    path: str | os.PathLike,
-    *,
-    many_threshold: int = 100,
-    few_threshold: int = 20,
-    bins: int = 12,
-    title: str | None = None,
-) -> Path:
-    """PNG of per-class accuracy against training images per class (log x), one colour per result.
-
-    Each result draws its classes as faint points and their mean in ``bins`` log-spaced frequency
-    bins as a line; dashed lines mark the few/many thresholds. Classes absent from the eval set
-    (``per_class`` None) or from the training set are not drawn. Written atomically.
-    """
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not results:
-        raise LtclipError("no results to plot")
-    fig = Figure(figsize=(8, 5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    colours = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
-    for i, result in enumerate(results):
-        counts, acc = _per_class_points(result)
-        if not counts.size:
-            raise LtclipError(f"result {result.get('name', i)!r} has no class with both eval and training images")
-        colour = colours[i % len(colours)]
-        ax.scatter(counts, acc, s=10, color=colour, alpha=0.25, linewidths=0)
-        x, y = _binned_mean(counts, acc, bins)
-        ax.plot(x, y, "-o", color=colour, markersize=3.5, linewidth=1.8, label=str(result.get("name", f"result {i}")))
-    ax.set_xscale("log")
-    ax.set_ylim(-3, 110)  # room above 100 % for the shot-group names
-    ax.set_yticks(range(0, 101, 20))
-    for threshold in (few_threshold, many_threshold):
-        ax.axvline(threshold, color="0.4", linestyle="--", linewidth=1)
-    trans = ax.get_xaxis_transform()
-    lo, hi = ax.get_xlim()
-    regions = {"few": (lo, few_threshold), "medium": (few_threshold, many_threshold), "many": (many_threshold, hi)}
-    for text, (a, b) in regions.items():
-        if a < b and lo <= math.sqrt(a * b) <= hi:
-            ax.text(math.sqrt(a * b), 0.985, text, transform=trans, ha="center", va="top", color="0.35", fontsize=9)
-    ax.set_xlim(lo, hi)
-    ax.set_xlabel("training images per class (log scale)")
-    ax.set_ylabel("per-class accuracy (%)")
-    where = ", ".join(f"{d} / {s}" for d, s in _groups(results))
-    ax.set_title(title or f"Per-class accuracy vs. training frequency — {where}")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="best", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
     return Path(path)
 
 

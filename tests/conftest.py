@@ -94,6 +94,20 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
+# A toy CLIP for the tests (`ltclip pretrain-toy` in a few seconds): the first 10 synthetic concepts, as in
+# synthetic_root, on the tiny test config. Its zero-shot accuracy on synthetic_root is far above chance.
+TOY_CLIP = dict(model=TINY_MODEL, classes=10, images_per_class=16, steps=80, batch_size=32, lr=3e-3)
+
+
+@pytest.fixture(scope="session")
+def toy_clip(tmp_path_factory) -> Path:
+    """The checkpoint file of a pretrained toy CLIP: ``--model TINY_MODEL --pretrained <this path>``."""
+    from ltclip.toy_clip import ToyClipSettings, pretrain_toy_clip
+
+    out = tmp_path_factory.mktemp("toy_clip")
+    return out / pretrain_toy_clip(out, ToyClipSettings(**TOY_CLIP))["checkpoint"]
+
+
 def write_cache(folder: Path, split: str, embeds, labels, num_classes: int, tokens=None, dataset: str = "gaussian") -> Path:
     """A feature cache file written by the real writer (as `ltclip extract` would)."""
     from ltclip.store import write_arrays

@@ -1,4 +1,4 @@
-"""Reports: table numbers and bold cells parsed back, CSV/JSON round trips, the PNG, row labels."""
+"""Reports: table numbers and bold cells parsed back, CSV/JSON round trips, the figures, row labels."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from PIL import Image
 
 from ltclip.errors import LtclipError
 from ltclip.metrics import evaluate
-from ltclip.report import COLUMNS, markdown_table, method_name, plot_per_class, write_csv, write_json
+from ltclip.plots import GROUP_BARS, plot_per_class, plot_shot_groups, write_plots
+from ltclip.report import COLUMNS, markdown_table, method_name, write_csv, write_json
 
 COUNTS = [400, 250, 150, 101, 100, 60, 30, 20, 19, 8, 3, 1]
 
@@ -130,17 +131,49 @@ def test_csv_round_trip_equals_the_inputs(results, tmp_path):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_plot_is_a_png(results, tmp_path):
-    path = plot_per_class(results, tmp_path / "per_class.png")
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(data) > 20_000
+def png_pixels(path) -> np.ndarray:
+    """The RGB pixels of a valid PNG file."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as im:
         im.verify()
     with Image.open(path) as im:
-        assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 300
-        pixels = np.asarray(im.convert("RGB"))
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # lines, points and text, not a blank canvas
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("plot", [plot_per_class, plot_shot_groups])
+def test_plot_is_a_png(results, tmp_path, plot):
+    path = plot(results, tmp_path / "figure.png")
+    assert path.stat().st_size > 20_000
+    pixels = png_pixels(path)
+    assert pixels.shape[1] > 500 and pixels.shape[0] > 300
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # bars or points, lines and text, not a blank canvas
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_write_plots_writes_the_bars_and_the_per_class_figure_beside_them(results, tmp_path):
+    bars, per_class = write_plots(results, tmp_path / "accuracy.png")
+    assert (bars, per_class) == (tmp_path / "accuracy.png", tmp_path / "accuracy_per_class.png")
+    assert sorted(tmp_path.iterdir()) == [bars, per_class]
+    assert png_pixels(per_class).shape[:2] == (396, 1344)  # one panel per result, three in a row
+    assert plot_per_class(results + results[:1], tmp_path / "four.png") and png_pixels(tmp_path / "four.png").shape[0] == 720
+
+
+def colour_pixels(path, colour: str) -> int:
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(png_pixels(path).astype(int) - rgb).sum(axis=-1) < 6).sum())
+
+
+def test_bar_lengths_are_proportional_to_the_values(tmp_path):
+    few_colour = dict(GROUP_BARS)["few"]
+    row = {"name": "m", "kind": "run", "dataset": "d", "split": "s", "many": None, "medium": None, "top1": None}
+    short = plot_shot_groups([{**row, "few": 40.0}], tmp_path / "short.png")
+    long = plot_shot_groups([{**row, "few": 80.0}], tmp_path / "long.png")
+    none = plot_shot_groups([{**row, "few": None}], tmp_path / "none.png")
+    legend = colour_pixels(none, few_colour)  # no bar: only the legend's patch has the colour
+    bar = {k: colour_pixels(p, few_colour) - legend for k, p in (("short", short), ("long", long))}
+    assert bar["long"] == pytest.approx(2 * bar["short"], rel=0.05)
+    assert bar["short"] > 10 * legend > 0
 
 
 def test_plot_needs_train_counts_matching_the_classes(results, tmp_path):
@@ -152,7 +185,7 @@ def test_plot_needs_train_counts_matching_the_classes(results, tmp_path):
 
 
 def test_binned_curve_means_every_class_once():
-    from ltclip.report import _binned_mean
+    from ltclip.plots import _binned_mean
 
     counts = np.array([1, 2, 3, 10, 30, 100, 300, 1000], float)
     acc = np.arange(8, dtype=float) * 10

@@ -121,7 +121,8 @@ def _check_outputs(cfg: EvalConfig) -> None:
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
     """Evaluate runs and baselines; write eval.json per run and the requested reports."""
-    from ..report import plot_per_class, write_csv, write_json, write_markdown
+    from ..plots import write_plots
+    from ..report import write_csv, write_json, write_markdown
 
     _check_outputs(cfg)
     if cfg.views not in ("mean", "first"):
@@ -150,6 +151,6 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     if cfg.csv:
         write_csv(results, cfg.csv)
     if cfg.plot:
-        plot_per_class(results, cfg.plot, many_threshold=cfg.many, few_threshold=cfg.few)
+        write_plots(results, cfg.plot, many_threshold=cfg.many, few_threshold=cfg.few)
     return results
 
