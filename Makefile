@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pip takes torch from the machine's local wheel files where they exist.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast bench clean grid grid-imagenet_lt grid-places_lt grid-inat18 grid-cifar100_lt
+.PHONY: demo test test-fast bench clean reproduce reproduce-lift
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,13 +28,19 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# The paper's grid on one dataset: make grid DATASET=places_lt DATA_ROOT=/data/places365 [MODEL=ViT-B-16
-# PRETRAINED=openai EPOCHS=10 MANIFEST_DIR=...]; or the named targets below with DATA_ROOT set.
-grid: $(STAMP)
-	LTCLIP=$(VENV)/bin/ltclip bash scripts/paper_grid.sh
+# The paper's table on one dataset: make reproduce DATASET=imagenet_lt|places_lt|inat18|cifar100_lt
+# DATA_ROOT=/data/... [MODEL=ViT-L-14 PRETRAINED=openai OUT=experiments/... ARGS="--precision bf16 ..."];
+# reproduce-lift adds LIFT's row (AdaptFormer). Every finished step is skipped, so a rerun continues.
+# The venv is only created when missing (order-only): a run never reinstalls. See docs/reproduction.md.
+LTCLIP ?= $(VENV)/bin/ltclip
+REPRODUCE = $(LTCLIP) reproduce --dataset "$(DATASET)" --data-root "$(DATA_ROOT)" --model "$(or $(MODEL),ViT-L-14)" \
+	--pretrained "$(or $(PRETRAINED),openai)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
-grid-imagenet_lt grid-places_lt grid-inat18 grid-cifar100_lt: $(STAMP)
-	LTCLIP=$(VENV)/bin/ltclip DATASET=$(@:grid-%=%) bash scripts/paper_grid.sh
+reproduce: | $(STAMP)
+	$(REPRODUCE) --recipe imbalance-vlm
+
+reproduce-lift: | $(STAMP)
+	$(REPRODUCE) --recipe lift
 
 clean:
 	rm -rf demo bench_out .pytest_cache
