@@ -16,8 +16,8 @@ from .common import (
 )
 from .options import (
     Accum, BatchSize, CheckpointEvery, Device, Epochs, EvalEvery, GradClip, Head, HeadOpts, Loss, LossOpts, Lr, Momentum,
-    NoDecay1d, Nesterov, Opts, Optimizer, Precision, Sampler, Schedule, Seed, Select, Steps, Tensorboard, Warmup,
-    WeightDecay,
+    NoDecay1d, Nesterov, Opts, Optimizer, Precision, Recipe, Sampler, Schedule, Seed, Select, Steps, Tensorboard, Warmup,
+    WarmupSteps, WeightDecay,
 )
 
 _F, _U = FinetuneConfig(out=""), TuningConfig()
@@ -40,6 +40,7 @@ def finetune(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help=f"open_clip model name \\[default: {_F.model}].")] = None,
     pretrained: Annotated[Optional[str], typer.Option("--pretrained", "-p", help=f"open_clip tag, checkpoint file, or 'none' \\[default: {_F.pretrained}].")] = None,
     preprocess_from: Annotated[Optional[str], typer.Option("--preprocess-from", help="Tag whose preprocessing a checkpoint file needs.")] = None,
+    recipe: Recipe = None,
     tune: Annotated[Optional[str], typer.Option("--tune", help=f"What of the encoder trains (`ltclip list tuning`) \\[default: {_U.tune}].")] = None,
     tune_opts: Annotated[Opts, typer.Option("--tune-opt", help="Tuning option key=value (repeatable), e.g. rank=8.")] = None,
     backbone_lr: Annotated[Optional[float], typer.Option("--backbone-lr", help="Peak lr of the encoder's trained parameters (default: --lr).")] = None,
@@ -61,6 +62,7 @@ def finetune(
     no_decay_1d: NoDecay1d = None,
     schedule: Schedule = None,
     warmup: Warmup = None,
+    warmup_steps: WarmupSteps = None,
     grad_clip: GradClip = None,
     precision: Precision = None,
     seed: Seed = None,
@@ -77,7 +79,6 @@ def finetune(
 ):
     """Fine-tune the image encoder (full, last-k, bitfit, ln, LoRA, adapters, VPT) with a head, end to end on images."""
     values = given(locals(), drop=("config", "resume"))
-    from ..config import from_flat
     from ..progress import RichProgress
     from ..stages.finetune import run_finetune
 
@@ -87,15 +88,24 @@ def finetune(
     if out is None:
         if os.environ.get("WORLD_SIZE", "1") != "1":
             raise LtclipError("--out is required under torchrun (every process must write to the same folder)")
-        cfg = from_flat(FinetuneConfig, {**values, "out": ""}, owner="finetune")
+        cfg = finetune_config({**values, "out": ""})
         values["out"] = str(default_run_dir(f"finetune-{cfg.tuning.tune}-{cfg.method.head}-{cfg.method.loss}-{cfg.method.sampler}", resume))
         say_default("--out", values["out"])
-    cfg = from_flat(FinetuneConfig, values, owner="finetune")
+    cfg = finetune_config(values, say=say_default)
     progress = RichProgress()
     result = run_finetune(cfg, progress, resume=resume)
     best = result["best"] or {}
     tail = f", val balanced accuracy {best['val_balanced_accuracy']:.2f}%" if best.get("val_balanced_accuracy") is not None else ""
     progress.log(f"run: {result['out']}{tail}")
+
+
+def finetune_config(values: dict, *, say=None) -> FinetuneConfig:
+    """The finetune config of the values given (options, ``--config``) over ``--recipe`` over the
+    dataclass (``FINETUNE_OPTIM``); ``say(option, text)`` hears each value the recipe chose."""
+    from ..config import from_flat
+    from ..recipes import layer_options
+
+    return from_flat(FinetuneConfig, layer_options("finetune", values, say=say), owner="finetune")
 
 
 def register(app: typer.Typer) -> None:

@@ -16,7 +16,7 @@ from ..config import MethodConfig, TrainHeadConfig
 from ..errors import LtclipError
 from ..workspace import WORKSPACE_FILE, default_run_dir, recorded_features
 from .common import ConfigFile, check_choice, given, guarded, say_default
-from .options import Device, Tensorboard, Accum, BatchSize, CheckpointEvery, Epochs, EvalEvery, GradClip, Head, HeadOpts, Loss, LossOpts, Lr, Momentum, Nesterov, NoDecay1d, Optimizer, Opts, Precision, Sampler, Schedule, Seed, Select, Steps, Warmup, WeightDecay
+from .options import Device, Tensorboard, Accum, BatchSize, CheckpointEvery, Epochs, EvalEvery, GradClip, Head, HeadOpts, Loss, LossOpts, Lr, Momentum, Nesterov, NoDecay1d, Optimizer, Opts, Precision, Sampler, Schedule, Seed, Recipe, Select, Steps, Warmup, WarmupSteps, WeightDecay
 
 _M, _T = MethodConfig(), TrainHeadConfig(features="", out="")
 
@@ -25,6 +25,7 @@ def train_head(
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (default: runs/HEAD-LOSS-SAMPLER, or runs/STAGE1-METHOD for a second stage; never a finished run).")] = None,
     config: ConfigFile = None,
     features: Annotated[Optional[str], typer.Option("--features", "-f", help="Feature cache folder from `ltclip extract` (default: the one ./ltclip.toml names).")] = None,
+    recipe: Recipe = None,
     head: Head = None,
     head_opts: HeadOpts = None,
     loss: Loss = None,
@@ -42,6 +43,7 @@ def train_head(
     no_decay_1d: NoDecay1d = None,
     schedule: Schedule = None,
     warmup: Warmup = None,
+    warmup_steps: WarmupSteps = None,
     grad_clip: GradClip = None,
     precision: Precision = None,
     seed: Seed = None,
@@ -81,7 +83,7 @@ def train_head(
     else:
         from ..stages.train_head import run_train_head
 
-        result = run_train_head(stage_one_config(values), progress, resume=resume)
+        result = run_train_head(stage_one_config(values, say=say_default), progress, resume=resume)
     best = result["best"] or {}
     if best.get("val_balanced_accuracy") is not None:
         when = f" (epoch {best['epoch'] + 1})" if best.get("epoch") is not None else ""
@@ -90,11 +92,21 @@ def train_head(
         progress.log(f"run: {result['out']}")
 
 
-def stage_one_config(values: dict) -> TrainHeadConfig:
-    """The stage-1 config that option values given on the command line (or by a sweep point) make."""
-    from ..config import from_flat
+def stage_one_config(values: dict, *, say=None) -> TrainHeadConfig:
+    """The stage-1 config that option values given on the command line (or by a sweep point) make.
 
-    return from_flat(TrainHeadConfig, values, owner="stage 1 (second-stage options need --from RUN)")
+    Layers, each over the next: the values given (explicit options and ``--config``) > ``--recipe``
+    > the head's defaults (``Head.defaults``, shown by ``ltclip list heads``) > the dataclass. The
+    config is fully resolved (it is what the run saves); ``say(option, text)`` hears each value a
+    lower layer chose.
+    """
+    from ..config import from_flat
+    from ..models.heads import HEADS
+    from ..recipes import layer_options
+
+    check_choice("--head", "heads", values.get("head"))
+    resolved = layer_options("train-head", values, head_defaults=lambda head: HEADS.get(head).defaults, say=say)
+    return from_flat(TrainHeadConfig, resolved, owner="stage 1 (second-stage options need --from RUN)")
 
 
 def _recorded_features():
@@ -111,7 +123,10 @@ def _default_out(values: dict, resume: bool):
     if values.get("from_run"):
         name = f"{Path(values['from_run']).name}-{values.get('two_stage') or 'la'}" + ("-la" if values.get("two_stage") and values.get("posthoc_la") else "")
     else:
-        name = "-".join(values.get(k, getattr(_M, k)) for k in ("head", "loss", "sampler"))
+        from ..recipes import layer_options
+
+        chosen = layer_options("train-head", values)
+        name = "-".join(chosen.get(k, getattr(_M, k)) for k in ("head", "loss", "sampler"))
     return default_run_dir(name, resume)
 
 

@@ -78,6 +78,9 @@ class Head(nn.Module):
     input = "embeds"
     feature_dim: int
     classifier: nn.Module
+    # Stage-1 training defaults of this head (train-head options), over the dataclass's, under
+    # --recipe and the options given; measured in docs/methods_benchmark.md ("Defaults that learn").
+    defaults: dict = {}
 
     def __init__(self, num_classes: int, embed_dim: int, token_shape: Sequence[int] | None):
         super().__init__()
@@ -112,6 +115,8 @@ def _maybe_normalize(x: Tensor, normalize: bool) -> Tensor:
 class LinearHead(Head):
     """Linear probe ``W x + b`` on the (by default L2-normalised) embedding."""
 
+    defaults = {"optimizer": "adamw", "lr": 0.1, "epochs": 10}
+
     def __init__(self, num_classes, embed_dim, token_shape=None, text_embeds=None, *, normalize: bool = True):
         super().__init__(num_classes, embed_dim, token_shape)
         self.normalize = normalize
@@ -129,6 +134,8 @@ class CosineHead(Head):
     With ``text_init`` the class rows start as the class text embeddings (LIFT's classifier), so
     before training the logits are ``init_scale`` × CLIP's zero-shot cosines.
     """
+
+    defaults = {"optimizer": "adamw", "lr": 0.03, "epochs": 10}
 
     def __init__(
         self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
@@ -156,6 +163,8 @@ class MLPHead(Head):
 
     ``hidden=0`` means ``hidden = D``.
     """
+
+    defaults = {"optimizer": "adamw", "lr": 0.01, "epochs": 30}
 
     def __init__(
         self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
@@ -272,6 +281,8 @@ class DecoderHead(Head):
     ``final_norm=false`` leaves the final LayerNorm out, as the seed paper's code does (its decoder
     feeds the last block's CLS token straight to the classifier).
     """
+
+    defaults = {"optimizer": "adamw", "lr": 0.01, "epochs": 10}
 
     input = "tokens"
 
