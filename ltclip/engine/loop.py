@@ -28,7 +28,7 @@ from ..errors import LtclipError
 from ..progress import Progress
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_python
 from .log import TrainLog
-from .optim import create_optimizer, create_schedule
+from .optim import create_optimizer, create_schedule, warmup_steps
 
 LAST_FILE = "last.pt"
 BEST_FILE = "best.pt"
@@ -71,6 +71,9 @@ def check_optim(cfg, world_size: int = 1) -> None:
     if cfg.batch_size % (world_size * cfg.accum):
         raise LtclipError(f"--batch-size {cfg.batch_size} must be a multiple of processes × --accum "
                           f"({world_size} × {cfg.accum}); it is the rows of one optimizer step in total")
+    steps = cfg.warmup_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise LtclipError(f"--warmup-steps {cfg.warmup_steps!r}: must be an integer >= 0")
     if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.warmup < 0 or cfg.grad_clip < 0:
         raise LtclipError(f"--lr must be positive and --weight-decay, --warmup, --grad-clip >= 0 "
                           f"(got {cfg.lr}, {cfg.weight_decay}, {cfg.warmup}, {cfg.grad_clip})")
@@ -82,6 +85,17 @@ def check_optim(cfg, world_size: int = 1) -> None:
         raise LtclipError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.eval_every < 0 or cfg.checkpoint_every < 0:
         raise LtclipError("--eval-every and --checkpoint-every must be >= 0 (0: at epoch ends only)")
+
+
+def steps_per_epoch(cfg, rows: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch of ``rows`` training rows."""
+    return _plan(cfg, rows, world_size)[2]
+
+
+def run_length(cfg, per_epoch: int) -> tuple[int, int]:
+    """``(optimizer steps, epochs)`` of a run of :class:`OptimConfig` ``cfg`` at ``per_epoch`` steps an epoch."""
+    total = cfg.steps or cfg.epochs * per_epoch
+    return total, math.ceil(total / per_epoch)
 
 
 def _plan(cfg, rows: int, world: int) -> tuple[int, int, int]:
@@ -148,27 +162,34 @@ def fit(
     tensorboard: bool = False,
     lrs: dict[str, float] | None = None,
     no_decay: tuple[str, ...] = (),
+    parts: dict | None = None,
 ) -> FitResult:
     """Train ``model``'s trainable parameters with ``task`` on ``source`` as :class:`OptimConfig` ``cfg`` says.
 
     ``validate(model) -> metrics`` runs after every epoch (and every ``cfg.eval_every`` steps) on
     every process; the weights with the highest ``cfg.select`` metric are kept and loaded at the
-    end (the last weights without ``validate``). With ``out`` the loop writes ``train_log.jsonl``,
+    end (the last weights without ``validate``, or with ``cfg.select=None``: validation for the log only). With ``out`` the loop writes ``train_log.jsonl``,
     ``last.pt`` (each epoch and every ``cfg.checkpoint_every`` steps) and ``best.pt`` there, on
     rank 0; ``resume=True`` continues from ``last.pt``. ``lrs`` maps submodules to their own peak
     learning rates and ``no_decay`` names parameters kept out of weight decay (:func:`create_optimizer`).
+
+    ``parts`` maps submodules to an :class:`OptimConfig` of their own (instead of ``lrs``): each part
+    trains on the same batches with its own lr, weight decay, momentum, schedule, warm-up and length
+    (``epochs``/``steps``), and stops updating at its end; the loop runs until the longest part ends,
+    with ``cfg``'s batch size, sampler, seed, optimizer and precision.
     """
     device = torch.device(device)
     progress = progress if progress is not None and ctx.is_main else Progress()
     labels = np.asarray(source.labels)
     micro, local_batch, per_epoch = _plan(cfg, len(labels), ctx.world_size)
-    total = cfg.steps or cfg.epochs * per_epoch
+    part_steps = _part_steps(cfg, parts, lrs, per_epoch)
+    total = max(t for _, t, _ in part_steps.values()) if parts else run_length(cfg, per_epoch)[0]
     epochs = math.ceil(total / per_epoch)
     order_sampler = create_sampler(sampler, labels, num_classes, seed=cfg.seed, total_epochs=epochs,
                                    rank=ctx.rank, world_size=ctx.world_size)
     autocast = precision_autocast(device, cfg.precision)
-    optimizer = create_optimizer(model, cfg, lrs, no_decay)
-    schedule = create_schedule(optimizer, cfg.schedule, total, int(round(cfg.warmup * per_epoch)))
+    optimizer = create_optimizer(model, cfg, parts or lrs, no_decay)
+    schedule = create_schedule(optimizer, cfg.schedule, total, warmup_steps(cfg, per_epoch), part_steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     task = task.to(device) if hasattr(task, "to") else task
     task.total_epochs = epochs
@@ -214,6 +235,8 @@ def fit(
         metrics = validate(model)
         model.train()
         summary = {f"val_{k}": v for k, v in metrics.items()}
+        if cfg.select is None:
+            return summary
         score = metrics[cfg.select]
         if state.best is None or score > state.best[f"val_{cfg.select}"]:
             state.best = to_python({"epoch": state.epoch, "step": state.step, **summary})
@@ -286,6 +309,20 @@ def fit(
             best_weights = load_checkpoint(out / BEST_FILE)["model"]
         _load_state(model, best_weights)
     return FitResult(state.best, log.history, state.step, epochs)
+
+
+def _part_steps(cfg, parts: dict | None, lrs: dict | None, per_epoch: int) -> dict[str, tuple[str, int, int]]:
+    """Each part's ``(schedule, total steps, warm-up steps)``, its options checked first."""
+    if not parts:
+        return {}
+    if lrs:
+        raise ValueError("fit: pass parts or lrs, not both")
+    for name, part in parts.items():
+        check_optim(part)
+        if (part.optimizer, part.nesterov) != (cfg.optimizer, cfg.nesterov):
+            raise LtclipError(f"part {name!r}: --optimizer {part.optimizer} (nesterov {part.nesterov}) differs from the "
+                              f"loop's {cfg.optimizer} (nesterov {cfg.nesterov}); parts share one optimizer")
+    return {name: (p.schedule, run_length(p, per_epoch)[0], warmup_steps(p, per_epoch)) for name, p in parts.items()}
 
 
 def _state(model: torch.nn.Module) -> dict:

@@ -13,6 +13,7 @@ from typing import Collection
 
 import torch
 
+from ..config import OptimConfig
 from ..errors import LtclipError
 from ..registry import Registry
 
@@ -25,6 +26,12 @@ OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum"}
 def cosine(t: float) -> float:
     """Half a cosine from 1 to 0."""
     return 0.5 * (1 + math.cos(math.pi * t))
+
+
+@SCHEDULES.register("truncated-cosine")
+def truncated_cosine(t: float) -> float:
+    """cos(7πt/16): a cosine cut at 7/16 of a cycle, ending at 0.195× the peak (FixMatch's, Imbalance-VLM's)."""
+    return math.cos(7 * math.pi * t / 16)
 
 
 @SCHEDULES.register("step")
@@ -46,13 +53,20 @@ def lr_factor(step_index: int, total: int, warmup: int, schedule: str) -> float:
     return SCHEDULES.get(schedule)((step_index - warmup) / max(1, total - warmup))
 
 
+def warmup_steps(cfg, steps_per_epoch: int) -> int:
+    """Optimizer steps of linear warm-up: ``cfg.warmup_steps`` when set, else ``cfg.warmup`` epochs."""
+    return cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup * steps_per_epoch))
+
+
 def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None = None,
                      no_decay: Collection[str] = ()) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2`` over ``model``'s trainable parameters, from an :class:`OptimConfig`.
 
     ``parts`` maps submodule names to their learning rates (default: the whole model at ``cfg.lr``),
-    e.g. ``{"backbone": 1e-5, "head": 1e-3}``. Weight decay stays off ``no_decay`` parameter names
-    and, with ``cfg.no_decay_1d``, off biases, norms and other 1-D parameters (timm's
+    e.g. ``{"backbone": 1e-5, "head": 1e-3}``, or to an :class:`OptimConfig` of their own: then the
+    part's groups take its lr, weight decay, ``no_decay_1d`` and (sgd) momentum, and carry
+    ``"part": name`` for :func:`create_schedule`. Weight decay stays off ``no_decay`` parameter names
+    and, with ``no_decay_1d``, off biases, norms and other 1-D parameters (timm's
     ``param_groups_weight_decay``).
     """
     from timm.optim import create_optimizer_v2, param_groups_weight_decay
@@ -62,20 +76,41 @@ def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None
     if not any(p.requires_grad for p in model.parameters()):
         raise LtclipError("nothing to train: every parameter of the model is frozen")
     groups = []
-    for prefix, lr in (parts or {"": cfg.lr}).items():
+    for prefix, setting in (parts or {"": cfg.lr}).items():
+        own = setting if isinstance(setting, OptimConfig) else None
+        part_cfg = own or cfg
         module = model.get_submodule(prefix) if prefix else model
         skip = [n.removeprefix(prefix + ".") if prefix else n for n in no_decay if not prefix or n.startswith(prefix + ".")]
-        if cfg.no_decay_1d or skip:
-            part = param_groups_weight_decay(module, cfg.weight_decay, cfg.no_decay_1d, skip)
+        if part_cfg.no_decay_1d or skip:
+            part = param_groups_weight_decay(module, part_cfg.weight_decay, part_cfg.no_decay_1d, skip)
         else:
             part = [{"params": [p for p in module.parameters() if p.requires_grad]}]
-        groups += [{**g, "lr": lr} for g in part if g["params"]]
+        if own is None:
+            groups += [{**g, "lr": setting} for g in part if g["params"]]
+        else:
+            extra = {"momentum": own.momentum} if cfg.optimizer == "sgd" else {}
+            groups += [{"weight_decay": own.weight_decay, **g, "lr": own.lr, "part": prefix, **extra} for g in part if g["params"]]
     name = "nesterov" if cfg.optimizer == "sgd" and cfg.nesterov else OPTIMIZERS[cfg.optimizer]
     extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
     return create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
 
 
-def create_schedule(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int):
-    """A per-step ``LambdaLR`` of :func:`lr_factor` (call ``.step()`` after every optimizer step)."""
-    SCHEDULES.get(schedule)  # unknown names fail here, before training
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, schedule))
+def create_schedule(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int,
+                    parts: dict[str, tuple[str, int, int]] | None = None):
+    """A per-step ``LambdaLR`` of :func:`lr_factor` (call ``.step()`` after every optimizer step).
+
+    ``parts`` gives the groups tagged ``"part": name`` (:func:`create_optimizer`) their own
+    ``(schedule, total_steps, warmup_steps)``; such a group's lr is 0 from its ``total_steps`` on
+    (the part stops updating: AdamW and SGD leave a parameter exactly as it is at lr 0).
+    """
+    def factor(name: str, total: int, warmup: int):
+        SCHEDULES.get(name)  # unknown names fail here, before training
+        return lambda s: lr_factor(s, total, warmup, name)
+
+    def part_factor(name: str, total: int, warmup: int):
+        inner = factor(name, total, warmup)
+        return lambda s: inner(s) if s < total else 0.0
+
+    shared = factor(schedule, total_steps, warmup_steps)
+    lambdas = [part_factor(*parts[g["part"]]) if "part" in g else shared for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
