@@ -11,7 +11,8 @@ with ``max_ram`` = 1/4 of the cache (streamed) and without a cap (in RAM), each 
 engine's progress callbacks). The reader alone (``FeatureInputs.batches`` without a model) is
 measured the same way, in the stage's order (the instance sampler's permutation) and in contiguous
 rows, next to a reference reader that is not the stage's (one ``os.preadv`` per row at the
-dataset's file offset). *Cold* runs drop the file from the page cache first
+dataset's file offset), and once with the prefetch thread off (``prefetch=0``: the same batches,
+read in the consumer's thread). *Cold* runs drop the file from the page cache first
 (``posix_fadvise(DONTNEED)``), *warm* runs read it whole first; the file's page-cache residency
 (``mincore``) before each run and the bytes the process really read from the block device
 (``read_bytes`` in ``/proc/self/io``) are reported, so a page-cache-fed number cannot pass for a
@@ -218,7 +219,7 @@ def child_main(spec: dict) -> dict:
             if spec["via"] == "pread":
                 batches = pread_batches(cache, order, batch)
             else:
-                batches = inputs.batches(order, batch, np.zeros(len(order), np.int64))
+                batches = inputs.batches(order, batch, np.zeros(len(order), np.int64), prefetch=spec.get("prefetch", 2))
             for x, _, _ in batches:
                 marks.append(time.perf_counter())
             skip = 1
@@ -259,6 +260,7 @@ def bench_stream(s: dict, work: Path, threads: int) -> dict:
         ("reader, streamed, cold", "reader", "cold", "sampler", cap, "stage"),
         ("reader, streamed, cold, contiguous rows", "reader", "cold", "contiguous", cap, "stage"),
         ("reader, streamed, warm", "reader", "warm", "sampler", cap, "stage"),
+        ("reader, streamed, warm, no prefetch thread", "reader", "warm", "sampler", cap, "stage-sync"),
         ("reader, in RAM", "reader", "warm", "sampler", None, "stage"),
         ("reference reader (os.preadv per row), cold", "reader", "cold", "sampler", cap, "pread"),
         ("reference reader (os.preadv per row), warm", "reader", "warm", "sampler", cap, "pread"),
@@ -272,7 +274,8 @@ def bench_stream(s: dict, work: Path, threads: int) -> dict:
     for i, (label, what, state, order, max_ram, via) in enumerate(runs):
         (drop_page_cache if state == "cold" else warm_page_cache)(path)
         resident = page_cache_fraction(path)
-        spec = {"label": label, "what": what, "order": order, "max_ram": max_ram, "via": via, "stream": s,
+        spec = {"label": label, "what": what, "order": order, "max_ram": max_ram, "via": via.removesuffix("-sync"),
+                "prefetch": 0 if via.endswith("-sync") else 2, "stream": s,
                 "threads": threads,
                 "features": str(root), "out": str(work / f"stream_run_{i}")}
         load = loadavg()

@@ -56,6 +56,7 @@ class OptimConfig:
     no_decay_1d: bool = False  # no weight decay on biases, norms and other 1-D parameters
     schedule: str = "cosine"
     warmup: float = 0.0  # epochs of linear warm-up
+    warmup_steps: int | None = None  # optimizer steps of linear warm-up instead of ``warmup`` epochs
     grad_clip: float = 0.0
     precision: str = "fp32"
     seed: int = 0
@@ -112,6 +113,11 @@ class ExtractConfig:
     block_size: int = 1024
     seed: int = 0  # of the train views
     from_run: str | None = None  # a finetuned run whose encoder extracts (instead of model/pretrained alone)
+    token_pool: int = 1  # k x k average pooling of the patch tokens (CLS kept); 1: none
+    token_dtype: str = "float16"  # float16, int8 or fp8 (e4m3)
+    token_scale: str | None = None  # int8/fp8: "token" (default) or "channel"
+    token_pca: int = 0  # stored token width after PCA (0: the model's width)
+    token_pca_sample: int = 1024  # train images whose tokens fit the PCA basis
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def test_read_tokens_any_order(tmp_path):
     idx = np.concatenate([rng.integers(0, 300, 50), runs_and_repeats, np.arange(100, 140)])
     rng.shuffle(idx)
     with FeatureCache(path) as cache:
-        assert cache._raw_fd() is not None  # the writer's contiguous tokens are read directly
+        assert cache._raw_fd("tokens") is not None  # the writer's contiguous tokens are read directly
         assert np.array_equal(cache.read_tokens(idx), data["tokens"][idx])
         assert np.array_equal(cache.read_tokens([5]), data["tokens"][[5]])
         assert cache.read_tokens([]).shape == (0, 2, 5, 4)
@@ -267,7 +267,7 @@ def test_resume_refuses_other_features(tmp_path):
         open_writer(path, data, attrs={**ATTRS, "extra": 1})
     with pytest.raises(LtclipError, match="block_size=8, this run has block_size=16"):
         open_writer(path, data, block_size=16)
-    with pytest.raises(LtclipError, match="tokens shape"):
+    with pytest.raises(LtclipError, match=r"token_dtype='float16', this run has token_dtype=\(absent\)"):
         open_writer(path, data, with_tokens=False)
     with pytest.raises(LtclipError, match="other labels"):
         open_writer(path, {**data, "labels": (data["labels"] + 1) % 4})
@@ -436,8 +436,8 @@ def user_file(path, *, labels=(0, 1, 2), **attrs) -> Path:
 
 
 def test_reader_refuses_bad_files(tmp_path):
-    with pytest.raises(LtclipError, match=r"schema_version 2 but ltclip .* reads up to 1; upgrade"):
-        FeatureCache(user_file(tmp_path / "a.h5", schema_version=2))
+    with pytest.raises(LtclipError, match=r"schema_version 3 but ltclip .* reads up to 2; upgrade"):
+        FeatureCache(user_file(tmp_path / "a.h5", schema_version=3))
     with pytest.raises(LtclipError, match=r"label 3 of row 1 is outside \[0, 3\)"):
         FeatureCache(user_file(tmp_path / "b.h5", labels=(0, 3, 1)))
     with pytest.raises(LtclipError, match=r"label -1 of row 0"):
@@ -502,5 +502,5 @@ def test_chunked_tokens_of_a_user_file_read_through_h5py(tmp_path):
         f.attrs["num_classes"] = 3
     idx = [7, 0, 7, 11, 3, 4]
     with FeatureCache(tmp_path / "train.h5") as cache:
-        assert cache._raw_fd() is None
+        assert cache._raw_fd("tokens") is None
         np.testing.assert_array_equal(cache.read_tokens(idx)[:, 0], tokens[idx])

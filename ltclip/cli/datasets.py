@@ -161,11 +161,13 @@ def cache_info(
 
     screen = console()
     table = Table(title=f"feature cache {path}")
-    for col in ("file", "rows", "views", "embeds", "tokens", "complete", "size"):
+    for col in ("file", "rows", "views", "embeds", "tokens", "token format", "bytes/image", "complete", "size"):
         table.add_column(col)
     for f in info["files"]:
+        per_image = f"{f['bytes_per_image']:,}" if "bytes_per_image" in f else ""
         table.add_row(f["file"], f"{f['rows']:,}", str(f.get("views", "")), str(f.get("embeds", "")), str(f.get("tokens") or "—"),
-                      str(f.get("complete", "")), f"{f['bytes'] / 2**20:,.1f} MiB")
+                      f.get("token_format") or "—", per_image, str(f.get("complete", "")), f"{f['bytes'] / 2**20:,.1f} MiB")
+    table.add_row("total", "", "", "", "", "", "", "", f"{info['bytes'] / 2**20:,.1f} MiB")
     screen.print(table)
     prov = Table(title="provenance")
     prov.add_column("attribute")

@@ -1,13 +1,16 @@
 """Batches of head inputs (pooled embeddings or token sequences) from a feature cache.
 
-Inputs live in RAM when they fit under ``max_ram`` (default: half of the memory available);
-otherwise token sequences are streamed from
-the HDF5 file, a batch at a time, by a prefetching thread, so resident memory stays bounded by a
-few batches whatever the cache size. The order always comes from the caller (the sampler).
+Inputs live in RAM when they fit under ``max_ram`` (default: half of the memory available), held
+in the cache's stored format (int8 / fp8 / pooled / PCA tokens stay that small in RAM); otherwise
+token rows are streamed from the HDF5 file by a prefetching thread, so resident memory stays
+bounded by a few batches whatever the cache size. Stored rows are decoded on ``device``: on the
+CPU in the loading thread, on a GPU after a transfer of the stored (small) rows. The order always
+comes from the caller (the sampler); :func:`block_shuffled_order` is an order for slow disks.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -17,15 +20,19 @@ import numpy as np
 import torch
 
 from ..errors import LtclipError
-from ..store import FeatureCache
+from ..store import EncodedTokens, FeatureCache
 
 INPUT_KINDS = ("embeds", "tokens")
 
 
 class FeatureInputs:
-    """The rows of one cache file as model inputs; ``in_ram`` tells which path is used."""
+    """The rows of one cache file as model inputs; ``in_ram`` tells which path is used.
 
-    def __init__(self, cache: FeatureCache, kind: str, max_ram: int | None = None):
+    ``dtype`` is the stored dtype and ``nbytes`` the stored size (values and scales) of all rows;
+    ``row_shape`` is one row as the head sees it, ``(V, D)`` or ``(V, T', W)``.
+    """
+
+    def __init__(self, cache: FeatureCache, kind: str, max_ram: int | None = None, device: str | torch.device | None = None):
         if kind not in INPUT_KINDS:
             raise ValueError(f"input kind must be one of {INPUT_KINDS}")
         if kind == "tokens" and not cache.has_tokens:
@@ -34,54 +41,126 @@ class FeatureInputs:
         self.kind = kind
         self.views = cache.views
         self.labels = cache.labels
-        row_shape = (cache.views, cache.embed_dim) if kind == "embeds" else (cache.views, *cache.token_shape)
-        self.row_shape = row_shape
+        self.device = torch.device("cpu" if device is None else device)
+        self.codec = cache.codec if kind == "tokens" else None
+        self.plain = self.codec is None or self.codec.format.is_plain  # decoding is a cast to float32
+        self.row_shape = (cache.views, cache.embed_dim) if kind == "embeds" else (cache.views, *cache.token_shape)
         self.dtype = cache.embed_dtype if kind == "embeds" else cache.token_dtype  # as stored
-        self.nbytes = cache.num_rows * int(np.prod(row_shape)) * self.dtype.itemsize
+        row_bytes = cache.views * cache.embed_dim * self.dtype.itemsize if kind == "embeds" else cache.token_row_bytes
+        self.nbytes = cache.num_rows * row_bytes
         self.max_ram = default_max_ram() if max_ram is None else max_ram
         self.in_ram = kind == "embeds" or self.max_ram is None or self.nbytes <= self.max_ram
-        self._data = None
+        self._data: EncodedTokens | None = None
         if self.in_ram:
-            self._data = cache.load_embeds() if kind == "embeds" else self._load_tokens()
+            self._data = EncodedTokens(cache.load_embeds(), None) if kind == "embeds" else self._load_tokens()
 
-    def _load_tokens(self) -> np.ndarray:
-        out = np.empty((self.cache.num_rows, *self.row_shape), self.dtype)
-        for start, block in self.cache.iter_token_blocks(4096):
-            out[start : start + len(block)] = block
-        return out
+    def _load_tokens(self) -> EncodedTokens:
+        """Every stored token row (and its scales), read in slices of 4,096 rows."""
+        names = ("tokens", "token_scales") if self.codec.format.scale != "none" else ("tokens",)
+        n = self.cache.num_rows
+        empty = [self.cache.read_rows(name, 0, 0) for name in names]
+        arrays = [np.empty((n, *e.shape[1:]), e.dtype) for e in empty]
+        for start in range(0, n, 4096):
+            stop = min(start + 4096, n)
+            for name, out in zip(names, arrays):
+                out[start:stop] = self.cache.read_rows(name, start, stop)
+        return EncodedTokens(arrays[0], arrays[1] if len(arrays) > 1 else None)
 
-    def rows(self, indices: np.ndarray) -> np.ndarray:
-        """``[len(indices), V, ...]`` in the stored dtype (``self.dtype``), for any indices (any
-        order, repeats allowed)."""
+    def stored_rows(self, indices: np.ndarray) -> EncodedTokens:
+        """Rows ``indices`` (any order, repeats allowed) as stored, ``[len(indices), V, ...]``."""
         if self._data is not None:
-            return self._data[indices]
-        return self.cache.read_tokens(indices)
+            values, scales = self._data
+            return EncodedTokens(values[indices], None if scales is None else scales[indices])
+        return self.cache.read_token_parts(indices)
+
+    def decode(self, rows: EncodedTokens) -> torch.Tensor:
+        """float32 inputs from stored rows, on the device the rows are on (numpy rows: the CPU).
+
+        Plain rows are cast with numpy on the CPU (on the loading thread; torch's cast would take
+        intra-op threads from the step); others are decoded by the cache's codec with torch.
+        """
+        values, scales = rows
+        if isinstance(values, np.ndarray):
+            if self.plain:
+                return torch.from_numpy(values.astype(np.float32))
+            values, scales = torch.from_numpy(values), None if scales is None else torch.from_numpy(scales)
+        return values.float() if self.plain else self.codec.decode(values, scales)
+
+    def rows(self, indices: np.ndarray) -> torch.Tensor:
+        """``[len(indices), V, ...]`` float32 inputs on the CPU, for any indices."""
+        return self.decode(self.stored_rows(indices))
 
     def batches(
-        self, order: np.ndarray, batch_size: int, view_of: np.ndarray | None = None, prefetch: int = 2
+        self, order: np.ndarray, batch_size: int, view_of: np.ndarray | None = None, prefetch: int = 2,
+        read_ahead: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-        """``(x float32, y int64, rows)`` batches over ``order``.
+        """``(x float32, y int64, rows)`` batches over ``order``; ``x`` is on ``device``.
 
         ``view_of[i]`` picks one stored view for position ``i`` (training on augmented views);
         without it every view is returned (``x`` keeps its view axis, for test-time averaging).
-        Streamed inputs are read ``prefetch`` batches ahead in a background thread.
+        A background thread loads ``prefetch`` batches ahead (streamed inputs, or in-RAM ones that
+        need decoding; ``prefetch=0``: all in this thread, the same batches). Streamed rows of
+        ``read_ahead`` batches are read together (one read per contiguous run of their rows: with
+        a :func:`block_shuffled_order`, a few long reads).
         """
         order = np.asarray(order, dtype=np.int64)
-        starts = range(0, len(order), batch_size)
+        if batch_size < 1 or read_ahead < 1 or prefetch < 0:
+            raise ValueError("batch_size and read_ahead must be >= 1 and prefetch >= 0")
+        chunk = batch_size * read_ahead
+        on_cpu = self.device.type == "cpu"
 
         def load(start: int):
-            idx = order[start : start + batch_size]
-            x = self.rows(idx)
+            """The batches of positions ``[start, start + chunk)``: decoded on the CPU, else as stored."""
+            idx = order[start : start + chunk]
+            stored = self.stored_rows(idx)
             if view_of is not None:
-                x = x[np.arange(len(idx)), view_of[start : start + batch_size]]
-            # numpy's cast stays on this thread: torch's would take intra-op threads from the step
-            return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(self.labels[idx]), idx
+                pick = (np.arange(len(idx)), view_of[start : start + chunk])
+                stored = EncodedTokens(stored.values[pick], None if stored.scales is None else stored.scales[pick])
+            out = []
+            for lo in range(0, len(idx), batch_size):
+                part = EncodedTokens(stored.values[lo : lo + batch_size],
+                                     None if stored.scales is None else stored.scales[lo : lo + batch_size])
+                rows = idx[lo : lo + batch_size]
+                out.append((self.decode(part) if on_cpu else _tensors(part, self.device.type == "cuda"),
+                            torch.from_numpy(self.labels[rows]), rows))
+            return out
 
-        if self.in_ram:
-            for start in starts:
-                yield load(start)
-            return
-        yield from _prefetched(load, starts, prefetch)
+        def finish(batch):
+            x, y, rows = batch
+            if not on_cpu:  # the stored rows cross to the device, and are decoded there
+                x = self.decode(EncodedTokens(*(None if a is None else a.to(self.device, non_blocking=True) for a in x)))
+            return x, y, rows
+
+        starts = range(0, len(order), chunk)
+        threaded = prefetch > 0 and (not self.in_ram or not self.plain)
+        chunks = _prefetched(load, starts, max(1, math.ceil(prefetch / read_ahead))) if threaded else map(load, starts)
+        for loaded in chunks:
+            for batch in loaded:
+                yield finish(batch)
+
+
+def _tensors(rows: EncodedTokens, pin: bool) -> EncodedTokens:
+    """Stored rows as tensors, in page-locked memory with ``pin`` (an asynchronous copy to a GPU)."""
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return EncodedTokens(*(None if a is None else as_tensor(a).pin_memory() if pin else as_tensor(a) for a in rows))
+
+
+def block_shuffled_order(num_rows: int, block_rows: int, pool_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of ``range(num_rows)`` that reads a slow disk in long runs.
+
+    The rows are cut into contiguous blocks of ``block_rows`` (the last one shorter), the blocks
+    are visited in a random order, and each run of ``pool_blocks`` visited blocks is shuffled
+    together (the shuffle pool): the order is a sequence of pools, each holding exactly the rows
+    of its ``pool_blocks`` whole blocks (the last pool fewer), in random order.
+    """
+    if num_rows < 0 or block_rows < 1 or pool_blocks < 1:
+        raise ValueError("num_rows must be >= 0, block_rows and pool_blocks >= 1")
+    blocks = rng.permutation(math.ceil(num_rows / block_rows))
+    pools = [
+        rng.permutation(np.concatenate([np.arange(b * block_rows, min((b + 1) * block_rows, num_rows)) for b in group]))
+        for group in (blocks[g : g + pool_blocks] for g in range(0, len(blocks), pool_blocks))
+    ]
+    return np.concatenate(pools) if pools else np.zeros(0, np.int64)
 
 
 def _prefetched(load, starts, depth: int):

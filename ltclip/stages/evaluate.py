@@ -64,7 +64,7 @@ def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
         save_json(run.path / ("eval.json" if cfg.split == "test" else f"eval_{cfg.split}.json"), result)
         return result
     with _split_cache(run.features, cfg.split, str(run_dir)) as cache:
-        inputs = FeatureInputs(cache, run.model.head.input)
+        inputs = FeatureInputs(cache, run.model.head.input, device=device)
         logits = average_views(run.model.predict(inputs, cfg.batch_size, device), cfg.views)
         labels = cache.labels
         name = method_name({**run.info["method"]})

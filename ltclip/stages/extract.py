@@ -22,8 +22,10 @@ from ..models.backbone import load_backbone
 from ..models.text import text_classifier
 from ..progress import Progress
 from ..store import (
-    FeatureCache, FeatureWriter, amend_attribute, join_shards, load_text_embeddings, save_text_embeddings, shard_path,
+    EncodedTokens, FeatureCache, FeatureWriter, PcaFit, TokenFormat, amend_attribute, join_shards, load_text_embeddings,
+    save_text_embeddings, shard_path,
 )
+from ..store.tokens import pool_tokens
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,61 @@ def _complete(path: Path) -> bool:
         return False
 
 
-def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progress: Progress) -> dict:
+def _token_format(cfg: ExtractConfig) -> TokenFormat:
+    """The token format the ``--token-*`` options ask for; refused without stored tokens."""
+    fmt = TokenFormat.from_options(cfg.token_pool, cfg.token_dtype, cfg.token_scale, cfg.token_pca)
+    if not cfg.tokens and fmt != TokenFormat():
+        raise LtclipError("--token-pool/--token-dtype/--token-scale/--token-pca shape the stored tokens; drop them or drop --no-tokens")
+    if cfg.token_pca_sample < 1:
+        raise LtclipError(f"--token-pca-sample {cfg.token_pca_sample}: must be >= 1")
+    if not fmt.pca and cfg.token_pca_sample != ExtractConfig(out="").token_pca_sample:
+        raise LtclipError("--token-pca-sample sizes the PCA fit: pass --token-pca W too, or drop it")
+    return fmt
+
+
+def _stored_basis(out: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The PCA basis of a cache file (finished, unfinished or a shard) already in ``out``, if any."""
+    for path in sorted(out.glob("*.h5")):
+        try:
+            with FeatureCache(path, allow_incomplete=True) as cache:
+                if cache.codec is not None and cache.codec.basis is not None:
+                    return cache.codec.basis
+        except LtclipError:
+            continue
+    return None
+
+
+def _token_basis(cfg, fmt: TokenFormat, dataset, backbone, device, ctx, out: Path, progress: Progress):
+    """The folder's PCA basis: the one its files already hold, else fitted (by rank 0, shared with
+    the others) on the pooled tokens of ``--token-pca-sample`` seeded train images, model preprocessing."""
+    if not fmt.pca:
+        return None
+    basis = _stored_basis(out)
+    if basis is None and ctx.is_main:
+        if "train" not in dataset.splits:
+            raise LtclipError(f"--token-pca fits its basis on train images, but {dataset.name} has no train split")
+        count = len(dataset.split("train"))
+        sample = np.sort(np.random.default_rng(cfg.seed).permutation(count)[: cfg.token_pca_sample]).tolist()
+        images = ImageSplit(dataset, "train", make_views("center", backbone.preprocess, backbone.preprocess_cfg), sample)
+        loader = DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.workers, worker_init_fn=worker_init)
+        fit = PcaFit(backbone.encode_dims()[1][1])
+        with progress.task(f"PCA basis ({len(sample):,} train images)", len(sample), "img") as advance, \
+                torch.inference_mode(), autocast(device, cfg.precision):
+            for x, _, _, problems in _fetch(loader, single_thread=cfg.workers == 0):
+                _, tok = backbone.encode(x.flatten(0, 1).to(device), tokens=True)
+                good = torch.tensor([not p for p in problems], device=tok.device)
+                fit.add(pool_tokens(tok.float()[good], fmt.pool))
+                advance(len(x))
+        basis = fit.basis(fmt.pca)
+    if ctx.enabled:
+        shared = [basis]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        basis = shared[0]
+    return basis
+
+
+def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progress: Progress, fmt: TokenFormat,
+                   basis) -> dict:
     """Write (or resume) one split's cache; with several ranks, each writes a shard and rank 0 joins."""
     final = out / f"{split}.h5"
     rows = dataset.split(split)
@@ -123,13 +179,16 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
             cache.expect(**same, num_rows=len(rows), views=views.count)
             if cfg.tokens != cache.has_tokens:
                 raise LtclipError(f"{final} was made with{'out' if cfg.tokens else ''} tokens; pass another --out or delete it")
+            if cfg.tokens and cache.token_format != fmt:
+                raise LtclipError(f"{final} stores tokens as {cache.token_format.describe()}, this run asks for "
+                                  f"{fmt.describe()}; pass another --out or delete it")
         return {"split": split, "rows": len(rows), "written": 0, "status": "up to date"}
     if cfg.bad_images == "skip":  # resuming a file a bad image stopped under --bad-images fail (as its error advises)
         amend_attribute(shard_path(final, ctx.rank) if ctx.enabled else final, "bad_images", "fail", "skip")
     writer = FeatureWriter.open(
         final, num_rows=len(rows), embed_dim=embed_dim, block_size=cfg.block_size, attrs=attrs,
         labels=rows.labels, classnames=dataset.classnames, paths=rows.keys,
-        token_shape=token_shape if cfg.tokens else None, views=views.count,
+        token_shape=token_shape if cfg.tokens else None, token_format=fmt, token_basis=basis, views=views.count,
         shard=(ctx.rank, ctx.world_size) if ctx.enabled else None,
     )
     skipped = []
@@ -143,7 +202,7 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
         )
         block_iter = iter(pending)
         block = next(block_iter, None)
-        buf_e = buf_t = None
+        bufs = None  # the block's rows: embeds, then the stored token parts
         filled = 0
         with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), autocast(device, cfg.precision):
             for images, _, row_ids, problems in _fetch(loader, single_thread=cfg.workers == 0):
@@ -153,29 +212,30 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 emb, tok = backbone.encode(x, tokens=cfg.tokens)
-                emb = emb.to(torch.float16).view(b, v, -1).cpu().numpy()
-                tok = None if tok is None else tok.to(torch.float16).view(b, v, *tok.shape[1:]).cpu().numpy()
-                if not ok.all():  # skipped images: zero features, rows listed in the summary
-                    emb[~ok.numpy()] = 0
-                    if tok is not None:
-                        tok[~ok.numpy()] = 0
+                bad = ~ok.to(emb.device)  # skipped images: zero features (before encoding), rows listed in the summary
+                emb = emb.view(b, v, -1).masked_fill(bad.view(b, 1, 1), 0)
+                rows_out = [emb.to(torch.float16).cpu().numpy()]
+                if tok is not None:  # encoded on the model's device: only the stored bytes cross to the CPU
+                    tok = tok.view(b, v, *tok.shape[1:]).masked_fill(bad.view(b, 1, 1, 1), 0)
+                    rows_out += [a for a in writer.codec.encode(tok) if a is not None]
+                if not ok.all():
                     skipped.extend(int(r) for r, good in zip(row_ids, ok) if not good)
                 start = 0
                 while start < b:  # rows arrive in order; cut them into the writer's blocks
                     lo, hi = writer.block_range(block)
-                    if buf_e is None:
-                        buf_e = np.empty((hi - lo, v, emb.shape[-1]), np.float16)
-                        buf_t = None if tok is None else np.empty((hi - lo, v, *tok.shape[2:]), np.float16)
+                    if bufs is None:
+                        bufs = [np.empty((hi - lo, *a.shape[1:]), a.dtype) for a in rows_out]
                     take = min(hi - lo - filled, b - start)
-                    buf_e[filled : filled + take] = emb[start : start + take]
-                    if buf_t is not None:
-                        buf_t[filled : filled + take] = tok[start : start + take]
+                    for buf, a in zip(bufs, rows_out):
+                        buf[filled : filled + take] = a[start : start + take]
                     filled += take
                     start += take
                     if filled == hi - lo:
-                        squeeze = (lambda a: a[:, 0]) if v == 1 else (lambda a: a)
-                        writer.write_block(block, squeeze(buf_e), None if buf_t is None else squeeze(buf_t))
-                        block, buf_e, buf_t, filled = next(block_iter, None), None, None, 0
+                        if v == 1:
+                            bufs = [a[:, 0] for a in bufs]
+                        tokens = EncodedTokens(bufs[1], bufs[2] if len(bufs) > 2 else None) if len(bufs) > 1 else None
+                        writer.write_block(block, bufs[0], tokens)
+                        block, bufs, filled = next(block_iter, None), None, 0
                 advance(b)
         writer.finalise()
     if skipped:
@@ -213,6 +273,7 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     if cfg.batch_size < 1 or cfg.block_size < 1 or (cfg.workers is not None and cfg.workers < 0):
         raise LtclipError("--batch-size and --block-size must be >= 1 and --workers >= 0")
     check_bad_images(cfg.bad_images)
+    fmt = _token_format(cfg)
     out = _out_dir(cfg.out)  # before the model loads: an unwritable --out is refused at once
     ctx, device = setup(cfg.device)
     saved_cfg, cfg = cfg, dataclasses.replace(cfg, workers=_workers(cfg.workers, ctx))
@@ -220,9 +281,12 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     backbone = _backbone(cfg, device)
     if cfg.tokens and not backbone.has_tokens:
         raise LtclipError(f"--tokens: {cfg.model} is not an open_clip ViT, so it has no token sequence; pass --no-tokens")
+    if cfg.tokens:
+        fmt.check(backbone.encode_dims()[1])  # a pool that does not divide the patch grid, a PCA too wide
     if device.type == "cuda":
         backbone.model.to(memory_format=torch.channels_last)
-    results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress) for s in splits]
+    basis = _token_basis(cfg, fmt, dataset, backbone, device, ctx, out, progress)
+    results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress, fmt, basis) for s in splits]
     if ctx.is_main:
         results.append(_text_file(cfg, dataset, backbone, device, out, progress))
         save_json(out / "extract.json", {"config": to_dict(saved_cfg), "provenance": provenance(), "identity": backbone.identity})

@@ -69,11 +69,11 @@ def run_second_stage(cfg: SecondStageConfig, progress: Progress | None = None, r
     model, head = stage1.model, stage1.model.head
     max_ram = ram_budget(cfg.max_ram, ctx)
     val_cache = open_split(features, cfg.val_split, required=False)
-    val = FeatureInputs(val_cache, head.input, max_ram) if val_cache is not None else None
+    val = FeatureInputs(val_cache, head.input, max_ram, device) if val_cache is not None else None
     eval_batch = cfg.optim.batch_size * 2
     calibrated = None
     if cfg.two_stage:
-        train = FeatureInputs(open_split(features, "train"), head.input, max_ram)
+        train = FeatureInputs(open_split(features, "train"), head.input, max_ram, device)
         z_train, y_train = _features_of(model, train, eval_batch, device)
         z_val, y_val = _features_of(model, val, eval_batch, device) if val is not None else (None, None)
         engine = {"out": out, "resume": resume, "ctx": ctx, "progress": progress, "tensorboard": cfg.tensorboard}

@@ -42,8 +42,8 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
         text_encoder=text, **head_opts,
     ).to(device)
     max_ram = ram_budget(cfg.max_ram, ctx)
-    train = FeatureInputs(train_cache, head.input, max_ram)
-    val = FeatureInputs(val_cache, head.input, max_ram) if val_cache is not None else None
+    train = FeatureInputs(train_cache, head.input, max_ram, device)
+    val = FeatureInputs(val_cache, head.input, max_ram, device) if val_cache is not None else None
     where = "in RAM" if train.in_ram else f"streamed from disk (larger than --max-ram {train.max_ram / 2**30:.1f} GiB)"
     progress.log(f"training inputs: {head.input} of {train_cache.num_rows:,} rows, {train.nbytes / 2**30:.2f} GiB, {where}")
     model = RunModel(head, class_counts=counts).to(device)

@@ -20,7 +20,8 @@ import numpy as np
 from .. import __version__
 from ..errors import LtclipError
 
-SCHEMA_VERSION = 1
+# 2: token formats (pooling, PCA, int8/fp8 with scales; docs/artifacts.md). Version 1 files hold plain tokens.
+SCHEMA_VERSION = 2
 FEATURES_KIND = "features"
 TEXT_KIND = "text_embeddings"
 
@@ -30,7 +31,8 @@ STATUS_KEYS = ("complete", "rows_completed")
 _STRUCTURE_KEYS = (
     "schema_version", "ltclip_version", "kind", "num_classes", "num_rows", "views", "block_size",
 )
-RESERVED = frozenset(_STRUCTURE_KEYS + SHARD_KEYS + STATUS_KEYS)
+TOKEN_KEYS = ("token_dtype", "token_pca", "token_pool", "token_scale", "token_source_tokens")
+RESERVED = frozenset(_STRUCTURE_KEYS + SHARD_KEYS + STATUS_KEYS + TOKEN_KEYS)
 # Files are written in the oldest format that holds them (superblock v0): readable by HDF5 >= 1.10,
 # and no "file is already open for write" flag that a killed writer would leave behind.
 _LIBVER = ("earliest", "v110")
@@ -158,13 +160,13 @@ def atomic_h5(path: Path) -> Iterator[h5py.File]:
         raise
 
 
-def preallocated(h5: h5py.File, name: str, shape: tuple) -> None:
-    """A contiguous float16 dataset whose file space is allocated now (sparse until written), so
-    later row writes change raw data only, never the file's metadata."""
+def preallocated(h5: h5py.File, name: str, shape: tuple, dtype=np.float16) -> None:
+    """A contiguous dataset whose file space is allocated now (sparse until written), so later row
+    writes change raw data only, never the file's metadata."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    h5.create_dataset(name, shape=shape, dtype=np.float16, dcpl=dcpl)
+    h5.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
 
 
 def strings(values: Sequence[str]) -> np.ndarray:

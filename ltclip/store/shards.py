@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import LtclipError
 from ._h5 import ABSENT, RESERVED, SHARD_KEYS, same, show
 from .reader import FeatureCache
+from .tokens import EncodedTokens
 from .writer import FeatureWriter
 
 
@@ -44,6 +45,8 @@ def join_shards(
         _check_shards(out_path, shards)
         first = shards[0]
         paths = None if first.paths is None else [p for s in shards for p in s.paths]
+        codec = first.codec
+        tokens = {} if codec is None else {"token_shape": codec.seq_shape, "token_format": codec.format, "token_basis": codec.basis}
         writer = FeatureWriter.open(
             out_path,
             num_rows=first.attrs["total_rows"],
@@ -53,10 +56,10 @@ def join_shards(
             labels=np.concatenate([s.labels for s in shards]),
             classnames=first.classnames,
             paths=paths,
-            token_shape=first.token_shape,
             views=first.views,
+            **tokens,
         )
-        names = ("embeds", "tokens") if first.has_tokens else ("embeds",)
+        names = ("embeds",) if codec is None else ("embeds", "tokens", "token_scales")[: 2 + (codec.format.scale != "none")]
         with writer:
             for block in writer.pending_blocks():
                 start, stop = writer.block_range(block)
@@ -67,7 +70,9 @@ def join_shards(
                     if lo < hi:
                         for name in names:
                             parts[name].append(s.read_rows(name, lo, hi))
-                writer.write_block(block, *(np.concatenate(parts[name]) for name in names))
+                embeds, *stored = (np.concatenate(parts[name]) for name in names)
+                tokens = None if codec is None else EncodedTokens(stored[0], stored[1] if len(stored) > 1 else None)
+                writer.write_block(block, embeds, tokens)
             writer.finalise()
     finally:
         for s in shards:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import h5py
 import numpy as np
+import torch
 
 from ..errors import LtclipError
 from ._h5 import (
@@ -33,6 +34,7 @@ from ._h5 import (
     sync,
     write_error,
 )
+from .tokens import BASIS_DATASETS, STORED_DTYPES, EncodedTokens, TokenCodec, TokenFormat
 
 
 # ----------------------------------------------------------------------------- shard layout
@@ -63,9 +65,9 @@ class FeatureWriter:
     ``write_block(b, ...)``, in any order; :meth:`finalise` marks the file complete.
     """
 
-    def __init__(self, h5: h5py.File, path: Path, *, block_size: int, row_start: int):
+    def __init__(self, h5: h5py.File, path: Path, *, block_size: int, row_start: int, codec: TokenCodec | None):
         self._h5 = h5
-        self._ds = {name: h5[name] for name in ("embeds", "tokens", "done") if name in h5}
+        self._ds = {name: h5[name] for name in ("embeds", "tokens", "token_scales", "done") if name in h5}
         self.path = path
         self.block_size = block_size
         self.row_start = row_start  # this file's first row in the whole split (shards: > 0)
@@ -73,6 +75,7 @@ class FeatureWriter:
         self.num_blocks = self._ds["done"].shape[0]
         self.views = int(h5.attrs["views"])
         self.has_tokens = "tokens" in self._ds
+        self.codec = codec
 
     @classmethod
     def open(
@@ -87,6 +90,8 @@ class FeatureWriter:
         classnames: Sequence[str],
         paths: Sequence[str] | None = None,
         token_shape: tuple[int, int] | None = None,
+        token_format: TokenFormat = TokenFormat(),
+        token_basis: tuple[np.ndarray, np.ndarray] | None = None,
         views: int = 1,
         shard: tuple[int, int] | None = None,
     ) -> "FeatureWriter":
@@ -95,7 +100,8 @@ class FeatureWriter:
         ``num_rows``, ``labels`` and ``paths`` describe the whole split. With ``shard=(rank,
         world_size)`` the writer covers only that rank's :func:`shard_range`, in the file
         :func:`shard_path` ``(path, rank)``; :func:`join_shards` assembles the shards.
-        ``token_shape`` is ``(T, W)`` to store token sequences. ``attrs`` identify the features
+        ``token_shape`` is the model's ``(T, W)`` to store token sequences, in ``token_format`` (a
+        PCA format with its ``token_basis``, ``(mean, components)``). ``attrs`` identify the features
         (model, pretrained, preprocess, dataset, split, ...); a resumed file must match them.
         """
         path = Path(path)
@@ -128,14 +134,23 @@ class FeatureWriter:
 
         rows = expected["num_rows"]
         lead = (rows,) if views == 1 else (rows, views)
-        shapes = {"embeds": lead + (embed_dim,)}
-        if token_shape is not None:
-            shapes["tokens"] = lead + tuple(token_shape)
+        shapes = {"embeds": (lead + (embed_dim,), np.float16)}
         contents = {
             "labels": labels.astype(np.int32),
             "classnames": list(classnames),
             "paths": None if paths is None else list(paths),
         }
+        codec = None
+        if token_shape is not None:
+            token_shape = tuple(int(n) for n in token_shape)
+            token_format.check(token_shape)
+            codec = TokenCodec(token_format, token_shape, token_basis)
+            expected.update(token_format.attrs(token_shape))
+            shapes["tokens"] = (lead + codec.stored_shape, STORED_DTYPES[token_format.dtype])
+            if token_format.scale_shape(token_shape) is not None:
+                shapes["token_scales"] = (lead + token_format.scale_shape(token_shape), np.float32)
+            if token_basis is not None:
+                contents.update(zip(BASIS_DATASETS, (np.asarray(a, np.float32) for a in token_basis)))
         if not path.exists():
             _create(path, expected, shapes, contents, math.ceil(rows / block_size))
         h5 = open_h5(path, "r+")
@@ -144,7 +159,7 @@ class FeatureWriter:
         except BaseException:
             h5.close()
             raise
-        return cls(h5, path, block_size=block_size, row_start=row_start)
+        return cls(h5, path, block_size=block_size, row_start=row_start, codec=codec)
 
     def pending_blocks(self) -> list[int]:
         """The blocks not yet recorded as written, in increasing order."""
@@ -158,14 +173,19 @@ class FeatureWriter:
         return start, min(start + self.block_size, self.num_rows)
 
     def write_block(self, block: int, embeds, tokens=None) -> None:
-        """Write the rows of ``block`` (``embeds`` (n, D) or (n, V, D); ``tokens`` (n, [V,] T, W)),
-        then record the block as done. Rows of other blocks are untouched."""
+        """Write the rows of ``block`` (``embeds`` (n, D) or (n, V, D); ``tokens`` the model's
+        (n, [V,] T, W), encoded here, or rows already encoded in the file's format as
+        :class:`EncodedTokens`), then record the block as done. Rows of other blocks are untouched."""
         start, stop = self.block_range(block)
         if (tokens is None) == self.has_tokens:
             raise ValueError(f"{self.path} {'needs' if tokens is None else 'has no'} tokens")
         arrays = {"embeds": self._rows("embeds", embeds, stop - start)}
         if tokens is not None:
-            arrays["tokens"] = self._rows("tokens", tokens, stop - start)
+            if not isinstance(tokens, EncodedTokens):
+                tokens = self._encode(tokens)
+            arrays["tokens"] = self._rows("tokens", tokens.values, stop - start)
+            if "token_scales" in self._ds:
+                arrays["token_scales"] = self._rows("token_scales", tokens.scales, stop - start)
         for name, array in arrays.items():
             if not np.isfinite(array).all():
                 raise LtclipError(
@@ -182,14 +202,20 @@ class FeatureWriter:
             self._abandon()
             raise write_error(self.path, err) from None
 
+    def _encode(self, tokens) -> EncodedTokens:
+        array = np.asarray(tokens)
+        if array.shape[-2:] != self.codec.seq_shape:
+            raise ValueError(f"tokens must end in the model's {self.codec.seq_shape}, got {array.shape}")
+        return self.codec.encode(torch.from_numpy(np.ascontiguousarray(array)))
+
     def _rows(self, name: str, value, n: int) -> np.ndarray:
-        """``value`` as a C-contiguous float16 array shaped like ``n`` rows of dataset ``name``."""
+        """``value`` as a C-contiguous array of dataset ``name``'s dtype, shaped like ``n`` of its rows."""
         array = np.asarray(value)
         shape = (n,) + self._ds[name].shape[1:]
         with_views = (n, self.views) + shape[1 + (self.views > 1) :]
         if array.shape not in (shape, with_views):
             raise ValueError(f"{name} for {n} rows must have shape {shape}, got {array.shape}")
-        return np.ascontiguousarray(array.reshape(shape), dtype=np.float16)
+        return np.ascontiguousarray(array.reshape(shape), dtype=self._ds[name].dtype)
 
     def finalise(self) -> None:
         """Record the file as complete (every block must be written)."""
@@ -233,8 +259,11 @@ def _create(path: Path, attrs: dict, shapes: dict, contents: dict, num_blocks: i
         for name in ("paths", "classnames"):
             if contents[name] is not None:
                 h5.create_dataset(name, data=strings(contents[name]))
-        for name, shape in shapes.items():  # the large arrays last, at the end of the file
-            preallocated(h5, name, shape)
+        for name in BASIS_DATASETS:
+            if name in contents:
+                h5.create_dataset(name, data=contents[name])
+        for name, (shape, dtype) in shapes.items():  # the large arrays last, at the end of the file
+            preallocated(h5, name, shape, dtype)
 
 
 def _check_resume(path: Path, h5: h5py.File, attrs: dict, shapes: dict, contents: dict) -> None:
@@ -248,9 +277,9 @@ def _check_resume(path: Path, h5: h5py.File, attrs: dict, shapes: dict, contents
                 f"{path} was created with {key}={show(old)}, "
                 f"this run has {key}={show(new)}; {fix}"
             )
-    for name in ("embeds", "tokens"):
+    for name in ("embeds", "tokens", "token_scales"):
         old = h5[name].shape if name in h5 else None
-        new = shapes.get(name)
+        new = shapes[name][0] if name in shapes else None
         if old != new:
             raise LtclipError(f"{path} has {name} shape {old}, this run writes {new}; {fix}")
     if not np.array_equal(h5["labels"][()], contents["labels"]):
@@ -258,6 +287,9 @@ def _check_resume(path: Path, h5: h5py.File, attrs: dict, shapes: dict, contents
     for name in ("paths", "classnames"):
         if read_strings(h5, name) != contents[name]:
             raise LtclipError(f"{path} was created with other {name} than this run's; {fix}")
+    for name in BASIS_DATASETS:
+        if (name in h5) != (name in contents) or (name in h5 and not np.array_equal(h5[name][()], contents[name])):
+            raise LtclipError(f"{path} was created with another PCA basis ({name}) than this run's; {fix}")
 
 
 def amend_attribute(path: str | os.PathLike, key: str, old, new) -> bool:
@@ -284,14 +316,19 @@ def amend_attribute(path: str | os.PathLike, key: str, old, new) -> bool:
         h5.close()
 
 
-def write_arrays(path: str | os.PathLike, embeds, labels, classnames: Sequence[str], attrs: dict, tokens=None) -> Path:
-    """A complete cache file from in-memory arrays (features made elsewhere), in one block."""
+def write_arrays(
+    path: str | os.PathLike, embeds, labels, classnames: Sequence[str], attrs: dict, tokens=None, *,
+    token_format: TokenFormat = TokenFormat(), token_basis: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
+    """A complete cache file from in-memory arrays (features made elsewhere), in one block; ``tokens``
+    (the model's sequences) are stored in ``token_format``."""
     embeds = np.asarray(embeds)
     views = 1 if embeds.ndim == 2 else embeds.shape[1]
     with FeatureWriter.open(
         path, num_rows=len(labels), embed_dim=embeds.shape[-1], block_size=max(1, len(labels)), attrs=attrs,
         labels=labels, classnames=classnames, views=views,
         token_shape=None if tokens is None else tuple(np.asarray(tokens).shape[-2:]),
+        token_format=token_format, token_basis=token_basis,
     ) as writer:
         writer.write_block(0, embeds, tokens)
         writer.finalise()
