@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import finetune, stages, train
+from . import finetune, pretrain, reproduce, stages, sweep, train
 from .datasets import cache_app, datasets_app
 
 app = typer.Typer(
@@ -40,6 +40,9 @@ def root(
 stages.register(app)  # extract, eval, list
 train.register(app)  # train-head
 finetune.register(app)  # finetune
+reproduce.register(app)  # reproduce (the paper's table: make reproduce)
+sweep.register(app)  # sweep (a grid of train-head points)
+pretrain.register(app)  # pretrain-toy (the demo's toy CLIP)
 
 
 def main() -> None:

@@ -50,6 +50,11 @@ def extract(
     block_size: Annotated[int, typer.Option("--block-size", help="Rows written (and resumed) together.")] = _X.block_size,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the train views.")] = _X.seed,
     from_run: Annotated[Optional[str], typer.Option("--from-run", help="A finetuned run: extract with its encoder (its model and weights).")] = None,
+    token_pool: Annotated[int, typer.Option("--token-pool", help="Average the patch tokens over K×K windows (CLS kept; 1: no pooling).")] = _X.token_pool,
+    token_dtype: Annotated[str, typer.Option("--token-dtype", help="Token storage: float16, int8 or fp8 (e4m3), the last two with a scale.")] = _X.token_dtype,
+    token_scale: Annotated[Optional[str], typer.Option("--token-scale", help="int8/fp8 scale per 'token' (default) or per 'channel'.")] = None,
+    token_pca: Annotated[int, typer.Option("--token-pca", help="Store tokens as W PCA coordinates (basis fitted on train tokens; 0: off).")] = _X.token_pca,
+    token_pca_sample: Annotated[int, typer.Option("--token-pca-sample", help="Train images whose tokens fit the PCA basis.")] = _X.token_pca_sample,
 ):
     """Run the frozen CLIP image encoder once; write embeddings (+ tokens) to a resumable HDF5 cache."""
     values = given(locals(), drop=("config",))
@@ -96,7 +101,7 @@ def evaluate(
     report: Annotated[Optional[str], typer.Option("--report", help="Markdown table to write.")] = None,
     json: Annotated[Optional[str], typer.Option("--json", help="JSON results to write.")] = None,
     csv: Annotated[Optional[str], typer.Option("--csv", help="CSV results to write.")] = None,
-    plot: Annotated[Optional[str], typer.Option("--plot", help="PNG of per-class accuracy vs training frequency.")] = None,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="PNG of accuracy by shot group per method; the per-class figure goes beside it (NAME_per_class.png).")] = None,
 ):
     """Shot-group metrics (many/medium/few/all) for runs and zero-shot / kNN / NCM baselines."""
     values = given(locals(), drop=("config",))
@@ -117,20 +122,39 @@ def evaluate(
 
 
 def list_registered(
-    kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(REGISTRIES)}.")],
+    kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(REGISTRIES)}, recipes.")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="With `tuning`: count each mode's trainable parameters on this open_clip model.")] = None,
 ):
     """Registered methods of one kind: name, options with their defaults, and what it is."""
-    if kind not in REGISTRIES:
-        raise LtclipError(f"ltclip list {kind!r}: choose one of {', '.join(REGISTRIES)}")
+    if kind not in (*REGISTRIES, "recipes"):
+        raise LtclipError(f"ltclip list {kind!r}: choose one of {', '.join(REGISTRIES)}, recipes")
     if model is not None and kind != "tuning":
         raise LtclipError("--model: only `ltclip list tuning` counts parameters on a model")
+    if kind == "recipes":
+        return _list_recipes()
     reg = registry(kind)
     counts = _trainable_counts(model, reg.names()) if model else {}
     for name in reg.names():
         options = " ".join(f"{k}={v}" for k, v in reg.options(name).items())
         count = f"{counts[name]:>12,} " if counts else ""
         typer.echo(f"{name:16s} {count}{options:34s} {reg.summary(name)}".rstrip())
+        if kind == "heads" and reg.get(name).defaults:
+            typer.echo(f"{'':16s} train-head defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items()))
+
+
+def _list_recipes() -> None:
+    """Each recipe: its summary, then per stage the options it sets."""
+    from ..recipes import list_recipes, load_recipe
+
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        typer.echo(f"{name:16s} {recipe.summary}")
+        for stage, options in recipe.stages.items():
+            opts = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())
+            heads = "".join(f"; head {h}: {' '.join(o)}" for h, o in recipe.head_opts[stage].items())
+            typer.echo(f"{'':16s} {stage}: {opts}{heads}")
+        if recipe.loss_opts:
+            typer.echo(f"{'':16s} loss options: " + "; ".join(f"{loss}: {' '.join(o)}" for loss, o in recipe.loss_opts.items()))
 
 
 def _trainable_counts(model: str, modes: list[str]) -> dict[str, int]:
