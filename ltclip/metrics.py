@@ -15,6 +15,13 @@ from .errors import LtclipError
 # Rows of logits processed at a time: bounds the temporaries to a few MiB per thousand classes.
 _ROW_BLOCK = 4096
 
+LOWER_IS_BETTER = ("nll", "ece")  # validation metrics where a smaller value is better
+
+
+def improves(metric: str, score: float, best: float) -> bool:
+    """Whether ``score`` of ``metric`` beats ``best`` (strictly: of equal scores the first is kept)."""
+    return score < best if metric in LOWER_IS_BETTER else score > best
+
 
 def as_numpy(x: Any, dtype: Any = None) -> np.ndarray:
     """``x`` (array-like or torch tensor) as a numpy array, optionally of ``dtype``."""

@@ -594,9 +594,9 @@ class Scripted:
 
 
 @pytest.mark.parametrize("with_out", [False, True])
-@pytest.mark.parametrize("select, want", [("balanced_accuracy", 1), ("top1", 0)])
+@pytest.mark.parametrize("select, want", [("balanced_accuracy", 1), ("top1", 0), ("nll", 0)])
 def test_model_selection_loads_the_best_epoch(tmp_path, with_out, select, want):
-    validate = Scripted(balanced_accuracy=[10, 30, 20], top1=[50, 10, 5])
+    validate = Scripted(balanced_accuracy=[10, 30, 20], top1=[50, 10, 5], nll=[1.5, 3.0, 2.0])  # nll: lowest wins
     model, result = train(cfg_of(select=select), validate=validate, out=tmp_path if with_out else None)
     assert len(validate.seen) == 3
     assert_same_weights(model.state_dict(), validate.seen[want])

@@ -48,6 +48,6 @@ Precision = Annotated[Optional[str], typer.Option("--precision", help="fp32, bf1
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed of the initialisation, sampler and views." + _d("seed"))]
 EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="Also validate every N steps (0: at epoch ends only)." + _d("eval_every"))]
 CheckpointEvery = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps (0: at epoch ends only)." + _d("checkpoint_every"))]
-Select = Annotated[Optional[str], typer.Option("--select", help="Validation metric that picks the kept weights." + _d("select"))]
+Select = Annotated[Optional[str], typer.Option("--select", help="Validation metric that picks the kept weights (highest; lowest for nll and ece)." + _d("select"))]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")]
 Tensorboard = Annotated[Optional[bool], typer.Option("--tensorboard", help="Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")]

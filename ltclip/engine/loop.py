@@ -25,6 +25,7 @@ import torch
 from ..data.samplers import create_sampler
 from ..distributed import PRECISIONS, DistContext, autocast as precision_autocast
 from ..errors import LtclipError
+from ..metrics import improves
 from ..progress import Progress
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_python
 from .log import TrainLog
@@ -167,7 +168,7 @@ def fit(
     """Train ``model``'s trainable parameters with ``task`` on ``source`` as :class:`OptimConfig` ``cfg`` says.
 
     ``validate(model) -> metrics`` runs after every epoch (and every ``cfg.eval_every`` steps) on
-    every process; the weights with the highest ``cfg.select`` metric are kept and loaded at the
+    every process; the weights with the best ``cfg.select`` metric (highest; lowest for nll and ece) are kept and loaded at the
     end (the last weights without ``validate``, or with ``cfg.select=None``: validation for the log only). With ``out`` the loop writes ``train_log.jsonl``,
     ``last.pt`` (each epoch and every ``cfg.checkpoint_every`` steps) and ``best.pt`` there, on
     rank 0; ``resume=True`` continues from ``last.pt``. ``lrs`` maps submodules to their own peak
@@ -238,7 +239,7 @@ def fit(
         if cfg.select is None:
             return summary
         score = metrics[cfg.select]
-        if state.best is None or score > state.best[f"val_{cfg.select}"]:
+        if state.best is None or improves(cfg.select, score, state.best[f"val_{cfg.select}"]):
             state.best = to_python({"epoch": state.epoch, "step": state.step, **summary})
             if out is None:
                 best_weights = copy.deepcopy(_state(model))

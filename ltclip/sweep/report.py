@@ -9,11 +9,11 @@ import math
 from pathlib import Path
 
 from ..atomic import atomic_path, save_json
+from ..metrics import LOWER_IS_BETTER
 
 SWEEP_FILE = "sweep.json"
 SWEEP_MD = "sweep.md"
 SWEEP_SCHEMA_VERSION = 1
-LOWER_IS_BETTER = ("nll", "ece")
 
 
 def new_record(base: dict, grid: list[tuple[str, list]], metric: str, points, groups) -> dict:
