@@ -51,9 +51,6 @@ import json
 import logging
 import os
 import resource
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -63,7 +60,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_eval import PeakRSS, machine_info
 from benchmarks.bench_train_head import BENCH_MODEL, ImageSource, register_bench_model
-from benchmarks.timing import OtherLoad, StepTimer, loadavg, median
+from benchmarks.timing import OtherLoad, StepTimer, add_child_options, loadavg, median, run_child, serve_child
 
 MODES = (  # (tune, tune_opts, grad_checkpointing)
     ("frozen", (), False), ("full", (), False), ("full", (), True), ("last-k", ("k=2",), False),
@@ -178,25 +175,6 @@ def child_main(spec: dict) -> dict:
             "peak_rss_mib": mem.peak_mib, "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_child(specs: list[dict]) -> list[dict]:
-    repo = Path(__file__).resolve().parent.parent
-    # Through a shell that forks: a child spawned straight from this process would report this
-    # process's peak as its own ru_maxrss (Linux carries the parent's high-water mark over exec).
-    cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--child", json.dumps(specs)]
-    proc = subprocess.Popen(["/bin/sh", "-c", '"$0" "$@"; exit $?', *cmd], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate()
-    finally:
-        if proc.poll() is None:  # interrupted: its own session, the shell and the python it started
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {specs[0]['label']} failed:\n{stderr[-4000:]}")
-    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
-
-
 QUIET = 0.5  # cores other processes may keep busy during a run that counts as quiet
 
 
@@ -212,7 +190,7 @@ def run_rounds(specs: list[dict], rounds: int, shared: bool, retries: int) -> di
             for attempt in range(1 + (0 if shared else retries)):
                 load = loadavg()
                 with OtherLoad() as other:
-                    outs = run_child(group)
+                    outs = run_child("benchmarks.bench_finetune", group, group[0]["label"])
                 for spec, out in zip(group, outs):
                     res = results.setdefault(spec["label"], {"spec": spec, "runs": []})
                     res["runs"].append({**out, "other_cores": other.cores, "loadavg_before": load, "round": r,
@@ -298,14 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--retries", type=int, default=1,
                         help="reruns of a run during which other processes kept > 0.5 cores busy (default 1)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for finetune.json")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's, one per core)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_child_options(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        print("RESULT " + json.dumps([child_main(spec) for spec in json.loads(args.child)]), flush=True)
+    if serve_child(args, lambda specs: [child_main(spec) for spec in specs]):
         return {}
     size = {**(QUICK if args.quick else FULL), **({"model": args.model} if args.model else {}),
             **({"class_model": args.class_model} if args.class_model else {})}

@@ -33,8 +33,6 @@ import mmap
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_eval import PeakRSS, machine_info
-from benchmarks.timing import OtherLoad, StepTimer, loadavg
+from benchmarks.timing import OtherLoad, StepTimer, add_child_options, loadavg, run_child, serve_child
 from ltclip.config import TrainHeadConfig, from_flat
 
 FULL = {"rows": 20_000, "tokens": 197, "width": 128, "embed_dim": 64, "classes": 100, "block_size": 1024,
@@ -236,18 +234,6 @@ def child_main(spec: dict) -> dict:
     return out
 
 
-def run_child(spec: dict) -> dict:
-    repo = Path(__file__).resolve().parent.parent
-    # Through a shell that forks: a child spawned straight from this (large) process would report
-    # this process's peak as its own ru_maxrss (Linux carries the parent's high-water mark over exec).
-    cmd = [sys.executable, "-m", "benchmarks.bench_streaming", "--child", json.dumps(spec)]
-    proc = subprocess.run(["/bin/sh", "-c", '"$0" "$@"; exit $?', *cmd], cwd=repo, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {spec['label']} failed:\n{proc.stderr[-4000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
-
-
 def bench_stream(s: dict, work: Path, threads: int) -> dict:
     root = work / "stream"
     root.mkdir()
@@ -280,7 +266,7 @@ def bench_stream(s: dict, work: Path, threads: int) -> dict:
                 "features": str(root), "out": str(work / f"stream_run_{i}")}
         load = loadavg()
         with OtherLoad() as other:
-            r = run_child(spec)
+            r = run_child("benchmarks.bench_streaming", spec, spec["label"])
         results[label] = {**r, "what": what, "cache_state": state, "order": order, "max_ram": max_ram,
                           "page_cache_before": resident, "page_cache_after": page_cache_fraction(path),
                           "loadavg_before": load, "loadavg_after": loadavg(), "other_cores": other.cores}
@@ -314,14 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for streaming.json")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's, one per core)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_child_options(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        print("RESULT " + json.dumps(child_main(json.loads(args.child))), flush=True)
+    if serve_child(args, child_main):
         return {}
     s = QUICK if args.quick else FULL
     logging.getLogger().setLevel(logging.ERROR)
