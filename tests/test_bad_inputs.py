@@ -527,11 +527,17 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
             proc.wait()
 
 
-@pytest.mark.slow
-def test_disk_full_while_train_head_writes_checkpoints_then_resume(tmp_path):
+def stage1_reference(tmp_path):
+    """A token cache and the uninterrupted stage-1 run on it that a resumed run must equal."""
     features = write_token_cache(tmp_path / "features")
     reference = tmp_path / "reference"
     ok("train-head", "--features", features, "--out", reference, *STAGE1)
+    return features, reference
+
+
+@pytest.mark.slow
+def test_disk_full_while_train_head_writes_checkpoints_then_resume(tmp_path):
+    features, reference = stage1_reference(tmp_path)
     out = tmp_path / "run"
     proc = start(["train-head", "--features", features, "--out", out, *STAGE1])
     wait_for_change(proc, lambda: newest_mtime(out / "last.pt"))
@@ -603,9 +609,7 @@ def test_ctrl_c_during_extract_then_the_same_command_finishes(synthetic_root, tm
 
 @pytest.mark.slow
 def test_ctrl_c_during_train_head_and_a_second_stage_then_resume(tmp_path):
-    features = write_token_cache(tmp_path / "features")
-    reference = tmp_path / "reference"
-    ok("train-head", "--features", features, "--out", reference, *STAGE1)
+    features, reference = stage1_reference(tmp_path)
     out = tmp_path / "run"
     line = interrupt(start(["train-head", "--features", features, "--out", out, *STAGE1]), lambda: newest_mtime(out / "last.pt"))
     assert line == "interrupted; rerun the same command with --resume to continue from the last checkpoint"
