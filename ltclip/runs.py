@@ -187,6 +187,12 @@ def features_input(features: Path) -> dict:
     return {"features": {"dir": str(features.resolve()), "train_sha256": cache_fingerprint(features / "train.h5")}}
 
 
+def method_record(method, tau: float | None = None) -> dict:
+    """The ``method`` entry of a first-stage run's ``run.json`` (a ``MethodConfig``; ``tau``: post-hoc LA)."""
+    return {"head": method.head, "head_opts": list(method.head_opts), "loss": method.loss,
+            "loss_opts": list(method.loss_opts), "sampler": method.sampler, "two_stage": None, "posthoc_la": tau}
+
+
 def write_run(out: Path, kind: str, payload: dict, inputs: dict, counts, **info) -> dict:
     """Write ``model.pt`` and then ``run.json`` (whose presence marks the run finished)."""
     if kind not in RUN_KINDS:

@@ -24,7 +24,7 @@ from ..models.text import text_classifier
 from ..models.text_prompts import text_encoder
 from ..models.tuning import TUNING, apply_tuning, count_trainable, no_weight_decay_names
 from ..progress import Progress
-from ..runs import finetune_payload, write_run
+from ..runs import finetune_payload, method_record, write_run
 from ..store import shard_range
 from .common import start_run
 
@@ -110,9 +110,7 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     )
     info = None
     if ctx.is_main:
-        method = {"head": cfg.method.head, "head_opts": list(cfg.method.head_opts), "loss": cfg.method.loss,
-                  "loss_opts": list(cfg.method.loss_opts), "sampler": cfg.method.sampler, "two_stage": None,
-                  "posthoc_la": None, "tune": cfg.tuning.tune, "tune_opts": list(cfg.tuning.tune_opts)}
+        method = {**method_record(cfg.method), "tune": cfg.tuning.tune, "tune_opts": list(cfg.tuning.tune_opts)}
         info = write_run(out, "finetune", finetune_payload(cfg, backbone, model), {"backbone": backbone.identity,
                          "data": to_dict(cfg.data)}, np.asarray(counts), method=method, best=result.best,
                          dataset=dataset.name, epochs=result.epochs, steps=result.steps, processes=ctx.world_size,

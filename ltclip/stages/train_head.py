@@ -15,7 +15,7 @@ from ..losses import LOSSES
 from ..models.heads import HEADS, create_head
 from ..models.text_prompts import load_text_encoder
 from ..progress import Progress
-from ..runs import RunModel, features_input, model_payload, write_run
+from ..runs import RunModel, features_input, method_record, model_payload, write_run
 from .common import CacheSource, open_split, posthoc_tau, ram_budget, start_run, text_embeds, validate_on_cache
 
 
@@ -63,8 +63,7 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     if ctx.is_main:
         info = write_run(
             out, "head", model_payload(head, tau=tau), features_input(features), counts,
-            method={"head": method.head, "head_opts": list(method.head_opts), "loss": method.loss,
-                    "loss_opts": list(method.loss_opts), "sampler": method.sampler, "two_stage": None, "posthoc_la": tau},
+            method=method_record(method, tau),
             best=result.best, dataset=train_cache.attrs.get("dataset"), epochs=result.epochs, steps=result.steps,
             inputs_in_ram=train.in_ram, processes=ctx.world_size, **extra,
         )

@@ -23,7 +23,7 @@ from ..losses import LOSSES
 from ..metrics import average_views
 from ..models.heads import HEADS, create_head
 from ..progress import Progress
-from ..runs import CONFIG_FILE, RunModel, model_payload, write_run
+from ..runs import CONFIG_FILE, RunModel, method_record, model_payload, write_run
 from ..stages.common import CacheSource, open_split, posthoc_tau, ram_budget, text_embeds
 from .batched import HeadStack, StackTask, log_key
 from .grid import Point
@@ -112,9 +112,6 @@ def write_point_run(cfg, model: RunModel, records: list[dict], features_record: 
     tau, extra = None, {}
     if cfg.posthoc_la:
         tau, extra["posthoc_tau_table"] = posthoc_tau(model, val, counts, eval_batch, device, cfg.val_split)
-    method = cfg.method
-    write_run(out, "head", model_payload(model.head, tau=tau), features_record, counts,
-              method={"head": method.head, "head_opts": list(method.head_opts), "loss": method.loss,
-                      "loss_opts": list(method.loss_opts), "sampler": method.sampler, "two_stage": None, "posthoc_la": tau},
+    write_run(out, "head", model_payload(model.head, tau=tau), features_record, counts, method=method_record(cfg.method, tau),
               best=best, dataset=dataset, epochs=epochs, steps=steps, inputs_in_ram=in_ram,
               processes=1, **extra)
