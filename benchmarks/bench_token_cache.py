@@ -9,7 +9,7 @@ extracted by ``run_extract`` (timed), then the paper's decoder is trained on it 
 (``ltclip.engine.fit``, the same seed and settings for every format) and scored on the test split:
 top-1 and balanced accuracy, and the fraction of test images whose prediction equals the float16
 model's. Two more float16 seeds show the seed-to-seed spread, and a float16 run in the
-block-shuffled order (:func:`~ltclip.data.feature_batches.block_shuffled_order`) shows what that
+block-shuffled order (train-head's ``--read-blocks``, :class:`~ltclip.data.samplers.BlockShuffledSampler`) shows what that
 order costs in accuracy. The last table projects bytes per image and cache sizes for ViT-B/16 and
 ViT-L/14 on ImageNet-LT, Places-LT and iNaturalist 2018 (arithmetic from each format's stored shape).
 """
@@ -75,24 +75,6 @@ def projections() -> list[dict]:
     return rows
 
 
-class BlockOrderSource:
-    """The engine's training rows in a block-shuffled order (one process): the sampler's permutation
-    is replaced by :func:`block_shuffled_order` of the same epoch, read ``pool_blocks`` blocks ahead."""
-
-    def __init__(self, inputs, seed: int, block_rows: int, pool_blocks: int):
-        self.inputs, self.seed, self.labels = inputs, seed, inputs.labels
-        self.block_rows, self.pool_blocks = block_rows, pool_blocks
-
-    def batches(self, order, batch_size, epoch, positions):
-        from ltclip.data.feature_batches import block_shuffled_order
-
-        rng = np.random.default_rng((self.seed, epoch, 2))
-        block = block_shuffled_order(len(self.labels), self.block_rows, self.pool_blocks, rng)[: len(order)]
-        ahead = max(1, self.block_rows * self.pool_blocks // batch_size)
-        for x, y, _ in self.inputs.batches(block, batch_size, np.zeros(len(block), np.int64), read_ahead=ahead):
-            yield x, y
-
-
 def train_decoder(features: Path, s: dict, seed: int, block_order: bool = False) -> dict:
     """The decoder trained on ``features/train.h5`` through the engine; test accuracy and epoch times."""
     from ltclip.config import OptimConfig
@@ -101,7 +83,7 @@ def train_decoder(features: Path, s: dict, seed: int, block_order: bool = False)
     from ltclip.metrics import average_views
     from ltclip.models.heads import create_head
     from ltclip.runs import RunModel
-    from ltclip.stages.common import CacheSource
+    from ltclip.stages.common import CacheSource, read_ahead
     from ltclip.store import FeatureCache
 
     with FeatureCache(features / "train.h5") as train, FeatureCache(features / "test.h5") as test:
@@ -109,11 +91,11 @@ def train_decoder(features: Path, s: dict, seed: int, block_order: bool = False)
         torch.manual_seed(seed)
         head = create_head("decoder", num_classes=train.num_classes, embed_dim=train.embed_dim, token_shape=train.token_shape)
         inputs = FeatureInputs(train, "tokens")
-        source = (BlockOrderSource(inputs, seed, s["block_rows"], s["pool_blocks"]) if block_order
-                  else CacheSource(inputs, seed))
+        blocks = (s["block_rows"], s["pool_blocks"]) if block_order else None  # train-head's --read-blocks/--shuffle-pool
+        source = CacheSource(inputs, seed, read_ahead(blocks, s["batch_size"]))
         timer = StepTimer()
         cfg = OptimConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=1e-3, seed=seed, warmup=1.0)
-        fit(head, Task("ce", {}, counts), source, cfg, num_classes=train.num_classes, progress=timer)
+        fit(head, Task("ce", {}, counts), source, cfg, num_classes=train.num_classes, progress=timer, block_order=blocks)
         logits = average_views(RunModel(head, class_counts=counts).predict(FeatureInputs(test, "tokens")))
         labels = test.labels
     pred = logits.argmax(1)

@@ -130,6 +130,8 @@ class TrainHeadConfig:
     optim: OptimConfig = OptimConfig()
     val_split: str = "val"
     max_ram: str | None = None
+    read_blocks: int = 0  # rows per contiguous block of a block-shuffled read order (0: the sampler's order)
+    shuffle_pool: int | None = None  # blocks shuffled together in that order (None: 16)
     posthoc_la: bool = False
     device: str = "auto"
     tensorboard: bool = False

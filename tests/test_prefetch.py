@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ltclip.data.feature_batches import FeatureInputs, block_shuffled_order
-from ltclip.data.samplers import create_sampler
+from ltclip.data.feature_batches import FeatureInputs
+from ltclip.data.samplers import BlockShuffledSampler, block_shuffled, create_sampler
 from ltclip.store import FeatureCache, TokenFormat, shard_range, write_arrays
 
 ROWS, SEQ = 50, (5, 8)
@@ -58,24 +58,58 @@ def test_a_loading_error_reaches_the_consumer(cache):
         list(inputs.batches(np.array([0, 1, 2, 99]), 2))
 
 
-@pytest.mark.parametrize("num_rows, block_rows, pool_blocks", [(103, 10, 3), (100, 10, 1), (7, 10, 4), (40, 1, 5)])
-def test_block_shuffled_order_is_a_permutation_of_pooled_whole_blocks(num_rows, block_rows, pool_blocks):
-    order = block_shuffled_order(num_rows, block_rows, pool_blocks, np.random.default_rng(3))
-    assert sorted(order.tolist()) == list(range(num_rows))
-    blocks = (order // block_rows).tolist()
-    size_of = lambda b: min(block_rows, num_rows - b * block_rows)  # noqa: E731
-    left, members, start = -(-num_rows // block_rows), set(), 0
-    for pos, block in enumerate(blocks):  # consecutive pools, each min(pool_blocks, blocks left) whole blocks
+def pools_of(order, block_rows, pool_blocks):
+    """Brute force: cut ``order`` into its pools, each the entries of ``pool_blocks`` blocks (the last fewer)."""
+    pools, members, current = [], set(), []
+    for row in order.tolist():
+        block = row // block_rows
+        if block not in members and len(members) == pool_blocks:
+            pools.append((members, current))
+            members, current = set(), []
         members.add(block)
-        assert len(members) <= min(pool_blocks, left)
-        if len(members) == min(pool_blocks, left) and sum(map(size_of, members)) == pos + 1 - start:
-            assert sorted(order[start : pos + 1] // block_rows) == sorted(b for b in members for _ in range(size_of(b)))
-            left, members, start = left - len(members), set(), pos + 1
-    assert start == num_rows and left == 0
-    same = block_shuffled_order(num_rows, block_rows, pool_blocks, np.random.default_rng(3))
-    np.testing.assert_array_equal(order, same)
+        current.append(row)
+    return pools + [(members, current)] if current else pools
+
+
+@pytest.mark.parametrize("num_rows, block_rows, pool_blocks", [(103, 10, 3), (100, 10, 1), (7, 10, 4), (40, 1, 5)])
+def test_block_shuffled_rows_form_pools_of_whole_blocks(num_rows, block_rows, pool_blocks):
+    order = block_shuffled(np.arange(num_rows), block_rows, pool_blocks, np.random.default_rng(3))
+    assert sorted(order.tolist()) == list(range(num_rows))
+    pools = pools_of(order, block_rows, pool_blocks)
+    blocks = -(-num_rows // block_rows)
+    assert len(pools) == -(-blocks // pool_blocks)
+    for members, rows in pools:  # each pool: exactly the rows of its blocks, every block in one pool
+        assert sorted(rows) == [r for b in sorted(members) for r in range(b * block_rows, min((b + 1) * block_rows, num_rows))]
+    np.testing.assert_array_equal(order, block_shuffled(np.arange(num_rows), block_rows, pool_blocks, np.random.default_rng(3)))
     if num_rows > block_rows * pool_blocks:
-        assert not np.array_equal(order, block_shuffled_order(num_rows, block_rows, pool_blocks, np.random.default_rng(4)))
+        assert not np.array_equal(order, block_shuffled(np.arange(num_rows), block_rows, pool_blocks, np.random.default_rng(4)))
+
+
+def test_block_shuffled_keeps_a_balanced_samplers_draws():
+    """Repeats and missing rows (class-balanced draws) are kept as drawn: only their order changes."""
+    labels = np.repeat(np.arange(4), [30, 10, 5, 2])
+    sampler = create_sampler("class-balanced", labels, 4, seed=1)
+    sampler.set_epoch(2)
+    drawn = np.fromiter(iter(sampler), np.int64)
+    order = block_shuffled(drawn, 8, 2, np.random.default_rng(0))
+    assert sorted(order.tolist()) == sorted(drawn.tolist())
+    for members, rows in pools_of(order, 8, 2):
+        assert sorted(rows) == sorted(r for r in drawn.tolist() if r // 8 in members)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_block_shuffled_sampler_reorders_each_ranks_own_draws(world_size):
+    labels = np.arange(60) % 3
+    for rank in range(world_size):
+        inner = create_sampler("sqrt", labels, 3, seed=5, rank=rank, world_size=world_size)
+        wrapped = BlockShuffledSampler(create_sampler("sqrt", labels, 3, seed=5, rank=rank, world_size=world_size), 10, 2)
+        for epoch in (0, 1):
+            inner.set_epoch(epoch)
+            wrapped.set_epoch(epoch)
+            mine, order = list(inner), list(wrapped)
+            assert len(wrapped) == len(order) == len(mine) and sorted(order) == sorted(mine) and order != mine
+            assert list(wrapped) == order  # a pure function of (seed, epoch, rank): a resumed epoch reads the same
+            assert len(pools_of(np.array(order), 10, 2)) <= 3
 
 
 def test_block_order_with_read_ahead_reads_in_long_runs(cache, monkeypatch):
@@ -89,7 +123,7 @@ def test_block_order_with_read_ahead_reads_in_long_runs(cache, monkeypatch):
 
     monkeypatch.setattr(FeatureCache, "_read_indexed", counting)
     inputs = FeatureInputs(cache, "tokens", STREAMED)
-    order = block_shuffled_order(ROWS, 10, 2, np.random.default_rng(5))
+    order = block_shuffled(np.arange(ROWS), 10, 2, np.random.default_rng(5))
     list(inputs.batches(order, 5, read_ahead=4))  # 20 positions: exactly one pool of 2 blocks
     assert len(runs) == 3 and max(runs) <= 2 and sum(runs) <= 6
     runs.clear()

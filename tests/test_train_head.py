@@ -82,19 +82,29 @@ def test_balanced_losses_and_crt_beat_cross_entropy_on_the_tail(gaussian, places
         assert m["balanced_accuracy"] <= bayes["balanced_accuracy"] + 1.5  # nothing beats the optimum (MC noise)
 
 
-def test_streamed_tokens_train_exactly_like_tokens_in_ram(tmp_path):
+def head_weights(run: Path) -> dict:
+    return torch.load(run / "model.pt", weights_only=False)["head"]["state_dict"]
+
+
+@pytest.mark.parametrize("order", [{}, {"read_blocks": 4, "shuffle_pool": 2}], ids=["sampler-order", "block-shuffled"])
+def test_streamed_tokens_train_exactly_like_tokens_in_ram(tmp_path, order):
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), [30, 12, 6, 3])
     tokens = rng.standard_normal((len(y), 5, 16)).astype(np.float32) + y[:, None, None] * 0.3
     for split in ("train", "val"):
         write_cache(tmp_path / "features", split, tokens[:, 0], y, 4, tokens=tokens)
-    kw = dict(head="decoder", head_opts=("depth=1", "heads=2"), epochs=2, batch_size=8, loss="balanced_softmax")
+    kw = dict(head="decoder", head_opts=("depth=1", "heads=2"), epochs=2, batch_size=8, loss="balanced_softmax", **order)
     in_ram = train(tmp_path, "ram", **kw)
-    streamed = train(tmp_path, "stream", max_ram="1K", **kw)
+    streamed = train(tmp_path, "stream", max_ram="6K", **kw)  # the cache: 8,160 bytes of tokens; a pool: 1,280
     assert json.loads((streamed / "run.json").read_text())["inputs_in_ram"] is False
-    a = torch.load(in_ram / "model.pt", weights_only=False)["head"]["state_dict"]
-    b = torch.load(streamed / "model.pt", weights_only=False)["head"]["state_dict"]
+    a, b = head_weights(in_ram), head_weights(streamed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if order:  # the block order is recorded, and is not the sampler's order
+        assert json.loads((streamed / "config.json").read_text())["read_blocks"] == 4
+        plain = head_weights(train(tmp_path, "plain", **{**kw, "read_blocks": 0, "shuffle_pool": None}))
+        assert not all(torch.equal(a[k], plain[k]) for k in a)
+        with pytest.raises(LtclipError, match=r"reads 32 rows \(5.0 KiB\) at a time and holds up to 3 such reads, above --max-ram 6.0 KiB"):
+            train(tmp_path, "too-big", max_ram="6K", **{**kw, "read_blocks": 16})
 
 
 def test_user_brought_minimal_cache_trains(tmp_path):
@@ -153,6 +163,8 @@ def test_divergence_stops_with_a_clear_message(gaussian, tmp_path):
         (["--loss-opt", "gamma=2"], "not an option of loss 'ce'"),
         (["--resume"], "holds no interrupted run"),
         (["--max-ram", "lots"], "--max-ram"),
+        (["--shuffle-pool", "4"], "give --read-blocks ROWS too"),
+        (["--read-blocks", "-8"], "--read-blocks must be >= 0"),
         (["--two-stage", "crt"], "--two-stage: not an option of stage 1"),
     ],
 )

@@ -52,6 +52,8 @@ def train_head(
     select: Select = None,
     val_split: Annotated[Optional[str], typer.Option("--val-split", help=f"Split for model selection \\[default: {_T.val_split}].")] = None,
     max_ram: Annotated[Optional[str], typer.Option("--max-ram", help="Stream token caches larger than this, e.g. 8G (default: half of the available memory, shared by the processes).")] = None,
+    read_blocks: Annotated[Optional[int], typer.Option("--read-blocks", help="Block-shuffled read order for caches streamed from slow disks: contiguous blocks of this many rows, e.g. 1024 (default: 0, the sampler's own order).")] = None,
+    shuffle_pool: Annotated[Optional[int], typer.Option("--shuffle-pool", help="Blocks shuffled together in the --read-blocks order (default: 16).")] = None,
     posthoc_la: Annotated[Optional[bool], typer.Option("--posthoc-la", help="Post-hoc logit adjustment, tau chosen on val.")] = None,
     device: Device = None,
     tensorboard: Tensorboard = None,

@@ -5,7 +5,7 @@ in the cache's stored format (int8 / fp8 / pooled / PCA tokens stay that small i
 token rows are streamed from the HDF5 file by a prefetching thread, so resident memory stays
 bounded by a few batches whatever the cache size. Stored rows are decoded on ``device``: on the
 CPU in the loading thread, on a GPU after a transfer of the stored (small) rows. The order always
-comes from the caller (the sampler); :func:`block_shuffled_order` is an order for slow disks.
+comes from the caller (the sampler; :class:`~ltclip.data.samplers.BlockShuffledSampler` for slow disks).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class FeatureInputs:
         A background thread loads ``prefetch`` batches ahead (streamed inputs, or in-RAM ones that
         need decoding; ``prefetch=0``: all in this thread, the same batches). Streamed rows of
         ``read_ahead`` batches are read together (one read per contiguous run of their rows: with
-        a :func:`block_shuffled_order`, a few long reads).
+        a :class:`~ltclip.data.samplers.BlockShuffledSampler`'s order, a few long reads).
         """
         order = np.asarray(order, dtype=np.int64)
         if batch_size < 1 or read_ahead < 1 or prefetch < 0:
@@ -143,24 +143,6 @@ def _tensors(rows: EncodedTokens, pin: bool) -> EncodedTokens:
     """Stored rows as tensors, in page-locked memory with ``pin`` (an asynchronous copy to a GPU)."""
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return EncodedTokens(*(None if a is None else as_tensor(a).pin_memory() if pin else as_tensor(a) for a in rows))
-
-
-def block_shuffled_order(num_rows: int, block_rows: int, pool_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """A permutation of ``range(num_rows)`` that reads a slow disk in long runs.
-
-    The rows are cut into contiguous blocks of ``block_rows`` (the last one shorter), the blocks
-    are visited in a random order, and each run of ``pool_blocks`` visited blocks is shuffled
-    together (the shuffle pool): the order is a sequence of pools, each holding exactly the rows
-    of its ``pool_blocks`` whole blocks (the last pool fewer), in random order.
-    """
-    if num_rows < 0 or block_rows < 1 or pool_blocks < 1:
-        raise ValueError("num_rows must be >= 0, block_rows and pool_blocks >= 1")
-    blocks = rng.permutation(math.ceil(num_rows / block_rows))
-    pools = [
-        rng.permutation(np.concatenate([np.arange(b * block_rows, min((b + 1) * block_rows, num_rows)) for b in group]))
-        for group in (blocks[g : g + pool_blocks] for g in range(0, len(blocks), pool_blocks))
-    ]
-    return np.concatenate(pools) if pools else np.zeros(0, np.int64)
 
 
 def _prefetched(load, starts, depth: int):
@@ -221,3 +203,12 @@ def parse_size(text: str | None) -> int | None:
     if value <= 0:
         raise LtclipError(f"--max-ram {text!r}: must be positive")
     return int(value * units[unit])
+
+
+def format_size(nbytes: float) -> str:
+    """Bytes as ``"812 B"``, ``"1.3 KiB"``, ``"206 MiB"``, ``"4.9 GiB"`` (what :func:`parse_size` reads)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:,.0f} {unit}"
+    return f"{nbytes:.0f} B"

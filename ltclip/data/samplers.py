@@ -187,6 +187,53 @@ class ProgressiveSampler(ClassLevelSampler):
         ) + mix * ClassBalancedSampler.class_probabilities(class_counts, epoch, total_epochs)
 
 
+def block_shuffled(indices, block_rows: int, pool_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """``indices`` (any order, repeats kept) regrouped so that a slow disk reads them in long runs.
+
+    Rows are cut into contiguous blocks of ``block_rows``; the blocks that ``indices`` touch are
+    visited in a random order, and each run of ``pool_blocks`` visited blocks forms a shuffle pool:
+    the result is a sequence of pools, each holding exactly the entries of ``indices`` that fall in
+    its blocks, in random order. For ``indices = range(n)`` every pool is ``pool_blocks`` whole blocks.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if block_rows < 1 or pool_blocks < 1:
+        raise ValueError("block_rows and pool_blocks must be >= 1")
+    if indices.size == 0:
+        return indices
+    blocks, block_of = np.unique(indices // block_rows, return_inverse=True)
+    visit = np.empty(len(blocks), dtype=np.int64)
+    visit[rng.permutation(len(blocks))] = np.arange(len(blocks))  # block -> its place in the visit order
+    shuffle = rng.permutation(len(indices))
+    pool = visit[block_of[shuffle]] // pool_blocks
+    return indices[shuffle[np.argsort(pool, kind="stable")]]
+
+
+class BlockShuffledSampler(Sampler[int]):
+    """A sampler's draws on this rank, each epoch regrouped by :func:`block_shuffled`.
+
+    The same rows as ``inner`` draws (its class balance, its rank's share), in an order for caches
+    streamed from slow disks; the regrouping's randomness comes from ``(seed, epoch, 2, rank)``.
+    """
+
+    def __init__(self, inner: LTSampler, block_rows: int, pool_blocks: int):
+        super().__init__()
+        self.inner = inner
+        self.block_rows = _nonneg_int("block_rows", block_rows, minimum=1)
+        self.pool_blocks = _nonneg_int("pool_blocks", pool_blocks, minimum=1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        inner = self.inner
+        drawn = np.fromiter(iter(inner), dtype=np.int64, count=len(inner))
+        rng = np.random.default_rng((inner.seed, inner.epoch, 2, inner.rank))
+        return iter(block_shuffled(drawn, self.block_rows, self.pool_blocks, rng).tolist())
+
+
 list_samplers = SAMPLERS.names
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from ..data.samplers import create_sampler
+from ..data.samplers import BlockShuffledSampler, create_sampler
 from ..distributed import PRECISIONS, DistContext, autocast as precision_autocast
 from ..errors import LtclipError
 from ..metrics import improves
@@ -164,6 +164,7 @@ def fit(
     lrs: dict[str, float] | None = None,
     no_decay: tuple[str, ...] = (),
     parts: dict | None = None,
+    block_order: tuple[int, int] | None = None,
 ) -> FitResult:
     """Train ``model``'s trainable parameters with ``task`` on ``source`` as :class:`OptimConfig` ``cfg`` says.
 
@@ -178,6 +179,9 @@ def fit(
     trains on the same batches with its own lr, weight decay, momentum, schedule, warm-up and length
     (``epochs``/``steps``), and stops updating at its end; the loop runs until the longest part ends,
     with ``cfg``'s batch size, sampler, seed, optimizer and precision.
+
+    ``block_order=(block_rows, pool_blocks)`` regroups each epoch's draws (:class:`BlockShuffledSampler`):
+    the same rows, read from a slow disk in long runs.
     """
     device = torch.device(device)
     progress = progress if progress is not None and ctx.is_main else Progress()
@@ -188,6 +192,8 @@ def fit(
     epochs = math.ceil(total / per_epoch)
     order_sampler = create_sampler(sampler, labels, num_classes, seed=cfg.seed, total_epochs=epochs,
                                    rank=ctx.rank, world_size=ctx.world_size)
+    if block_order is not None:
+        order_sampler = BlockShuffledSampler(order_sampler, *block_order)
     autocast = precision_autocast(device, cfg.precision)
     optimizer = create_optimizer(model, cfg, parts or lrs, no_decay)
     schedule = create_schedule(optimizer, cfg.schedule, total, warmup_steps(cfg, per_epoch), part_steps)

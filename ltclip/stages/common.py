@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..atomic import save_json
-from ..data.feature_batches import FeatureInputs, default_max_ram, parse_size
+from ..data.feature_batches import FeatureInputs, default_max_ram, format_size, parse_size
 from ..distributed import DistContext
 from ..engine import LAST_FILE, ValidationStats
 from ..errors import LtclipError
@@ -55,16 +55,48 @@ class CacheSource:
     """The engine's training rows from a cache split: one stored view per drawn row.
 
     The view of the row at global position ``p`` of an epoch's order is drawn from
-    ``default_rng((seed, epoch, 1))`` (the same on any number of processes).
+    ``default_rng((seed, epoch, 1))`` (the same on any number of processes). ``read_ahead``
+    batches are read together (a block-shuffled order's pool in a few long reads).
     """
 
-    def __init__(self, inputs: FeatureInputs, seed: int):
-        self.inputs, self.seed, self.labels = inputs, seed, inputs.labels
+    def __init__(self, inputs: FeatureInputs, seed: int, read_ahead: int = 1):
+        self.inputs, self.seed, self.labels, self.read_ahead = inputs, seed, inputs.labels, read_ahead
 
     def batches(self, order, batch_size, epoch, positions):
         views = np.random.default_rng((self.seed, epoch, 1)).integers(0, self.inputs.views, len(self.labels))
-        for x, y, _ in self.inputs.batches(order, batch_size, views[positions]):
+        for x, y, _ in self.inputs.batches(order, batch_size, views[positions], read_ahead=self.read_ahead):
             yield x, y
+
+
+DEFAULT_SHUFFLE_POOL = 16
+
+
+def block_order(read_blocks: int, shuffle_pool: int | None) -> tuple[int, int] | None:
+    """``(rows per block, blocks per pool)`` of ``--read-blocks``/``--shuffle-pool``, None for the sampler's order."""
+    if read_blocks < 0 or (shuffle_pool is not None and shuffle_pool < 1):
+        raise LtclipError("--read-blocks must be >= 0 and --shuffle-pool >= 1")
+    if not read_blocks:
+        if shuffle_pool is not None:
+            raise LtclipError("--shuffle-pool shapes a block-shuffled order: give --read-blocks ROWS too, or drop it")
+        return None
+    return read_blocks, DEFAULT_SHUFFLE_POOL if shuffle_pool is None else shuffle_pool
+
+
+def read_ahead(order: tuple[int, int] | None, batch_size: int) -> int:
+    """Batches read together: one shuffle pool's worth in a block-shuffled order, else 1."""
+    return 1 if order is None else max(1, order[0] * order[1] // batch_size)
+
+
+def check_pool_fits(order: tuple[int, int] | None, inputs: FeatureInputs) -> None:
+    """A streamed pool is read whole, and up to three are held (read, queued, in use): within ``--max-ram``."""
+    if order is None or inputs.in_ram:
+        return
+    rows = order[0] * order[1]
+    pool = rows * inputs.nbytes // max(1, inputs.cache.num_rows)
+    if 3 * pool > inputs.max_ram:
+        raise LtclipError(f"--read-blocks {order[0]} --shuffle-pool {order[1]} reads {rows:,} rows ({format_size(pool)}) at a "
+                          f"time and holds up to 3 such reads, above --max-ram {format_size(inputs.max_ram)}; "
+                          "use smaller blocks or a smaller pool")
 
 
 def validate_on_cache(model: RunModel, inputs: FeatureInputs, counts, batch_size: int, device, ctx: DistContext) -> dict:

@@ -16,7 +16,8 @@ from ..models.heads import HEADS, create_head
 from ..models.text_prompts import load_text_encoder
 from ..progress import Progress
 from ..runs import RunModel, features_input, method_record, model_payload, write_run
-from .common import CacheSource, open_split, posthoc_tau, ram_budget, start_run, text_embeds, validate_on_cache
+from .common import (CacheSource, block_order, check_pool_fits, open_split, posthoc_tau, ram_budget, read_ahead,
+                     start_run, text_embeds, validate_on_cache)
 
 
 def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resume: bool = False) -> dict:
@@ -28,6 +29,7 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     head_opts = HEADS.parse(method.head, method.head_opts)
     ctx, device = setup(cfg.device)
     check_optim(optim, ctx.world_size)
+    blocks = block_order(cfg.read_blocks, cfg.shuffle_pool)
     train_cache = open_split(features, "train")
     val_cache = open_split(features, cfg.val_split, required=False)
     counts = train_cache.class_counts()
@@ -44,13 +46,15 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     max_ram = ram_budget(cfg.max_ram, ctx)
     train = FeatureInputs(train_cache, head.input, max_ram, device)
     val = FeatureInputs(val_cache, head.input, max_ram, device) if val_cache is not None else None
+    check_pool_fits(blocks, train)
     where = "in RAM" if train.in_ram else f"streamed from disk (larger than --max-ram {train.max_ram / 2**30:.1f} GiB)"
     progress.log(f"training inputs: {head.input} of {train_cache.num_rows:,} rows, {train.nbytes / 2**30:.2f} GiB, {where}")
     model = RunModel(head, class_counts=counts).to(device)
     start_run(out, resume, to_dict(cfg), ctx)
     eval_batch = optim.batch_size * 2
+    source = CacheSource(train, optim.seed, read_ahead(blocks, optim.batch_size // optim.accum))
     result = fit(
-        head, Task(method.loss, loss_opts, counts), CacheSource(train, optim.seed), optim, sampler=method.sampler,
+        head, Task(method.loss, loss_opts, counts), source, optim, sampler=method.sampler, block_order=blocks,
         num_classes=train_cache.num_classes, device=device, out=out, resume=resume, ctx=ctx, progress=progress,
         validate=(lambda _: validate_on_cache(model, val, counts, eval_batch, device, ctx)) if val is not None else None,
         tensorboard=cfg.tensorboard,

@@ -77,7 +77,7 @@ def plan_groups(points: list[Point]) -> list[list[Point]]:
 def stream_key(cfg: TrainHeadConfig) -> tuple | None:
     """What a batched group's points must share (None: the point trains alone).
 
-    The batch stream (cache, sampler, batch size, accumulation, seed, precision), the one optimizer
+    The batch stream (cache, read order, sampler, batch size, accumulation, seed, precision), the one optimizer
     (kind, Nesterov), when the loop validates and checkpoints, and the run folder's settings. Per
     head: head and head options, loss and loss options, lr, weight decay, momentum, 1-D decay,
     schedule, warm-up, epochs/steps, --select and --posthoc-la. Gradient clipping takes one norm over
@@ -86,7 +86,7 @@ def stream_key(cfg: TrainHeadConfig) -> tuple | None:
     o = cfg.optim
     if cfg.method.head not in BATCHABLE_HEADS or o.grad_clip > 0:
         return None
-    return (cfg.features, cfg.val_split, cfg.max_ram, cfg.device, cfg.tensorboard, cfg.method.sampler,
+    return (cfg.features, cfg.val_split, cfg.max_ram, cfg.read_blocks, cfg.shuffle_pool, cfg.device, cfg.tensorboard, cfg.method.sampler,
             o.batch_size, o.accum, o.optimizer, o.nesterov, o.precision, o.seed, o.eval_every, o.checkpoint_every)
 
 

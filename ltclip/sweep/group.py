@@ -24,7 +24,7 @@ from ..metrics import average_views
 from ..models.heads import HEADS, create_head
 from ..progress import Progress
 from ..runs import CONFIG_FILE, RunModel, method_record, model_payload, write_run
-from ..stages.common import CacheSource, open_split, posthoc_tau, ram_budget, text_embeds
+from ..stages.common import CacheSource, block_order, open_split, posthoc_tau, ram_budget, text_embeds
 from .batched import HeadStack, StackTask, log_key
 from .grid import Point
 
@@ -60,6 +60,7 @@ def train_group(points: list[Point], folder: Path, features_record: dict, progre
     eval_batch = first.optim.batch_size * 2
     result = fit(
         stack, task, CacheSource(train, first.optim.seed), _loop_optim(first.optim), sampler=first.method.sampler,
+        block_order=block_order(first.read_blocks, first.shuffle_pool),
         num_classes=num_classes, device=device, out=folder, resume=resume, progress=progress,
         validate=lambda model: _validate_stack(model, val, counts, eval_batch, device), on_record=stack.keep_best,
         tensorboard=first.tensorboard, parts={f"heads.{k}": cfg.optim for k, cfg in enumerate(cfgs)},
