@@ -11,12 +11,15 @@ with ``max_ram`` = 1/4 of the cache (streamed) and without a cap (in RAM), each 
 engine's progress callbacks). The reader alone (``FeatureInputs.batches`` without a model) is
 measured the same way, in the stage's order (the instance sampler's permutation) and in contiguous
 rows, next to a reference reader that is not the stage's (one ``os.preadv`` per row at the
-dataset's file offset), and once with the prefetch thread off (``prefetch=0``: the same batches,
+dataset's file offset), in the block-shuffled order of ``train-head --read-blocks`` (training
+too), and once with the prefetch thread off (``prefetch=0``: the same batches,
 read in the consumer's thread). *Cold* runs drop the file from the page cache first
 (``posix_fadvise(DONTNEED)``), *warm* runs read it whole first; the file's page-cache residency
 (``mincore``) before each run and the bytes the process really read from the block device
 (``read_bytes`` in ``/proc/self/io``) are reported, so a page-cache-fed number cannot pass for a
-disk-fed one. The virtual disk's host may cache too; read_bytes only shows what this machine's
+disk-fed one. Each training measurement runs three times, interleaved with the others, and the
+table shows the median (all three in brackets): single runs of a few dozen steps varied by ±20 %
+on this VM. The virtual disk's host may cache too; read_bytes only shows what this machine's
 kernel fetched from the device.
 
 Timings need a quiet machine (torch's intra-op threads slow down badly on busy cores): the table shows how many cores
@@ -45,12 +48,14 @@ from benchmarks.timing import OtherLoad, StepTimer, add_child_options, loadavg, 
 from ltclip.config import TrainHeadConfig, from_flat
 
 FULL = {"rows": 20_000, "tokens": 197, "width": 128, "embed_dim": 64, "classes": 100, "block_size": 1024,
-        "batch_size": 64, "train_steps": 32, "reader_batches": 100, "skip_steps": 2, "ram_fraction": 0.25,
+        "batch_size": 64, "train_steps": 96, "reader_batches": 100, "skip_steps": 2, "ram_fraction": 0.25,
         "reader_runs": True}
 QUICK = {"rows": 2_000, "tokens": 197, "width": 128, "embed_dim": 64, "classes": 100, "block_size": 256,
          "batch_size": 32, "train_steps": 5, "reader_batches": 20, "skip_steps": 2, "ram_fraction": 0.25,
          "reader_runs": False}
 MiB = 2**20
+BLOCK_ORDER = (64, 16)  # train-head --read-blocks 64 --shuffle-pool 16: pools of 1,024 rows (3 fit in max_ram)
+TRAIN_REPEATS = 3  # each training measurement runs this many times; the table shows the median
 VIT_B16_BATCH_BYTES = 256 * 197 * 768 * 2  # one batch of ViT-B/16 token sequences, float16
 
 # ------------------------------------------------------------------ page cache and disk reads
@@ -178,7 +183,8 @@ def child_main(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     from ltclip.data.feature_batches import FeatureInputs
-    from ltclip.data.samplers import create_sampler
+    from ltclip.data.samplers import BlockShuffledSampler, create_sampler
+    from ltclip.stages.common import read_ahead
     from ltclip.stages.train_head import run_train_head
     from ltclip.store import FeatureCache
 
@@ -193,7 +199,9 @@ def child_main(spec: dict) -> dict:
             cfg = from_flat(TrainHeadConfig, {
                 "features": str(features), "out": spec["out"], "head": "decoder", "epochs": 1,
                 "steps": s["train_steps"], "batch_size": s["batch_size"], "device": "cpu", "seed": 0,
-                "max_ram": None if max_ram is None else str(max_ram)}, owner="bench_streaming")
+                "max_ram": None if max_ram is None else str(max_ram),
+                **({"read_blocks": BLOCK_ORDER[0], "shuffle_pool": BLOCK_ORDER[1]} if spec["order"] == "blocks" else {})},
+                owner="bench_streaming")
             info = run_train_head(cfg, timer)["info"]
             ends = timer.epochs[0]["step_ends_s"]
             skip = s["skip_steps"]
@@ -205,11 +213,14 @@ def child_main(spec: dict) -> dict:
             inputs = FeatureInputs(cache, "tokens", max_ram)
             setup = time.perf_counter() - t0
             k, batch = s["reader_batches"], s["batch_size"]
+            ahead = 1
             if spec["order"] == "contiguous":
                 start = int(np.random.default_rng(1).integers(0, cache.num_rows - k * batch + 1))
                 order = np.arange(start, start + k * batch)
-            else:  # the stage's order: the instance sampler's permutation
+            else:  # the stage's order: the instance sampler's permutation, block-shuffled as --read-blocks does
                 sampler = create_sampler("instance", cache.labels, cache.num_classes, seed=0, total_epochs=1)
+                if spec["order"] == "blocks":
+                    sampler, ahead = BlockShuffledSampler(sampler, *BLOCK_ORDER), read_ahead(BLOCK_ORDER, batch)
                 sampler.set_epoch(0)
                 order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))[: k * batch]
             marks = []
@@ -217,7 +228,8 @@ def child_main(spec: dict) -> dict:
             if spec["via"] == "pread":
                 batches = pread_batches(cache, order, batch)
             else:
-                batches = inputs.batches(order, batch, np.zeros(len(order), np.int64), prefetch=spec.get("prefetch", 2))
+                batches = inputs.batches(order, batch, np.zeros(len(order), np.int64), prefetch=spec.get("prefetch", 2),
+                                         read_ahead=ahead)
             for x, _, _ in batches:
                 marks.append(time.perf_counter())
             skip = 1
@@ -250,14 +262,17 @@ def bench_stream(s: dict, work: Path, threads: int) -> dict:
         ("reader, in RAM", "reader", "warm", "sampler", None, "stage"),
         ("reference reader (os.preadv per row), cold", "reader", "cold", "sampler", cap, "pread"),
         ("reference reader (os.preadv per row), warm", "reader", "warm", "sampler", cap, "pread"),
+        ("reader, streamed, cold, block-shuffled", "reader", "cold", "blocks", cap, "stage"),
         ("train, streamed, cold", "train", "cold", "sampler", cap, "stage"),
+        ("train, streamed, cold, block-shuffled", "train", "cold", "blocks", cap, "stage"),
         ("train, streamed, warm", "train", "warm", "sampler", cap, "stage"),
         ("train, in RAM", "train", "warm", "sampler", None, "stage"),
     ]
     if not s["reader_runs"]:
         runs = [r for r in runs if r[1] != "reader"]
-    results = {}
-    for i, (label, what, state, order, max_ram, via) in enumerate(runs):
+    results = {label: [] for label, *_ in runs}
+    repeats = [(r, rep) for rep in range(TRAIN_REPEATS) for r in runs if rep == 0 or r[1] == "train"]  # interleaved
+    for i, ((label, what, state, order, max_ram, via), rep) in enumerate(repeats):
         (drop_page_cache if state == "cold" else warm_page_cache)(path)
         resident = page_cache_fraction(path)
         spec = {"label": label, "what": what, "order": order, "max_ram": max_ram, "via": via.removesuffix("-sync"),
@@ -267,12 +282,19 @@ def bench_stream(s: dict, work: Path, threads: int) -> dict:
         load = loadavg()
         with OtherLoad() as other:
             r = run_child("benchmarks.bench_streaming", spec, spec["label"])
-        results[label] = {**r, "what": what, "cache_state": state, "order": order, "max_ram": max_ram,
-                          "page_cache_before": resident, "page_cache_after": page_cache_fraction(path),
-                          "loadavg_before": load, "loadavg_after": loadavg(), "other_cores": other.cores}
+        results[label].append({**r, "what": what, "cache_state": state, "order": order, "max_ram": max_ram,
+                               "page_cache_before": resident, "page_cache_after": page_cache_fraction(path),
+                               "loadavg_before": load, "loadavg_after": loadavg(), "other_cores": other.cores})
+    results = {label: _median_run(tries) for label, tries in results.items()}
     for label, r in results.items():
         r["vs_in_ram"] = r["steady_batches_per_s"] / results[f"{r['what']}, in RAM"]["steady_batches_per_s"]
     return {"free_bytes_before": free, **written, "max_ram": cap, "runs": results}
+
+
+def _median_run(tries: list[dict]) -> dict:
+    """The try with the median steady rate (every try's rate kept beside it)."""
+    ranked = sorted(tries, key=lambda t: t["steady_batches_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "tries_batches_per_s": [t["steady_batches_per_s"] for t in tries]}
 
 
 def stream_table(report: dict) -> str:
@@ -285,6 +307,8 @@ def stream_table(report: dict) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for label, r in st["runs"].items():
         rate = f"{r['steady_batches_per_s']:.2f}"
+        if len(r["tries_batches_per_s"]) > 1:
+            rate += " [" + ", ".join(f"{v:.2f}" for v in r["tries_batches_per_s"]) + "]"
         if r.get("mib_per_s") is not None:
             rate += f" ({r['mib_per_s']:,.0f})"
         rows.append(
