@@ -321,11 +321,11 @@ def closeness_validate(target: dict):
     return validate
 
 
-def resume_run(cfg, out, validate, kill=None, resume=False):
+def resume_run(cfg, out, validate, kill=None, resume=False, **kw):
     source = TensorSource(X, Y)
     model = new_head("mlp", hidden=16, dropout=0.3)
     return train(cfg, model, KillAfter(source, kill) if kill is not None else source, sampler="progressive", out=out,
-                 resume=resume, validate=validate)
+                 resume=resume, validate=validate, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -382,6 +382,29 @@ def test_resume_after_a_kill_ends_bit_identical(resume_reference, tmp_path, kill
     assert (tmp_path / LOG_FILE).read_text() == (ref_out / LOG_FILE).read_text()
     assert result.best == ref.best and result.history == ref.history
     assert (result.steps, result.epochs) == (ref.steps, ref.epochs)
+
+
+def test_epoch_checkpoints_spaced_in_time_resume_from_the_step_checkpoints(resume_reference, tmp_path, monkeypatch):
+    """``epoch_checkpoint_s``: epoch ends write ``last.pt`` only that often (the last always);
+    ``checkpoint_every`` steps still apply, and a resume from them ends as the uninterrupted run."""
+    cfg, ref_out, validate, ref_weights, ref = resume_reference
+    written, real = [], loop.save_checkpoint
+
+    def counting(path, obj):
+        if path.name == LAST_FILE:
+            written.append(obj["state"]["step"])
+        real(path, obj)
+
+    monkeypatch.setattr(loop, "save_checkpoint", counting)
+    with pytest.raises(KeyboardInterrupt):
+        resume_run(cfg, tmp_path, validate, kill=45, epoch_checkpoint_s=1e9)  # the last epoch, mid step
+    every = cfg.checkpoint_every  # 24 steps were done; the epoch ends (7, 14, 21) wrote nothing
+    assert written == [s for s in range(1, 25) if s % every == 0 and s % 7]
+    written.clear()
+    model, result = resume_run(cfg, tmp_path, validate, resume=True, epoch_checkpoint_s=1e9)
+    assert written == [s for s in range(25, 28) if s % every == 0] + [28]
+    assert_same_weights(model.state_dict(), ref_weights)
+    assert (tmp_path / LOG_FILE).read_text() == (ref_out / LOG_FILE).read_text() and result.best == ref.best
 
 
 def test_resume_after_two_kills(resume_reference, tmp_path):

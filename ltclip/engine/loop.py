@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,7 @@ def fit(
     no_decay: tuple[str, ...] = (),
     parts: dict | None = None,
     block_order: tuple[int, int] | None = None,
+    epoch_checkpoint_s: float = 0.0,
 ) -> FitResult:
     """Train ``model``'s trainable parameters with ``task`` on ``source`` as :class:`OptimConfig` ``cfg`` says.
 
@@ -181,7 +183,9 @@ def fit(
     with ``cfg``'s batch size, sampler, seed, optimizer and precision.
 
     ``block_order=(block_rows, pool_blocks)`` regroups each epoch's draws (:class:`BlockShuffledSampler`):
-    the same rows, read from a slow disk in long runs.
+    the same rows, read from a slow disk in long runs. ``epoch_checkpoint_s`` skips an epoch's
+    ``last.pt`` when the previous one is more recent than that many seconds (the last epoch's is
+    always written; ``cfg.checkpoint_every`` still applies): for runs of many sub-second epochs.
     """
     device = torch.device(device)
     progress = progress if progress is not None and ctx.is_main else Progress()
@@ -224,9 +228,14 @@ def fit(
     guard = _NanGuard(ctx, out)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if epoch_checkpoint_s and ctx.enabled:
+        raise ValueError("fit: epoch_checkpoint_s is a per-process clock; use it on one process")
+    saved_at = time.monotonic()
 
     def checkpoint() -> None:
+        nonlocal saved_at
         guard.check(state, params)  # never save (or return) weights a NaN or an overflow has already reached
+        saved_at = time.monotonic()
         if out is not None and ctx.is_main:
             save_checkpoint(out / LAST_FILE, {
                 "model": _state(model), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -308,7 +317,8 @@ def fit(
         log.record(record)
         progress.log(_epoch_line(epoch, epochs, record))
         state.epoch, state.epoch_steps, state.loss_sum, state.loss_rows = epoch + 1, 0, 0.0, 0
-        checkpoint()
+        if epoch == epochs - 1 or time.monotonic() - saved_at >= epoch_checkpoint_s:
+            checkpoint()
     log.close()
     if state.best is not None:  # model selection: the best validated weights
         if out is not None:

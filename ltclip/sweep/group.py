@@ -1,5 +1,6 @@
 """One batched group of sweep points: their heads trained as a :class:`HeadStack` through the engine
-in ``SWEEPDIR/groups/NAME`` (``last.pt`` there resumes it at any step), then each point written
+in ``SWEEPDIR/groups/NAME`` (``last.pt`` there resumes it; a group killed before its first
+checkpoint starts again), then each point written
 as a normal train-head run folder (``config.json`` its single-run config, ``model.pt``, ``run.json``
 and a ``train_log.jsonl`` of its own validations).
 """
@@ -29,6 +30,10 @@ from .batched import HeadStack, StackTask, log_key
 from .grid import Point
 
 GROUP_FILE = "group.json"
+# A group's epochs last milliseconds on small caches, where pickling every head, its best copy and its
+# optimizer state each epoch was over a third of the sweep: epoch-end checkpoints at most this often
+# (a kill loses at most this much training; ``--checkpoint-every N`` steps still applies).
+EPOCH_CHECKPOINT_S = 30.0
 
 
 def train_group(points: list[Point], folder: Path, features_record: dict, progress: Progress) -> None:
@@ -64,6 +69,7 @@ def train_group(points: list[Point], folder: Path, features_record: dict, progre
         num_classes=num_classes, device=device, out=folder, resume=resume, progress=progress,
         validate=lambda model: _validate_stack(model, val, counts, eval_batch, device), on_record=stack.keep_best,
         tensorboard=first.tensorboard, parts={f"heads.{k}": cfg.optim for k, cfg in enumerate(cfgs)},
+        epoch_checkpoint_s=EPOCH_CHECKPOINT_S,
     )
     for k, (point, (steps, epochs)) in enumerate(zip(points, lengths)):
         model = RunModel(stack.best[k], class_counts=counts).to(device)
