@@ -17,7 +17,8 @@ mkdir -p "$out/logs"
 
 if [ -z "${PRETRAINED:-}" ]; then
     pretrained="$out/toy-clip/toy_clip.pt"
-    "$ltclip" pretrain-toy --out "$out/toy-clip" --model "$model" 2> "$out/logs/pretrain-toy.log" &
+    # It runs (almost) alone: two threads, fixed so that every machine draws the same toy CLIP.
+    OMP_NUM_THREADS=2 "$ltclip" pretrain-toy --out "$out/toy-clip" --model "$model" 2> "$out/logs/pretrain-toy.log" &
     pretraining=$!
 else
     pretrained=$PRETRAINED
@@ -47,9 +48,11 @@ heads_on_embeddings() {
     train linear-balanced-softmax --features "$out/features" --head linear --loss balanced_softmax --epochs 40
     train text-init-balanced-softmax --features "$out/features" --head text-init --loss balanced_softmax --epochs 20
 }
+# The decoder with its own defaults (`ltclip list heads`); the linear heads above need more than their
+# default 10 epochs on a cache this small (7 steps an epoch).
 decoders() {
-    train decoder-ce --features "$out/features" --head decoder --loss ce --epochs 40
-    train decoder-balanced-softmax --features "$out/features" --head decoder --loss balanced_softmax --epochs 40
+    train decoder-ce --features "$out/features" --head decoder --loss ce
+    train decoder-balanced-softmax --features "$out/features" --head decoder --loss balanced_softmax
 }
 heads_on_embeddings & lane_one=$!
 decoders & lane_two=$!
