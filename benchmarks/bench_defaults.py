@@ -21,7 +21,8 @@ width, the first the class sample, the others noise. Every run goes through
 ``run_train_head``, and is scored by ``RunModel.predict`` + ``ltclip.metrics.evaluate`` on test.
 
 Grid. For each head, loss (CE, Balanced Softmax), profile and width: the default (nothing but
-``--head`` and ``--loss`` given) on raw and on unit-norm features, and on raw features
+``--head`` and ``--loss`` given; the lr and epochs it resolves to, for its loss and cache size, are
+read back from the run's ``config.json``) on raw and on unit-norm features, and on raw features
 (lr, epochs) at the default's (lr / 3, epochs), (3 lr, epochs) and (lr, 2 epochs) (``GRID``).
 "Best" is the highest test balanced accuracy of these four (an optimistic reference: chosen on
 test, not val).
@@ -44,7 +45,6 @@ from ltclip.cli.train import stage_one_config
 from ltclip.data.feature_batches import FeatureInputs
 from ltclip.data.gaussian import gaussian_lt
 from ltclip.metrics import average_views, evaluate
-from ltclip.models.heads import HEADS
 from ltclip.runs import load_run
 from ltclip.stages.train_head import run_train_head
 from ltclip.store import FeatureCache, write_arrays
@@ -108,17 +108,19 @@ def bench(root: Path, profiles: list[str], classes: int) -> list[dict]:
     for name in profiles:
         counts = profile(name, classes)
         for head, widths in PLAN:
-            own = HEADS.get(head).defaults
             for dim in widths:
                 raw = write_features(root / f"{name}-{head}-{dim}-raw", counts, dim, False, head == "decoder")
                 unit = write_features(root / f"{name}-{head}-{dim}-unit", counts, dim, True, head == "decoder")
                 for loss in LOSSES:
                     start = time.perf_counter()
                     row = {"profile": name, "classes": classes, "train_rows": int(counts.sum()), "head": head, "dim": dim,
-                           "loss": loss, "default_lr": own["lr"], "default_epochs": own["epochs"], "grid": {}}
+                           "loss": loss, "grid": {}}
                     for kind, features in (("raw", raw), ("unit", unit)):
                         k += 1
                         row[f"default_{kind}"] = test_balanced_accuracy(features, root / f"r{k}", counts, {"head": head, "loss": loss})
+                        if kind == "raw":  # the default as resolved for this loss and cache (what the run saved)
+                            own = json.loads((root / f"r{k}" / "config.json").read_text())["optim"]
+                            row.update(default_lr=own["lr"], default_epochs=own["epochs"])
                     row["grid"][f"{own['lr']:g}/{own['epochs']}"] = row["default_raw"]
                     for lr, epochs in GRID:
                         k += 1

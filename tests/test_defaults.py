@@ -69,16 +69,32 @@ def test_the_default_reaches_90_percent_of_the_best_of_a_grid(lt_cache, tmp_path
 
 def test_head_defaults_fill_only_what_was_not_given(tmp_path):
     heard = []
-    base = {"features": "f", "out": "o", "head": "linear"}
+    base = {"features": "f", "out": "o", "head": "linear", "loss": "balanced_softmax"}  # no cache at f: no lengthening
     cfg = stage_one_config(base, say=lambda option, text: heard.append((option, text)))
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.optimizer) == (0.1, 10, "adamw") == tuple(HEADS.get("linear").defaults[k] for k in ("lr", "epochs", "optimizer"))
     assert ("--lr", "0.1 for --head linear") in heard
     cfg = stage_one_config({**base, "lr": 0.5, "steps": 7})
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.steps) == (0.5, 10, 7)
+    for head, lr in (("linear", 0.3), ("mlp", 0.03), ("decoder", 0.03), ("cosine", 0.03)):  # cross-entropy's own step
+        assert stage_one_config({**base, "head": head, "loss": "ce"}).optim.lr == lr == HEADS.get(head).loss_defaults.get("ce", HEADS.get(head).defaults)["lr"]
     # the resolved config is what a run saves: rebuilt from it, nothing changes
     from ltclip.config import flatten, to_dict
 
     assert stage_one_config(flatten(to_dict(cfg))) == cfg
+
+
+def test_default_epochs_reach_the_heads_minimum_steps_on_a_small_cache(lt_cache):
+    root, _ = lt_cache  # 3,893 rows: 16 steps an epoch at batch 256, 160 in the linear head's 10 epochs
+    heard = []
+    base = {"features": str(root), "out": "o", "head": "linear", "loss": "balanced_softmax"}
+    cfg = stage_one_config(base, say=lambda option, text: heard.append((option, text)))
+    assert cfg.optim.epochs == math.ceil(HEADS.get("linear").min_steps / 16) == 32
+    assert ("--epochs", "32 for --head linear (its 10 epochs are 160 steps on 3,893 rows; it trains at least 500)") in heard
+    assert stage_one_config({**base, "batch_size": 64}).optim.epochs == 10  # 61 steps an epoch: 610 already
+    assert stage_one_config({**base, "epochs": 5}).optim.epochs == 5  # given lengths are kept
+    assert stage_one_config({**base, "steps": 50}).optim.steps == 50
+    assert stage_one_config({**base, "recipe": "imbalance-vlm"}).optim.steps == 8192  # a recipe's length is kept
+    assert stage_one_config({**base, "head": "decoder"}).optim.epochs == 10  # no minimum: it overfits small caches
 
 
 def test_every_recipe_loads_and_is_listed():
@@ -90,7 +106,7 @@ def test_every_recipe_loads_and_is_listed():
         assert recipe.summary and recipe.source and recipe.stages
         assert name in result.output
     heads = runner.invoke(app, ["list", "heads"]).output
-    assert "train-head defaults: optimizer=adamw lr=0.1 epochs=10" in heads
+    assert "train-head defaults: optimizer=adamw lr=0.1 epochs=10; with --loss ce: lr=0.3; at least 500 steps on small caches" in heads
 
 
 def test_imbalance_vlm_applies_under_the_options_given():

@@ -139,7 +139,11 @@ def list_registered(
         count = f"{counts[name]:>12,} " if counts else ""
         typer.echo(f"{name:16s} {count}{options:34s} {reg.summary(name)}".rstrip())
         if kind == "heads" and reg.get(name).defaults:
-            typer.echo(f"{'':16s} train-head defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items()))
+            head = reg.get(name)
+            extra = [f"with --loss {loss}: " + " ".join(f"{k}={v}" for k, v in opts.items()) for loss, opts in head.loss_defaults.items()]
+            extra += [f"at least {head.min_steps} steps on small caches"] if head.min_steps else []
+            typer.echo(f"{'':16s} train-head defaults: " + " ".join(f"{k}={v}" for k, v in head.defaults.items())
+                       + "".join(f"; {e}" for e in extra))
 
 
 def _list_recipes() -> None:

@@ -98,16 +98,22 @@ def stage_one_config(values: dict, *, say=None) -> TrainHeadConfig:
     """The stage-1 config that option values given on the command line (or by a sweep point) make.
 
     Layers, each over the next: the values given (explicit options and ``--config``) > ``--recipe``
-    > the head's defaults (``Head.defaults``, shown by ``ltclip list heads``) > the dataclass. The
-    config is fully resolved (it is what the run saves); ``say(option, text)`` hears each value a
-    lower layer chose.
+    > the head's defaults for its loss and cache size (``ltclip.recipes.head_defaults``, shown by
+    ``ltclip list heads``) > the dataclass. The config is fully resolved (it is what the run saves);
+    ``say(option, text)`` hears each value a lower layer chose.
     """
     from ..config import from_flat
     from ..models.heads import HEADS
-    from ..recipes import layer_options
+    from ..recipes import head_defaults, layer_options
 
     check_choice("--head", "heads", values.get("head"))
-    resolved = layer_options("train-head", values, head_defaults=lambda head: HEADS.get(head).defaults, say=say)
+    others = layer_options("train-head", values)  # the loss, cache and batch the head's defaults depend on
+    own, why = head_defaults(HEADS.get(others.get("head", _M.head)), others)
+
+    def tell(option, text):
+        say(option, f"{text} {why}" if why and option == "--epochs" and text.endswith("for --head " + others.get("head", _M.head)) else text)
+
+    resolved = layer_options("train-head", values, head_defaults=lambda head: own, say=tell if say else None)
     return from_flat(TrainHeadConfig, resolved, owner="stage 1 (second-stage options need --from RUN)")
 
 

@@ -80,7 +80,11 @@ class Head(nn.Module):
     classifier: nn.Module
     # Stage-1 training defaults of this head (train-head options), over the dataclass's, under
     # --recipe and the options given; measured in docs/methods_benchmark.md ("Defaults that learn").
+    # ``loss_defaults[loss]`` replaces some of them for that loss; a run whose length comes from the
+    # default epochs trains at least ``min_steps`` optimizer steps (``ltclip.recipes.head_defaults``).
     defaults: dict = {}
+    loss_defaults: dict = {}
+    min_steps: int = 0
 
     def __init__(self, num_classes: int, embed_dim: int, token_shape: Sequence[int] | None):
         super().__init__()
@@ -116,6 +120,8 @@ class LinearHead(Head):
     """Linear probe ``W x + b`` on the (by default L2-normalised) embedding."""
 
     defaults = {"optimizer": "adamw", "lr": 0.1, "epochs": 10}
+    loss_defaults = {"ce": {"lr": 0.3}}
+    min_steps = 500
 
     def __init__(self, num_classes, embed_dim, token_shape=None, text_embeds=None, *, normalize: bool = True):
         super().__init__(num_classes, embed_dim, token_shape)
@@ -136,6 +142,7 @@ class CosineHead(Head):
     """
 
     defaults = {"optimizer": "adamw", "lr": 0.03, "epochs": 10}
+    min_steps = 500
 
     def __init__(
         self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
@@ -165,6 +172,8 @@ class MLPHead(Head):
     """
 
     defaults = {"optimizer": "adamw", "lr": 0.01, "epochs": 30}
+    loss_defaults = {"ce": {"lr": 0.03}}
+    min_steps = 1000
 
     def __init__(
         self, num_classes, embed_dim, token_shape=None, text_embeds=None, *,
@@ -283,6 +292,7 @@ class DecoderHead(Head):
     """
 
     defaults = {"optimizer": "adamw", "lr": 0.01, "epochs": 10}
+    loss_defaults = {"ce": {"lr": 0.03}}
 
     input = "tokens"
 

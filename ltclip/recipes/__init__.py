@@ -7,12 +7,14 @@ name, for every stage). Head and loss options apply when that head or loss is th
 
 :func:`layer_options` resolves what a stage trains with, each layer above the next:
 the options given (on the command line or by ``--config``) > the recipe > the head's own
-defaults (:attr:`ltclip.models.heads.Head.defaults`, stage 1 only) > the config dataclass.
+defaults (:func:`head_defaults`: the head's, for its loss and cache size; stage 1 only) > the
+config dataclass.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,8 +133,43 @@ def layer_options(stage: str, values: dict, *, head_defaults: Callable[[str], di
     return resolved
 
 
+def head_defaults(entry, resolved: dict) -> tuple[dict, str | None]:
+    """Head ``entry``'s train-head defaults for the run ``resolved`` (options from every other layer)
+    describes, and why its epochs were lengthened (None if not).
+
+    ``entry.loss_defaults[loss]`` replaces defaults for the loss trained with; when the cache's
+    train split is readable, the default epochs grow to reach ``entry.min_steps`` optimizer steps.
+    """
+    out = {**entry.defaults, **entry.loss_defaults.get(resolved.get("loss", MethodConfig.loss), {})}
+    rows = _train_rows(resolved.get("features")) if entry.min_steps and "epochs" in out else None
+    if not rows:
+        return out, None
+    from ..config import OptimConfig
+    from ..engine import steps_per_epoch
+
+    optim = OptimConfig(**{k: resolved[k] for k in ("batch_size", "accum") if k in resolved})
+    per_epoch = steps_per_epoch(optim, rows)
+    epochs = max(out["epochs"], math.ceil(entry.min_steps / per_epoch))
+    if epochs == out["epochs"]:
+        return out, None
+    out["epochs"] = epochs
+    return out, (f"(its {entry.defaults['epochs']} epochs are {entry.defaults['epochs'] * per_epoch} steps on "
+                 f"{rows:,} rows; it trains at least {entry.min_steps})")
+
+
+def _train_rows(features) -> int | None:
+    """Rows of ``features/train.h5``, or None where it cannot be read (the stage then says why)."""
+    from ..store import FeatureCache
+
+    try:
+        with FeatureCache(Path(features) / "train.h5") as cache:
+            return cache.num_rows
+    except (LtclipError, OSError, TypeError):
+        return None
+
+
 def _shown(value) -> str:
     return " ".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-__all__ = ["RECIPE_DIR", "Recipe", "layer_options", "list_recipes", "load_recipe", "merge_opts"]
+__all__ = ["RECIPE_DIR", "Recipe", "head_defaults", "layer_options", "list_recipes", "load_recipe", "merge_opts"]
