@@ -506,8 +506,11 @@ def assert_same_run(a: Path, b: Path, part: str = "head") -> None:
 
 
 def start(args: list, **kw) -> subprocess.Popen:
+    """The CLI in its own process group, with Ctrl-C's default disposition: a suite started in the
+    background (``cmd &``) has SIGINT ignored, and an ignored signal stays ignored across exec."""
     return subprocess.Popen([sys.executable, "-m", "ltclip", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def wait_for_change(proc: subprocess.Popen, marker, timeout: float = 120) -> None:
