@@ -3,6 +3,7 @@ under the options given; the truncated-cosine schedule and step warm-up the pape
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -95,6 +96,20 @@ def test_default_epochs_reach_the_heads_minimum_steps_on_a_small_cache(lt_cache)
     assert stage_one_config({**base, "steps": 50}).optim.steps == 50
     assert stage_one_config({**base, "recipe": "imbalance-vlm"}).optim.steps == 8192  # a recipe's length is kept
     assert stage_one_config({**base, "head": "decoder"}).optim.epochs == 10  # no minimum: it overfits small caches
+
+
+def test_a_second_stage_trains_with_its_methods_defaults_unless_given(lt_cache, tmp_path):
+    root, _ = lt_cache
+    stage1 = tmp_path / "stage1"
+    run_train_head(stage_one_config({"features": str(root), "out": str(stage1), "head": "linear", "epochs": 1, "device": "cpu"}))
+    saved_lr = lambda out: json.loads((out / "config.json").read_text())["optim"]["lr"]  # noqa: E731
+    for args, lr in ((["--two-stage", "crt"], 1.0), (["--two-stage", "crt", "--lr", "0.5"], 0.5), (["--two-stage", "lws"], 0.1)):
+        out = tmp_path / "-".join(args)
+        result = runner.invoke(app, ["train-head", "--from", str(stage1), *args, "--epochs", "1", "--device", "cpu", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert saved_lr(out) == lr
+        assert ("--lr: 1.0 for --two-stage crt (default)" in result.output) == (args == ["--two-stage", "crt"])
+    assert "train-head --from defaults: lr=1.0" in runner.invoke(app, ["list", "two-stage"]).output
 
 
 def test_every_recipe_loads_and_is_listed():

@@ -138,6 +138,8 @@ def list_registered(
         options = " ".join(f"{k}={v}" for k, v in reg.options(name).items())
         count = f"{counts[name]:>12,} " if counts else ""
         typer.echo(f"{name:16s} {count}{options:34s} {reg.summary(name)}".rstrip())
+        if kind == "two-stage" and reg.get(name).defaults:
+            typer.echo(f"{'':16s} train-head --from defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items()))
         if kind == "heads" and reg.get(name).defaults:
             head = reg.get(name)
             extra = [f"with --loss {loss}: " + " ".join(f"{k}={v}" for k, v in opts.items()) for loss, opts in head.loss_defaults.items()]

@@ -80,7 +80,8 @@ def train_head(
     if from_run:
         from ..stages.second_stage import run_second_stage
 
-        cfg = from_flat(SecondStageConfig, values, owner="a second stage (--from RUN; head and features come from the run)")
+        cfg = from_flat(SecondStageConfig, second_stage_values(values, say=say_default),
+                        owner="a second stage (--from RUN; head and features come from the run)")
         result = run_second_stage(cfg, progress, resume=resume)
     else:
         from ..stages.train_head import run_train_head
@@ -115,6 +116,21 @@ def stage_one_config(values: dict, *, say=None) -> TrainHeadConfig:
 
     resolved = layer_options("train-head", values, head_defaults=lambda head: own, say=tell if say else None)
     return from_flat(TrainHeadConfig, resolved, owner="stage 1 (second-stage options need --from RUN)")
+
+
+def second_stage_values(values: dict, *, say=None) -> dict:
+    """The given options over the second-stage method's own defaults (``ltclip list two-stage``);
+    ``say(option, text)`` hears each default used."""
+    from ..config import flag
+    from ..second_stage import TWO_STAGE
+
+    name = values.get("two_stage")
+    check_choice("--two-stage", "two-stage", name)
+    own = {k: v for k, v in (TWO_STAGE.get(name).defaults if name else {}).items() if k not in values}
+    for key, value in own.items():
+        if say is not None:
+            say(flag(key), f"{value} for --two-stage {name}")
+    return {**values, **own}
 
 
 def _recorded_features():

@@ -25,13 +25,16 @@ class Calibrated(nn.Module):
     ``name`` is the registry name, ``config`` the JSON-serialisable keyword arguments with which
     :func:`build_two_stage` rebuilds the module (then ``load_state_dict``), ``summary`` what
     fitting measured (per-epoch history, selected epoch or τ). ``trains`` says whether the method
-    runs the training loop; ``sampler`` and ``loss`` are the ones it trains with by default.
+    runs the training loop; ``sampler`` and ``loss`` are the ones it trains with by default, and
+    ``defaults`` the ``train-head --from`` options it trains with unless they are given (over
+    :data:`~ltclip.config.SECOND_STAGE_OPTIM`; measured in docs/methods_benchmark.md).
     """
 
     name = ""
     trains = True
     sampler = "instance"
     loss = "ce"
+    defaults: dict = {}
 
     def __init__(self, *, in_dim: int, num_classes: int):
         super().__init__()
