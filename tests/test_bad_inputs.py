@@ -647,8 +647,12 @@ def test_a_ctrl_c_that_python_swallows_is_raised_again(capsys):
             time.sleep(0.01)
         return "ran on as if Ctrl-C had not been pressed"
 
-    with pytest.raises(typer.Exit) as stopped:
-        guarded(work)()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also when pytest runs in the background
+    try:
+        with pytest.raises(typer.Exit) as stopped:
+            guarded(work)()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.value.exit_code == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted; rerun the same command") and "Exception ignored" not in err

@@ -80,7 +80,7 @@ def train_head(
     if from_run:
         from ..stages.second_stage import run_second_stage
 
-        cfg = from_flat(SecondStageConfig, second_stage_values(values, say=say_default),
+        cfg = from_flat(SecondStageConfig, second_stage_values(values),
                         owner="a second stage (--from RUN; head and features come from the run)")
         result = run_second_stage(cfg, progress, resume=resume)
     else:
@@ -109,28 +109,24 @@ def stage_one_config(values: dict, *, say=None) -> TrainHeadConfig:
 
     check_choice("--head", "heads", values.get("head"))
     others = layer_options("train-head", values)  # the loss, cache and batch the head's defaults depend on
-    own, why = head_defaults(HEADS.get(others.get("head", _M.head)), others)
+    head = others.get("head", _M.head)
+    own, lengthened = head_defaults(HEADS.get(head), others)
 
-    def tell(option, text):
-        say(option, f"{text} {why}" if why and option == "--epochs" and text.endswith("for --head " + others.get("head", _M.head)) else text)
+    def tell(option, text):  # a lengthened default says why
+        say(option, f"{text} {lengthened}" if lengthened and option == "--epochs" and text.endswith(f"for --head {head}") else text)
 
-    resolved = layer_options("train-head", values, head_defaults=lambda head: own, say=tell if say else None)
+    resolved = layer_options("train-head", values, head_defaults=lambda _: own, say=tell if say else None)
     return from_flat(TrainHeadConfig, resolved, owner="stage 1 (second-stage options need --from RUN)")
 
 
-def second_stage_values(values: dict, *, say=None) -> dict:
-    """The given options over the second-stage method's own defaults (``ltclip list two-stage``);
-    ``say(option, text)`` hears each default used."""
-    from ..config import flag
+def second_stage_values(values: dict) -> dict:
+    """The given options over the second-stage method's own defaults (``ltclip list two-stage``;
+    like ``SECOND_STAGE_OPTIM``'s, not printed: the run's ``config.json`` holds them)."""
     from ..second_stage import TWO_STAGE
 
     name = values.get("two_stage")
     check_choice("--two-stage", "two-stage", name)
-    own = {k: v for k, v in (TWO_STAGE.get(name).defaults if name else {}).items() if k not in values}
-    for key, value in own.items():
-        if say is not None:
-            say(flag(key), f"{value} for --two-stage {name}")
-    return {**values, **own}
+    return {**(TWO_STAGE.get(name).defaults if name else {}), **values}
 
 
 def _recorded_features():

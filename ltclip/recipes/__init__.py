@@ -133,12 +133,18 @@ def layer_options(stage: str, values: dict, *, head_defaults: Callable[[str], di
     return resolved
 
 
+# A toy cache of a few hundred rows (one step an epoch) would otherwise train hundreds of epochs,
+# each validated and checkpointed: the default epochs grow by this factor at most.
+MAX_LENGTHENING = 5
+
+
 def head_defaults(entry, resolved: dict) -> tuple[dict, str | None]:
     """Head ``entry``'s train-head defaults for the run ``resolved`` (options from every other layer)
     describes, and why its epochs were lengthened (None if not).
 
     ``entry.loss_defaults[loss]`` replaces defaults for the loss trained with; when the cache's
-    train split is readable, the default epochs grow to reach ``entry.min_steps`` optimizer steps.
+    train split is readable, the default epochs grow to reach ``entry.min_steps`` optimizer steps
+    (by at most ``MAX_LENGTHENING`` times).
     """
     out = {**entry.defaults, **entry.loss_defaults.get(resolved.get("loss", MethodConfig.loss), {})}
     rows = _train_rows(resolved.get("features")) if entry.min_steps and "epochs" in out else None
@@ -148,13 +154,13 @@ def head_defaults(entry, resolved: dict) -> tuple[dict, str | None]:
     from ..engine import steps_per_epoch
 
     optim = OptimConfig(**{k: resolved[k] for k in ("batch_size", "accum") if k in resolved})
-    per_epoch = steps_per_epoch(optim, rows)
-    epochs = max(out["epochs"], math.ceil(entry.min_steps / per_epoch))
-    if epochs == out["epochs"]:
+    per_epoch, base = steps_per_epoch(optim, rows), out["epochs"]
+    epochs = min(MAX_LENGTHENING * base, max(base, math.ceil(entry.min_steps / per_epoch)))
+    if epochs == base:
         return out, None
     out["epochs"] = epochs
-    return out, (f"(its {entry.defaults['epochs']} epochs are {entry.defaults['epochs'] * per_epoch} steps on "
-                 f"{rows:,} rows; it trains at least {entry.min_steps})")
+    return out, (f"(its {base} epochs are {base * per_epoch} steps on {rows:,} rows; lengthened towards "
+                 f"{entry.min_steps} steps, at most {MAX_LENGTHENING}×)")
 
 
 def _train_rows(features) -> int | None:
