@@ -141,9 +141,11 @@ def list_registered(
         if kind == "two-stage" and reg.get(name).defaults:
             typer.echo(f"{'':16s} train-head --from defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items()))
         if kind == "heads" and reg.get(name).defaults:
+            from ..recipes import MAX_LENGTHENING
+
             head = reg.get(name)
             extra = [f"with --loss {loss}: " + " ".join(f"{k}={v}" for k, v in opts.items()) for loss, opts in head.loss_defaults.items()]
-            extra += [f"at least {head.min_steps} steps on small caches"] if head.min_steps else []
+            extra += [f"at least {head.min_steps} steps on small caches (up to {MAX_LENGTHENING}× the epochs)"] if head.min_steps else []
             typer.echo(f"{'':16s} train-head defaults: " + " ".join(f"{k}={v}" for k, v in head.defaults.items())
                        + "".join(f"; {e}" for e in extra))
 
