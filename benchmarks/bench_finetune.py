@@ -123,7 +123,7 @@ def child_main(spec: dict) -> dict:
     from ltclip.engine import Task, fit
     from ltclip.models.backbone import register_tiny_configs
     from ltclip.models.encoder_classifier import EncoderClassifier
-    from ltclip.models.heads import count_params
+    from ltclip.models.cost import count_params
     from ltclip.models.tuning import count_trainable, no_weight_decay_names
 
     register_tiny_configs()

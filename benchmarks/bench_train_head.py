@@ -162,7 +162,7 @@ class ImageSource:
 
 
 def flop_prediction(visual, px: int, head, head_input: tuple) -> dict:
-    from ltclip.models.heads import head_flops, vit_flops
+    from ltclip.models.cost import head_flops, vit_flops
 
     v = vit_flops(visual, px)
     h = head_flops(head, (1, *head_input))
@@ -177,7 +177,8 @@ def bench_model(name: str, size: dict, rounds: int, work: Path) -> dict:
     from ltclip.engine import Task, fit
     from ltclip.losses import LOSSES
     from ltclip.models.backbone import load_backbone
-    from ltclip.models.heads import count_params, create_head
+    from ltclip.models.cost import count_params
+    from ltclip.models.heads import create_head
     from ltclip.stages.extract import run_extract
     from ltclip.stages.train_head import run_train_head
     from ltclip.store import FeatureCache

@@ -14,15 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ltclip.errors import LtclipError
-from ltclip.models.heads import (
-    HEADS,
-    CosineClassifier,
-    count_params,
-    create_head,
-    head_flops,
-    list_heads,
-    vit_flops,
-)
+from ltclip.models.cost import count_params, head_flops, vit_flops
+from ltclip.models.heads import HEADS, CosineClassifier, create_head, list_heads
 
 C, D, T, W = 7, 24, 9, 32
 TEXT = F.normalize(torch.randn(C, D, generator=torch.Generator().manual_seed(1)), dim=-1)

@@ -12,9 +12,7 @@ signature: :func:`create_head` records ``head.config`` (shapes plus every resolv
 included; JSON-serialisable, without ``text_embeds``), so ``create_head(name, **head.config,
 from_checkpoint=True)`` followed by ``load_state_dict`` rebuilds a trained head.
 
-Cost estimates (:func:`head_flops`, :func:`vit_flops`) count the multiply-accumulates (MACs) of
-matrix products only; normalisations, activations, softmax and residual adds are left out. One
-MAC is two FLOPs in ``torch.utils.flop_counter``'s convention.
+``Head.sample_macs`` is one input's forward cost, counted as :mod:`ltclip.models.cost` says.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from torch import Tensor
 
 from ..errors import LtclipError
 from ..registry import Registry
+from .cost import block_macs
 
 HEADS: Registry[type["Head"]] = Registry("head", flag="--head-opt")
 
@@ -244,15 +243,6 @@ def _init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _block_macs(tokens: int, width: int, mlp_hidden: int) -> int:
-    """MACs of one pre-norm transformer block over ``tokens`` tokens of ``width``.
-
-    Per token: qkv ``3W²``, attention scores and weighted sum ``2TW``, output projection ``W²``,
-    MLP ``2Wh``.
-    """
-    return tokens * (4 * width * width + 2 * tokens * width + 2 * width * mlp_hidden)
-
-
 class DecoderBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (GELU).
 
@@ -325,7 +315,7 @@ class DecoderHead(Head):
 
     def sample_macs(self, input_shape):
         tokens, width = input_shape[-2:]
-        return len(self.blocks) * _block_macs(tokens, width, self.mlp_hidden) + self.classifier.weight.numel()
+        return len(self.blocks) * block_macs(tokens, width, self.mlp_hidden) + self.classifier.weight.numel()
 
 
 # ---------------------------------------------------------------- factory
@@ -362,44 +352,6 @@ def create_head(
     head = HEADS.create(name, num_classes, embed_dim, token_shape, text_embeds, *text, **options)
     head.config.update(options)
     return head
-
-
-# ---------------------------------------------------------------- cost estimates
-
-
-def count_params(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (only those with ``requires_grad`` when ``trainable_only``)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def head_flops(head: Head, batch_inputs_shape: Sequence[int]) -> int:
-    """Forward MACs of ``head`` on a batch of inputs shaped ``[B, D]`` or ``[B, T, W]`` (see module doc)."""
-    return int(batch_inputs_shape[0]) * head.sample_macs(tuple(batch_inputs_shape[1:]))
-
-
-def vit_flops(visual: nn.Module, image_size: int | Sequence[int]) -> int:
-    """Forward MACs of one image through an open_clip ``VisionTransformer`` (matrix products only).
-
-    With patch size ``p``, ``N = (H/p)(W/p)`` patches, ``T = N + 1`` tokens (CLS), width ``W``, MLP
-    hidden ``h``, ``L`` blocks and output dim ``D``::
-
-        MACs = N · 3p²W                                 patch embedding (a p×p, stride-p convolution)
-             + L · T · (4W² + 2TW + 2Wh)                per block: qkv, attention, projection, MLP
-             + W · D                                    projection of the pooled token
-    """
-    if getattr(visual, "attn_pool", None) is not None:
-        raise LtclipError("vit_flops: attentional-pooler ViTs are not supported; use a standard open_clip ViT")
-    height, width_px = (image_size, image_size) if isinstance(image_size, int) else image_size
-    conv = visual.conv1
-    ph, pw = conv.kernel_size
-    patches = (height // ph) * (width_px // pw)
-    width = visual.transformer.width
-    blocks = visual.transformer.resblocks
-    mlp_hidden = blocks[0].mlp.c_fc.out_features
-    macs = patches * conv.weight.numel() + len(blocks) * _block_macs(patches + 1, width, mlp_hidden)
-    if visual.proj is not None:
-        macs += visual.proj.numel()
-    return macs
 
 
 from . import text_prompts  # noqa: E402,F401  (registers head "prompt"; it imports this module)
