@@ -132,6 +132,8 @@ def list_registered(
         raise LtclipError("--model: only `ltclip list tuning` counts parameters on a model")
     if kind == "recipes":
         return _list_recipes()
+    from ..recipes import MAX_LENGTHENING
+
     reg = registry(kind)
     counts = _trainable_counts(model, reg.names()) if model else {}
     for name in reg.names():
@@ -141,8 +143,6 @@ def list_registered(
         if kind == "two-stage" and reg.get(name).defaults:
             typer.echo(f"{'':16s} train-head --from defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items()))
         if kind == "heads" and reg.get(name).defaults:
-            from ..recipes import MAX_LENGTHENING
-
             head = reg.get(name)
             extra = [f"with --loss {loss}: " + " ".join(f"{k}={v}" for k, v in opts.items()) for loss, opts in head.loss_defaults.items()]
             extra += [f"at least {head.min_steps} steps on small caches (up to {MAX_LENGTHENING}× the epochs)"] if head.min_steps else []

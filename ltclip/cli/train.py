@@ -124,8 +124,7 @@ def second_stage_values(values: dict) -> dict:
     like ``SECOND_STAGE_OPTIM``'s, not printed: the run's ``config.json`` holds them)."""
     from ..second_stage import TWO_STAGE
 
-    name = values.get("two_stage")
-    check_choice("--two-stage", "two-stage", name)
+    name = values.get("two_stage")  # checked by train_head
     return {**(TWO_STAGE.get(name).defaults if name else {}), **values}
 
 
