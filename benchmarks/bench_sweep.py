@@ -52,10 +52,10 @@ def write_features(folder: Path, size: dict) -> Path:
 
 def timed(fn) -> dict:
     with PeakRSS() as rss, OtherLoad() as load:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        wall = time.perf_counter() - start
-    return {"wall_s": wall, "peak_rss_mib": rss.peak_mib, "rss_start_mib": rss.start_mib, "other_cores": load.cores}
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss.peak_mib, "rss_start_mib": rss.start_mib, "other_cores": load.cores}
 
 
 def run(size: dict, rounds: int) -> dict:
@@ -76,11 +76,15 @@ def run(size: dict, rounds: int) -> dict:
                 if r:
                     results[name].append(stats)
         record = json.loads((tmp / f"sweep{rounds}" / "sweep.json").read_text())
-    summary = {name: {"median_wall_s": statistics.median(s["wall_s"] for s in runs), "peak_rss_mib": max(s["peak_rss_mib"] for s in runs),
+    summary = {name: {"median_wall_s": statistics.median(s["wall_s"] for s in runs),
+                      "median_cpu_s": statistics.median(s["cpu_s"] for s in runs), "peak_rss_mib": max(s["peak_rss_mib"] for s in runs),
                       "extra_rss_mib": max(s["peak_rss_mib"] - s["rss_start_mib"] for s in runs), "rounds": runs}
                for name, runs in results.items()}
     one_by_one = 8 * summary["one_run_10"]["median_wall_s"] + 8 * summary["one_run_30"]["median_wall_s"]
+    # The machine's speed drifts between rounds: the ratio within each round (measured back to back) is the steadier number.
+    per_round = [s["wall_s"] / o["wall_s"] for s, o in zip(results["sweep_16"], results["one_run_30"])]
     return {"summary": summary, "ratio_sweep_vs_one_run": summary["sweep_16"]["median_wall_s"] / summary["one_run_30"]["median_wall_s"],
+            "ratio_per_round": per_round, "median_ratio_per_round": statistics.median(per_round),
             "one_by_one_estimate_s": one_by_one, "groups": len(record["groups"]),
             "batched_points": sum(len(g["points"]) for g in record["groups"].values() if g["batched"]),
             "best": record["best"]}
@@ -90,13 +94,16 @@ def table(result: dict) -> str:
     s = result["summary"]
     rows = [("16-point sweep (one batched group)", s["sweep_16"]), ("one run, 30 epochs", s["one_run_30"]),
             ("one run, 10 epochs", s["one_run_10"])]
-    lines = ["| what | wall time (median) | vs one 30-epoch run | peak RSS (above the start) |", "|---|---:|---:|---:|"]
+    lines = ["| what | wall time (median) | vs one 30-epoch run | CPU time (median) | peak RSS (above the start) |",
+             "|---|---:|---:|---:|---:|"]
     for label, stats in rows:
         lines.append(f"| {label} | {stats['median_wall_s']:.2f} s | {stats['median_wall_s'] / s['one_run_30']['median_wall_s']:.2f}× "
-                     f"| {stats['peak_rss_mib']:.0f} MiB (+{stats['extra_rss_mib']:.1f}) |")
+                     f"| {stats['median_cpu_s']:.2f} s | {stats['peak_rss_mib']:.0f} MiB (+{stats['extra_rss_mib']:.1f}) |")
     est = result["one_by_one_estimate_s"]
     lines.append(f"| 16 points one by one (estimate: 8 × t10 + 8 × t30) | {est:.2f} s | "
-                 f"{est / s['one_run_30']['median_wall_s']:.2f}× | – |")
+                 f"{est / s['one_run_30']['median_wall_s']:.2f}× | – | – |")
+    lines.append(f"\nsweep / one run within each round: median {result['median_ratio_per_round']:.2f}× "
+                 f"({', '.join(f'{r:.2f}' for r in result['ratio_per_round'])})")
     others = max(r["other_cores"] for stats in s.values() for r in stats["rounds"])
     if others > 0.5:
         lines.append(f"\nwarning: other processes kept up to {others:.1f} cores busy during a measurement")

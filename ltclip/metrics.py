@@ -62,14 +62,20 @@ def ece(probs_max: Any, correct: Any, bins: int = 15) -> float:
     return float(np.abs(hits - confs).sum() / conf.size * 100.0)
 
 
-def calibration_bins(conf: np.ndarray, hit: np.ndarray, bins: int = 15) -> tuple[np.ndarray, np.ndarray]:
+def calibration_bins(conf: np.ndarray, hit: np.ndarray, bins: int = 15,
+                     group: np.ndarray | None = None, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per confidence bin ((i-1)/bins, i/bins]: the sum of correctness flags and the sum of confidences.
 
-    Sums from disjoint parts of a set add up, so ECE can be assembled across processes.
+    Sums from disjoint parts of a set add up, so ECE can be assembled across processes. With
+    ``group`` (each sample's index in ``[0, groups)``) the sums are ``[groups, bins]``, a row a group.
     """
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
-    return np.bincount(which, weights=hit, minlength=bins), np.bincount(which, weights=conf, minlength=bins)
+    if group is None:
+        return np.bincount(which, weights=hit, minlength=bins), np.bincount(which, weights=conf, minlength=bins)
+    which = group * bins + which
+    return (np.bincount(which, weights=hit, minlength=groups * bins).reshape(groups, bins),
+            np.bincount(which, weights=conf, minlength=groups * bins).reshape(groups, bins))
 
 
 def average_views(logits: Any, mode: str = "mean") -> np.ndarray:

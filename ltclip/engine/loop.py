@@ -199,7 +199,7 @@ def fit(
     if block_order is not None:
         order_sampler = BlockShuffledSampler(order_sampler, *block_order)
     autocast = precision_autocast(device, cfg.precision)
-    optimizer = create_optimizer(model, cfg, parts or lrs, no_decay)
+    optimizer = create_optimizer(model, cfg, parts or lrs, no_decay, grouped=parts is not None)
     schedule = create_schedule(optimizer, cfg.schedule, total, warmup_steps(cfg, per_epoch), part_steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     task = task.to(device) if hasattr(task, "to") else task

@@ -16,6 +16,7 @@ import torch
 from ..config import OptimConfig
 from ..errors import LtclipError
 from ..registry import Registry
+from .grouped_optim import GroupedAdamW
 
 SCHEDULES: Registry = Registry("schedule")
 # ltclip's optimizer names → timm's (`sgd` is heavy-ball momentum; with nesterov=True timm's "nesterov").
@@ -59,7 +60,7 @@ def warmup_steps(cfg, steps_per_epoch: int) -> int:
 
 
 def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None = None,
-                     no_decay: Collection[str] = ()) -> torch.optim.Optimizer:
+                     no_decay: Collection[str] = (), grouped: bool = False) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2`` over ``model``'s trainable parameters, from an :class:`OptimConfig`.
 
     ``parts`` maps submodule names to their learning rates (default: the whole model at ``cfg.lr``),
@@ -67,7 +68,8 @@ def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None
     part's groups take its lr, weight decay, ``no_decay_1d`` and (sgd) momentum, and carry
     ``"part": name`` for :func:`create_schedule`. Weight decay stays off ``no_decay`` parameter names
     and, with ``no_decay_1d``, off biases, norms and other 1-D parameters (timm's
-    ``param_groups_weight_decay``).
+    ``param_groups_weight_decay``). ``grouped``: AdamW as :class:`GroupedAdamW` (the same updates, one
+    call per operation for all groups: for models of many parts).
     """
     from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
@@ -92,7 +94,11 @@ def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None
             groups += [{"weight_decay": own.weight_decay, **g, "lr": own.lr, "part": prefix, **extra} for g in part if g["params"]]
     name = "nesterov" if cfg.optimizer == "sgd" and cfg.nesterov else OPTIMIZERS[cfg.optimizer]
     extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
-    return create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    optimizer = create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    if grouped and type(optimizer) is torch.optim.AdamW:
+        defaults = {k: v for k, v in optimizer.defaults.items() if k != "decoupled_weight_decay"}  # AdamW's own
+        return GroupedAdamW(optimizer.param_groups, **defaults)
+    return optimizer
 
 
 def create_schedule(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int,

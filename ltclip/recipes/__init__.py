@@ -147,7 +147,8 @@ def head_defaults(entry, resolved: dict) -> tuple[dict, str | None]:
     (by at most ``MAX_LENGTHENING`` times).
     """
     out = {**entry.defaults, **entry.loss_defaults.get(resolved.get("loss", MethodConfig.loss), {})}
-    rows = _train_rows(resolved.get("features")) if entry.min_steps and "epochs" in out else None
+    chosen_length = {"epochs", "steps"} & resolved.keys()  # another layer's length wins: no need to read the cache
+    rows = _train_rows(resolved.get("features")) if entry.min_steps and "epochs" in out and not chosen_length else None
     if not rows:
         return out, None
     from ..config import OptimConfig

@@ -46,13 +46,21 @@ class HeadStack(nn.Module):
             if not isinstance(head, (LinearHead, CosineHead)):
                 raise ValueError(f"HeadStack stacks {', '.join(BATCHABLE_HEADS)} heads, not {type(head).__name__}")
         self.heads = nn.ModuleList(heads)
-        self.best = nn.ModuleList(copy.deepcopy(h).requires_grad_(False) for h in heads)
+        self.best = nn.ModuleList(copy.deepcopy(h).requires_grad_(False).eval() for h in heads)
         self.names, self.selects, self.epochs = list(names), list(selects), list(epochs)
         self.kinds = ["cosine" if isinstance(h, CosineHead) else "linear" if h.normalize else "raw" for h in heads]
+        self._classifiers = tuple(h.classifier for h in heads)  # a plain tuple: read each step without module lookups
         k = len(heads)
         self.register_buffer("best_epoch", torch.full((k,), -1, dtype=torch.int64))
         self.register_buffer("best_step", torch.full((k,), -1, dtype=torch.int64))
         self.register_buffer("best_metrics", torch.full((k, len(SUMMARY_KEYS)), math.nan, dtype=torch.float64))
+
+    def train(self, mode: bool = True) -> "HeadStack":
+        """The stack's own mode only: it reads its heads' weights and never calls them (linear and
+        cosine heads have no mode-dependent layer), and the engine switches modes twice an epoch,
+        which through 2K heads' modules was a tenth of a quick sweep."""
+        self.training = mode
+        return self
 
     def forward(self, x: Tensor, active: Sequence[int] | None = None) -> Tensor:
         active = list(range(len(self.heads))) if active is None else list(active)
@@ -68,7 +76,7 @@ class HeadStack(nn.Module):
 
     def _logits(self, kind: str, ks: list[int], z: Tensor) -> Tensor:
         """``[B, len(ks), C]``: the logits of heads ``ks`` (all of ``kind``) on inputs ``z``, one matrix product."""
-        classifiers = [self.heads[k].classifier for k in ks]
+        classifiers = [self._classifiers[k] for k in ks]
         weight = torch.cat([c.weight for c in classifiers])  # [len(ks)·C, D]
         if kind == "cosine":
             scale = torch.stack([c.scale for c in classifiers])
@@ -83,7 +91,8 @@ class HeadStack(nn.Module):
                 continue
             best = self.best_metrics[k, SUMMARY_KEYS.index(self.selects[k])].item()
             if self.best_step[k] < 0 or score > best:
-                self.best[k].load_state_dict(self.heads[k].state_dict())
+                for kept, now in zip(_tensors(self.best[k]), _tensors(self.heads[k])):
+                    kept.copy_(now)
                 self.best_epoch[k], self.best_step[k] = record["epoch"], record["step"]
                 values = [record.get(log_key(m, name)) for m in SUMMARY_KEYS]
                 self.best_metrics[k] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
@@ -94,6 +103,10 @@ class HeadStack(nn.Module):
             return None
         metrics = {f"val_{m}": None if math.isnan(v) else v for m, v in zip(SUMMARY_KEYS, self.best_metrics[k].tolist())}
         return {"epoch": int(self.best_epoch[k]), "step": int(self.best_step[k]), **metrics}
+
+
+def _tensors(module: nn.Module) -> list[Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 def softmax_offsets(loss: str, options: dict, class_counts) -> Tensor | None:

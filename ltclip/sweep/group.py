@@ -100,13 +100,13 @@ def _start_group(folder: Path, points: list[Point]) -> bool:
 @torch.inference_mode()
 def _validate_stack(stack: HeadStack, val: FeatureInputs, counts, batch_size: int, device) -> dict:
     """Every head's validation summary, as ``val_<metric>/<point>`` keys of the log record."""
-    stats = [ValidationStats(len(counts)) for _ in stack.heads]
+    k = len(stack.heads)
+    stats = ValidationStats(len(counts), heads=k)
     for x, y, _ in val.batches(np.arange(val.cache.num_rows), batch_size):
         b, v = x.shape[:2]
-        logits = stack(x.flatten(0, 1).to(device)).float().view(b, v, len(stats), -1).cpu().numpy()
-        for k, s in enumerate(stats):
-            s.add(average_views(logits[:, :, k]), y)
-    return {f"{m}/{name}": value for s, name in zip(stats, stack.names) for m, value in s.summary(counts).items()}
+        logits = stack(x.flatten(0, 1).to(device)).float().view(b, v, -1).cpu().numpy()
+        stats.add(average_views(logits).reshape(b, k, -1), y)
+    return {f"{m}/{name}": value for s, name in zip(stats.summaries(counts), stack.names) for m, value in s.items()}
 
 
 def write_point_run(cfg, model: RunModel, records: list[dict], features_record: dict, counts, best: dict | None,
