@@ -65,6 +65,15 @@ def compute_loss(
     return fn(logits, targets, class_counts, epoch=epoch, total_epochs=total_epochs, **params)
 
 
+def parse_loss(name: str, opts) -> dict:
+    """``LOSSES.parse(name, opts)``, then one call of the loss on a zero row, so that an option value
+    the loss itself refuses (``gamma < 0``, ``drw_at > 1``, …) is reported before anything trains."""
+    params = LOSSES.parse(name, opts)
+    compute_loss(name, torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, dtype=torch.long),
+                 torch.ones(2, dtype=torch.float64), **params)
+    return params
+
+
 # ---------------------------------------------------------------- shared helpers (float64, CPU)
 
 
@@ -209,22 +218,28 @@ def balanced_softmax(
 @LOSSES.register("ldam")
 def ldam(
     logits: Tensor, targets: Tensor, class_counts: Counts, *, epoch: int = 0, total_epochs: int = 1,
-    max_m: float = 0.5, s: float = 30.0, drw_epoch: int = -1, drw_beta: float = 0.9999,
+    max_m: float = 0.5, s: float = 30.0, drw_epoch: int = -1, drw_at: float = -1.0, drw_beta: float = 0.9999,
 ) -> Tensor:
     """LDAM (Cao et al. 2019) with optional deferred re-weighting (DRW).
 
     Margins ``m_j ∝ n_j^{-1/4}`` are scaled so the largest is ``max_m``; as in the reference code
     the loss is ``CE(s · (logits - m_y 1[c = y]))``, so ``logits`` are meant to be cosine
-    similarities (a normalised head). When ``0 <= drw_epoch <= epoch`` the CE is weighted by
-    Cui's effective-number weights with ``drw_beta`` (summing to C, torch's weighted mean);
-    ``drw_epoch=-1`` never re-weights.
+    similarities (a normalised head). From epoch ``drw_epoch`` on (or from the fraction ``drw_at``
+    of ``total_epochs``, rounded: Cao et al.'s epoch 160 of 200 is ``drw_at=0.8``) the CE is
+    weighted by Cui's effective-number weights with ``drw_beta`` (summing to C, torch's weighted
+    mean); both -1 (the default) never re-weights.
     """
+    if drw_epoch >= 0 and drw_at >= 0:
+        raise LtclipError("loss options drw_epoch and drw_at both set; give one (e.g. --loss-opt drw_at=0.8)")
+    if drw_at > 1:
+        raise LtclipError(f"loss option drw_at is a fraction of training in [0, 1], got {drw_at} (e.g. --loss-opt drw_at=0.8)")
     counts = _counts(class_counts)
     margins = counts.pow(-0.25)
     margins = (margins * (max_m / margins.max())).to(logits)
     onehot = F.one_hot(targets, logits.shape[1]).to(logits)
     weight = None
-    if 0 <= drw_epoch <= epoch:
+    start = round(drw_at * total_epochs) if drw_at >= 0 else drw_epoch
+    if 0 <= start <= epoch:
         weight = _effective_number_weights(counts, drw_beta, "drw_beta").to(logits)
     return F.cross_entropy(s * (logits - onehot * margins[targets, None]), targets, weight=weight)
 

@@ -92,7 +92,7 @@ def test_get_loss_unknown_name_suggests_close_match():
 
 def test_loss_options_read_from_signatures():
     assert LOSSES.options("focal") == {"gamma": 2.0}
-    assert LOSSES.options("ldam") == {"max_m": 0.5, "s": 30.0, "drw_epoch": -1, "drw_beta": 0.9999}
+    assert LOSSES.options("ldam") == {"max_m": 0.5, "s": 30.0, "drw_epoch": -1, "drw_at": -1.0, "drw_beta": 0.9999}
     assert LOSSES.options("balanced_softmax") == {}
 
 
@@ -310,6 +310,21 @@ def test_ldam_drw_off_before_drw_epoch_and_on_after():
     for epoch in (3, 7):
         assert loss("ldam", drw_epoch=3, drw_beta=0.999, epoch=epoch) == pytest.approx(expected, rel=1e-12)
     assert expected != pytest.approx(plain, rel=1e-3)
+
+
+@pytest.mark.parametrize("total, first", [(10, 8), (200, 160), (18, 14), (3, 2)])  # round(0.8 · total)
+def test_ldam_drw_at_a_fraction_starts_at_that_epoch_of_training(total, first):
+    plain = loss("ldam")
+    weighted = ldam_loop(0.5, 30.0, weights=effective_number_weights(COUNTS, 0.9999))
+    assert loss("ldam", drw_at=0.8, epoch=first - 1, total_epochs=total) == pytest.approx(plain, rel=1e-12)
+    for epoch in (first, total - 1):
+        assert loss("ldam", drw_at=0.8, epoch=epoch, total_epochs=total) == pytest.approx(weighted, rel=1e-12)
+
+
+@pytest.mark.parametrize("opts, message", [({"drw_at": 0.8, "drw_epoch": 3}, "give one"), ({"drw_at": 1.5}, "in \\[0, 1\\]")])
+def test_ldam_drw_options_are_refused_in_one_line(opts, message):
+    with pytest.raises(LtclipError, match=message):
+        loss("ldam", **opts)
 
 
 def test_lade_matches_reference_loop():

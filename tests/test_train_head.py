@@ -161,6 +161,8 @@ def test_divergence_stops_with_a_clear_message(gaussian, tmp_path):
         (["--loss", "balanced_softmx"], "did you mean balanced_softmax"),
         (["--sampler", "balanced"], "--sampler 'balanced'"),
         (["--loss-opt", "gamma=2"], "not an option of loss 'ce'"),
+        (["--loss", "focal", "--loss-opt", "gamma=-1"], "gamma must be >= 0"),  # the loss's own check, before training
+        (["--loss", "ldam", "--loss-opt", "drw_at=2"], "drw_at is a fraction of training"),
         (["--resume"], "holds no interrupted run"),
         (["--max-ram", "lots"], "--max-ram"),
         (["--shuffle-pool", "4"], "give --read-blocks ROWS too"),
@@ -173,6 +175,7 @@ def test_bad_options_are_one_line_errors(gaussian, tmp_path, args, message):
     result = runner.invoke(app, ["train-head", "--features", str(root / "features"), "--out", str(tmp_path / "r"), "--head", "linear", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # refused before the run folder is written
 
 
 def test_lr_schedule_shapes():

@@ -15,7 +15,7 @@ from ..data.views import CenterView
 from ..distributed import default_workers, setup
 from ..engine import Task, ValidationStats, check_optim, fit
 from ..errors import LtclipError
-from ..losses import LOSSES
+from ..losses import LOSSES, parse_loss
 from ..metrics import average_views
 from ..models.backbone import load_backbone
 from ..models.encoder_classifier import EncoderClassifier, image_logits
@@ -54,7 +54,7 @@ def new_encoder_classifier(cfg: FinetuneConfig, dataset, device):
 def check_options(cfg: FinetuneConfig) -> None:
     TUNING.parse(cfg.tuning.tune, cfg.tuning.tune_opts)
     HEADS.parse(cfg.method.head, cfg.method.head_opts)
-    LOSSES.parse(cfg.method.loss, cfg.method.loss_opts)
+    parse_loss(cfg.method.loss, cfg.method.loss_opts)
     if cfg.normalize not in NORMALIZATIONS:
         raise LtclipError(f"--normalize {cfg.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
     if cfg.tuning.backbone_lr is not None and not cfg.tuning.backbone_lr > 0:

@@ -15,7 +15,7 @@ from ..data.feature_batches import FeatureInputs
 from ..distributed import setup
 from ..engine import check_optim
 from ..errors import LtclipError
-from ..losses import LOSSES
+from ..losses import LOSSES, parse_loss
 from ..progress import Progress
 from ..runs import RunModel, features_input, load_run, model_payload, write_run
 from ..second_stage import TWO_STAGE, fit_two_stage
@@ -44,7 +44,7 @@ def check_options(cfg: SecondStageConfig) -> None:
             raise LtclipError("--two-stage-opt needs --two-stage METHOD")
     if trains:
         if cfg.loss is not None:
-            LOSSES.parse(cfg.loss, cfg.loss_opts)
+            parse_loss(cfg.loss, cfg.loss_opts)
         return
     what = f"{cfg.two_stage} does not train" if cfg.two_stage else "--posthoc-la alone trains nothing"
     unused = [f.name for f in dataclasses.fields(cfg.optim) if getattr(cfg.optim, f.name) != getattr(SECOND_STAGE_OPTIM, f.name)]

@@ -11,7 +11,7 @@ from ..config import TrainHeadConfig, from_dict, to_dict
 from ..data.feature_batches import FeatureInputs
 from ..distributed import setup
 from ..engine import Task, check_optim, fit
-from ..losses import LOSSES
+from ..losses import parse_loss
 from ..models.heads import HEADS, create_head
 from ..models.text_prompts import load_text_encoder
 from ..progress import Progress
@@ -25,7 +25,7 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     progress = progress or Progress()
     method, optim = cfg.method, cfg.optim
     out, features = Path(cfg.out), Path(cfg.features)
-    loss_opts = LOSSES.parse(method.loss, method.loss_opts)
+    loss_opts = parse_loss(method.loss, method.loss_opts)
     head_opts = HEADS.parse(method.head, method.head_opts)
     ctx, device = setup(cfg.device)
     check_optim(optim, ctx.world_size)

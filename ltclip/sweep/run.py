@@ -20,7 +20,7 @@ from ..atomic import WriteError, save_json
 from ..config import TrainHeadConfig, to_dict
 from ..engine import BEST_FILE, LAST_FILE, SUMMARY_KEYS, check_optim
 from ..errors import LtclipError
-from ..losses import LOSSES
+from ..losses import parse_loss
 from ..models.heads import HEADS
 from ..progress import Progress
 from ..runs import CONFIG_FILE, RUN_FILE, features_input, read_run_info
@@ -87,7 +87,7 @@ def _check(point: Point) -> None:
     cfg = point.cfg
     where = f"sweep point {point.name}: "
     try:
-        LOSSES.parse(cfg.method.loss, cfg.method.loss_opts)
+        parse_loss(cfg.method.loss, cfg.method.loss_opts)
         HEADS.parse(cfg.method.head, cfg.method.head_opts)
         check_optim(cfg.optim)
     except LtclipError as err:
