@@ -1,6 +1,6 @@
 """Each head's default recipe against the best of a learning-rate × epochs grid around it.
 
-Run as ``python -m benchmarks.bench_defaults [--classes N] [--out DIR]``; prints a Markdown table and
+Run as ``python -m benchmarks.bench_defaults [--classes N] [--heads linear,...] [--out DIR]``; prints a Markdown table and
 writes DIR/defaults.json (default bench_out/).
 
 Data. Long-tailed Gaussian features (``ltclip.data.gaussian``: unit-variance classes around means
@@ -103,11 +103,11 @@ def test_balanced_accuracy(features: Path, out: Path, counts, values: dict) -> f
         return float(evaluate(logits, cache.labels, counts)["balanced_accuracy"])
 
 
-def bench(root: Path, profiles: list[str], classes: int) -> list[dict]:
+def bench(root: Path, profiles: list[str], classes: int, heads: list[str]) -> list[dict]:
     rows, k = [], 0
     for name in profiles:
         counts = profile(name, classes)
-        for head, widths in PLAN:
+        for head, widths in (p for p in PLAN if p[0] in heads):
             for dim in widths:
                 raw = write_features(root / f"{name}-{head}-{dim}-raw", counts, dim, False, head == "decoder")
                 unit = write_features(root / f"{name}-{head}-{dim}-unit", counts, dim, True, head == "decoder")
@@ -151,11 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=40, help="evenly spaced ranks kept of each profile")
     parser.add_argument("--profiles", default="places_lt,imagenet_lt,inat18")
+    parser.add_argument("--heads", default=",".join(h for h, _ in PLAN), help="heads to measure (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = bench(Path(tmp), args.profiles.split(","), args.classes)
+        rows = bench(Path(tmp), args.profiles.split(","), args.classes, args.heads.split(","))
     info = machine_info()
     report = {"machine": info, "rows": rows, "wall_s": time.perf_counter() - start,
               "setup": {"separation": SEPARATION, "val_per_class": VAL_PER_CLASS, "test_per_class": TEST_PER_CLASS,

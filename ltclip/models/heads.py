@@ -119,7 +119,7 @@ class LinearHead(Head):
     """Linear probe ``W x + b`` on the (by default L2-normalised) embedding."""
 
     defaults = {"optimizer": "adamw", "lr": 0.1, "epochs": 10}
-    loss_defaults = {"ce": {"lr": 0.3}}
+    loss_defaults = {"ce": {"lr": 0.6}}
     min_steps = 500
 
     def __init__(self, num_classes, embed_dim, token_shape=None, text_embeds=None, *, normalize: bool = True):
