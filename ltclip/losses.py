@@ -152,11 +152,12 @@ def focal(
 @LOSSES.register("grw")
 def generalised_reweighting(
     logits: Tensor, targets: Tensor, class_counts: Counts, *, epoch: int = 0, total_epochs: int = 1,
-    exponent: float = 1.0, label_smoothing: float = 0.0,
+    exponent: float = 1.2, label_smoothing: float = 0.0,
 ) -> Tensor:
     """Generalised re-weighting (Zhang et al. 2021, DisAlign): CE with ``w_j ∝ (1/n_j)^exponent``.
 
-    Weights sum to C; the batch reduction is torch's weighted mean.
+    Weights sum to C; the batch reduction is torch's weighted mean. The default exponent is the
+    one DisAlign's and Imbalance-VLM's code use (1.2); exponent 1 is ``cbw``.
     """
     weight = _inverse_power_weights(_counts(class_counts), exponent).to(logits)
     return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing)

@@ -76,8 +76,9 @@ def test_head_defaults_fill_only_what_was_not_given(tmp_path):
     assert ("--lr", "0.1 for --head linear") in heard
     cfg = stage_one_config({**base, "lr": 0.5, "steps": 7})
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.steps) == (0.5, 10, 7)
-    for head, lr in (("linear", 0.6), ("mlp", 0.03), ("decoder", 0.03), ("cosine", 0.03)):  # cross-entropy's own step
-        assert stage_one_config({**base, "head": head, "loss": "ce"}).optim.lr == lr == HEADS.get(head).loss_defaults.get("ce", HEADS.get(head).defaults)["lr"]
+    for head, lr in (("linear", 0.6), ("mlp", 0.03), ("decoder", 0.03), ("cosine", 0.03)):  # the step of the losses without a prior
+        for loss in ("ce", "focal"):
+            assert stage_one_config({**base, "head": head, "loss": loss}).optim.lr == lr == HEADS.get(head).loss_defaults.get(loss, HEADS.get(head).defaults)["lr"]
     # the resolved config is what a run saves: rebuilt from it, nothing changes
     from ltclip.config import flatten, to_dict
 
@@ -122,7 +123,7 @@ def test_every_recipe_loads_and_is_listed():
         assert recipe.summary and recipe.source and recipe.stages
         assert name in result.output
     heads = runner.invoke(app, ["list", "heads"]).output
-    assert "train-head defaults: optimizer=adamw lr=0.1 epochs=10; with --loss ce: lr=0.6; at least 500 steps on small caches" in heads
+    assert "train-head defaults: optimizer=adamw lr=0.1 epochs=10; with --loss ce or focal: lr=0.6; at least 500 steps on small caches" in heads
 
 
 def test_imbalance_vlm_applies_under_the_options_given():

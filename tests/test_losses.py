@@ -249,7 +249,8 @@ def test_cbw_is_inverse_frequency_weighted_ce(smoothing):
 def test_grw_matches_loop_and_exponent_one_is_cbw():
     weights = sum_to_c([(1.0 / n) ** 0.5 for n in COUNTS])
     assert loss("grw", exponent=0.5) == pytest.approx(ce_loop(LOGITS, TARGETS, weights=weights), rel=1e-12)
-    assert loss("grw") == pytest.approx(loss("cbw"), rel=1e-12)
+    assert loss("grw", exponent=1.0) == pytest.approx(loss("cbw"), rel=1e-12)
+    assert loss("grw") == pytest.approx(loss("grw", exponent=1.2), rel=1e-12) != pytest.approx(loss("cbw"), rel=1e-6)
     assert loss("grw", exponent=0.0) == pytest.approx(loss("ce"), rel=1e-12)
 
 

@@ -144,7 +144,10 @@ def list_registered(
             typer.echo(f"{'':16s} train-head --from defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items()))
         if kind == "heads" and reg.get(name).defaults:
             head = reg.get(name)
-            extra = [f"with --loss {loss}: " + " ".join(f"{k}={v}" for k, v in opts.items()) for loss, opts in head.loss_defaults.items()]
+            by_opts: dict[str, list[str]] = {}  # losses with the same defaults share one phrase
+            for loss, opts in head.loss_defaults.items():
+                by_opts.setdefault(" ".join(f"{k}={v}" for k, v in opts.items()), []).append(loss)
+            extra = [f"with --loss {' or '.join(losses)}: {opts}" for opts, losses in by_opts.items()]
             extra += [f"at least {head.min_steps} steps on small caches (up to {MAX_LENGTHENING}× the epochs)"] if head.min_steps else []
             typer.echo(f"{'':16s} train-head defaults: " + " ".join(f"{k}={v}" for k, v in head.defaults.items())
                        + "".join(f"; {e}" for e in extra))

@@ -85,6 +85,7 @@ class Head(nn.Module):
     loss_defaults: dict = {}
     min_steps: int = 0
 
+
     def __init__(self, num_classes: int, embed_dim: int, token_shape: Sequence[int] | None):
         super().__init__()
         self.num_classes = int(num_classes)
@@ -114,12 +115,19 @@ def _maybe_normalize(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=-1) if normalize else x
 
 
+def without_prior(lr: float) -> dict:
+    """``loss_defaults`` giving ``lr`` to the losses without a class prior, CE and focal: under them
+    the tail classes learn only as fast as the step lets them (focal shrinks easy rows' gradients
+    further), so they take a larger step than the balanced losses (docs/methods_benchmark.md)."""
+    return {loss: {"lr": lr} for loss in ("ce", "focal")}
+
+
 @HEADS.register("linear")
 class LinearHead(Head):
     """Linear probe ``W x + b`` on the (by default L2-normalised) embedding."""
 
     defaults = {"optimizer": "adamw", "lr": 0.1, "epochs": 10}
-    loss_defaults = {"ce": {"lr": 0.6}}
+    loss_defaults = without_prior(0.6)
     min_steps = 500
 
     def __init__(self, num_classes, embed_dim, token_shape=None, text_embeds=None, *, normalize: bool = True):
@@ -171,7 +179,7 @@ class MLPHead(Head):
     """
 
     defaults = {"optimizer": "adamw", "lr": 0.01, "epochs": 30}
-    loss_defaults = {"ce": {"lr": 0.03}}
+    loss_defaults = without_prior(0.03)
     min_steps = 1000
 
     def __init__(
@@ -282,7 +290,7 @@ class DecoderHead(Head):
     """
 
     defaults = {"optimizer": "adamw", "lr": 0.01, "epochs": 10}
-    loss_defaults = {"ce": {"lr": 0.03}}
+    loss_defaults = without_prior(0.03)
 
     input = "tokens"
 
