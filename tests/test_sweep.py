@@ -215,7 +215,9 @@ def test_a_diverging_point_fails_and_the_others_finish(features, tmp_path):
     (["--grid", "lr=0.1,fast"], "--grid 'lr=0.1,fast': Invalid value for '--lr'"),
     (["--grid", "loss=ce,focall"], "--grid loss 'focall': unknown (did you mean focal?)"),
     (["--grid", "epochs=2", "--grid", "epochs=3"], "--grid epochs: given twice"),
-    (["--grid", "lr=0.1", "--from", "x"], "--from: second-stage sweeps are not supported"),
+    (["--grid", "lr=0.1", "--from", "x"], "sweep point 00-lr=0.1: --from RUN needs --two-stage METHOD"),
+    (["--grid", "lr=0.1", "--from", "x", "--two-stage", "crt"], "sweep point 00-lr=0.1: x: not a finished run"),
+    (["--grid", "two_stage=crt,lwz", "--from", "x"], "--grid two_stage 'lwz': unknown (did you mean lws?)"),
     (["--grid", "lr=0.1", "--metric", "acc"], "--metric 'acc': choose one of top1, balanced_accuracy"),
     (["--grid", "lr=0.1", "--lrr", "3"], "train-head option: No such option: --lrr"),
     ([], "--grid KEY=V1,V2 is required"),
@@ -225,6 +227,35 @@ def test_bad_sweep_options_are_one_line_errors(features, tmp_path, args, message
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_a_second_stage_sweep_trains_each_point_as_train_head_from_would(features, tmp_path):
+    """cRT's and LWS's lr on one stage-1 run: each point equals the same second stage trained alone,
+    the best is the point with the highest val metric, and best/ reruns as a second stage."""
+    stage1 = tmp_path / "stage1"
+    invoke("train-head", "--features", features, *BASE, "--head", "linear", "--loss", "ce", "--epochs", "3", "--out", stage1)
+    out = tmp_path / "sweep"
+    invoke("sweep", "--from", stage1, "--epochs", "2", "--grid", "two_stage=crt,lws", "--grid", "lr=0.1,1.0", "--out", out)
+    record = sweep_record(out)
+    assert len(record["points"]) == 4 and all(p["state"] == "done" for p in record["points"])
+    assert all(not g["batched"] for g in record["groups"].values())
+    for point in record["points"]:
+        o = point["options"]
+        alone = tmp_path / f"alone-{point['name']}"
+        invoke("train-head", "--from", stage1, "--epochs", "2", "--two-stage", o["two_stage"], "--lr", o["lr"], "--out", alone)
+        a, b = torch.load(alone / "model.pt", weights_only=True), torch.load(out / "points" / point["name"] / "model.pt", weights_only=True)
+        assert (a["two_stage"]["name"], a["two_stage"]["config"]) == (b["two_stage"]["name"], b["two_stage"]["config"])
+        for key, value in a["two_stage"]["state_dict"].items():
+            assert torch.equal(value, b["two_stage"]["state_dict"][key]), (point["name"], key)
+        assert point["val"] == run_info(alone)["best"]["val_balanced_accuracy"] and point["best_epoch"] is None
+    best = max(record["points"], key=lambda p: p["val"])
+    assert record["best"]["point"] == best["name"]
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["from_run"] == str(stage1) and config["two_stage"] == best["options"]["two_stage"]
+    assert config["out"] == str(out / "best")
+    invoke("train-head", "--config", out / "best" / "config.json", "--out", tmp_path / "rerun")
+    kept, rerun = (torch.load(d / "model.pt", weights_only=True)["two_stage"]["state_dict"] for d in (out / "best", tmp_path / "rerun"))
+    assert all(torch.equal(v, rerun[k]) for k, v in kept.items())
 
 
 def test_a_sweep_folder_is_never_overwritten_and_resume_needs_the_same_options(features, tmp_path):

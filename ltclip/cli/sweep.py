@@ -3,7 +3,8 @@
 Every option besides the sweep's own is a train-head option (parsed by train-head's own command,
 ``--config`` included) and sets the base of every point; each
 ``--grid KEY=V1,V2`` value is parsed as that train-head option would be. A point's option values
-are the base's with its own, made into a config by :func:`~ltclip.cli.train.stage_one_config`.
+are the base's with its own, made into a config by :func:`~ltclip.cli.train.run_config` (stage 1,
+or a second stage when they name ``--from RUN``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ import typer
 from ..errors import LtclipError
 from ..workspace import WORKSPACE_FILE, default_run_dir, recorded_features
 from .common import check_choice, given, guarded, say_default
-from .train import stage_one_config, train_head
+from .train import run_config, train_head
 
-# Train-head options a sweep sets itself (--out, --resume) or does not run (second stages).
-_STAGE2 = "second-stage sweeps are not supported; sweep the first stage's options"
+# Train-head options a sweep sets itself.
 NOT_SWEPT = {"out": "--out is the sweep's own folder, not a grid key", "resume": "--resume continues the sweep, not a grid key",
-             "config": "--config sets the base of every point, not a grid key",
-             "from_run": f"--from: {_STAGE2}", "two_stage": f"--two-stage: {_STAGE2}", "two_stage_opts": f"--two-stage-opt: {_STAGE2}"}
-CHOICES = {"head": "heads", "loss": "losses", "sampler": "samplers", "schedule": "schedules"}
+             "config": "--config sets the base of every point, not a grid key"}
+CHOICES = {"head": "heads", "loss": "losses", "sampler": "samplers", "schedule": "schedules", "two_stage": "two-stage"}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -36,8 +35,9 @@ def sweep(
 ):
     """Train a grid of train-head points on a feature cache, score each on val and keep the best as a run.
 
-    Every other option is a train-head option (`ltclip train-head --help`) and applies to every point.
-    Linear and cosine heads that share the batch stream train together in one pass.
+    Every other option is a train-head option (`ltclip train-head --help`) and applies to every point;
+    with --from RUN the points are second stages on that run. Linear and cosine heads that share the
+    batch stream train together in one pass.
     """
     from ..progress import RichProgress
     from ..sweep import run_sweep
@@ -47,7 +47,8 @@ def sweep(
     if not grid:
         raise LtclipError("--grid KEY=V1,V2 is required (e.g. --grid lr=1e-3,1e-2 --grid epochs=10,30)")
     axes = _parse_grid(command, grid, base)
-    if "features" not in base and "features" not in dict(axes):
+    second_stage = "from_run" in base or "from_run" in dict(axes)  # the features are the runs'
+    if "features" not in base and "features" not in dict(axes) and not second_stage:
         found = recorded_features()
         if found is None:
             raise LtclipError(f"--features DIR is required (no ./{WORKSPACE_FILE} from `ltclip extract` here)")
@@ -56,7 +57,7 @@ def sweep(
     if out is None:
         out = str(default_run_dir("sweep", resume))
         say_default("--out", out)
-    run_sweep(base, axes, metric, Path(out), stage_one_config, RichProgress(), resume=resume)
+    run_sweep(base, axes, metric, Path(out), run_config, RichProgress(), resume=resume)
 
 
 def _train_head_command():

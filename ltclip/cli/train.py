@@ -64,7 +64,6 @@ def train_head(
 ):
     """Train a head with an imbalance-aware loss on a feature cache, or a second stage on a finished run."""
     values = given(locals(), drop=("config", "resume"))
-    from ..config import SecondStageConfig, from_flat
     from ..progress import RichProgress
 
     for option, kind in (("--head", "heads"), ("--loss", "losses"), ("--sampler", "samplers"), ("--two-stage", "two-stage"),
@@ -80,9 +79,7 @@ def train_head(
     if from_run:
         from ..stages.second_stage import run_second_stage
 
-        cfg = from_flat(SecondStageConfig, second_stage_values(values),
-                        owner="a second stage (--from RUN; head and features come from the run)")
-        result = run_second_stage(cfg, progress, resume=resume)
+        result = run_second_stage(second_stage_config(values), progress, resume=resume)
     else:
         from ..stages.train_head import run_train_head
 
@@ -119,13 +116,21 @@ def stage_one_config(values: dict, *, say=None) -> TrainHeadConfig:
     return from_flat(TrainHeadConfig, resolved, owner="stage 1 (second-stage options need --from RUN)")
 
 
-def second_stage_values(values: dict) -> dict:
-    """The given options over the second-stage method's own defaults (``ltclip list two-stage``;
-    like ``SECOND_STAGE_OPTIM``'s, not printed: the run's ``config.json`` holds them)."""
+def second_stage_config(values: dict):
+    """The second-stage config (``--from RUN``) that option values make: the given options over the
+    method's own defaults (``ltclip list two-stage``; like ``SECOND_STAGE_OPTIM``'s, not printed: the
+    run's ``config.json`` holds them)."""
+    from ..config import SecondStageConfig, from_flat
     from ..second_stage import TWO_STAGE
 
-    name = values.get("two_stage")  # checked by train_head
-    return {**(TWO_STAGE.get(name).defaults if name else {}), **values}
+    name = values.get("two_stage")  # checked by the commands
+    return from_flat(SecondStageConfig, {**(TWO_STAGE.get(name).defaults if name else {}), **values},
+                     owner="a second stage (--from RUN; head and features come from the run)")
+
+
+def run_config(values: dict):
+    """A second stage's config when the values name ``--from RUN``, else stage 1's (a sweep point's)."""
+    return second_stage_config(values) if values.get("from_run") else stage_one_config(values)
 
 
 def _recorded_features():

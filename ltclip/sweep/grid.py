@@ -1,6 +1,7 @@
 """A sweep's points (the product of the grid over a base of train-head options) and the groups
-they train in: points that share everything that decides the batch stream and whose heads stack
-(:data:`BATCHABLE_HEADS`) train together in one pass; every other point trains alone.
+they train in: stage-1 points that share everything that decides the batch stream and whose heads
+stack (:data:`BATCHABLE_HEADS`) train together in one pass; every other point (second stages
+included) trains alone.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import TrainHeadConfig
+from ..config import SecondStageConfig, TrainHeadConfig
 from ..data.samplers import class_probabilities
 from ..engine import run_length, steps_per_epoch
 from ..stages.common import open_split
@@ -27,10 +28,10 @@ class Point:
     name: str
     options: dict  # this point's grid values
     values: dict  # the base option values with the point's
-    cfg: TrainHeadConfig  # its single-run config (out: SWEEPDIR/points/NAME)
+    cfg: TrainHeadConfig | SecondStageConfig  # its single-run config (out: SWEEPDIR/points/NAME)
 
 
-def expand(base: dict, grid: list[tuple[str, list]], out: Path, configure: Callable[[dict], TrainHeadConfig]) -> list[Point]:
+def expand(base: dict, grid: list[tuple[str, list]], out: Path, configure: Callable[[dict], object]) -> list[Point]:
     """Every combination of the grid's values (the last key varying fastest), each over ``base``."""
     keys = [k for k, _ in grid]
     points = []
@@ -83,6 +84,8 @@ def stream_key(cfg: TrainHeadConfig) -> tuple | None:
     schedule, warm-up, epochs/steps, --select and --posthoc-la. Gradient clipping takes one norm over
     every parameter, so a clipped point trains alone.
     """
+    if not isinstance(cfg, TrainHeadConfig):  # a second stage trains alone
+        return None
     o = cfg.optim
     if cfg.method.head not in BATCHABLE_HEADS or o.grad_clip > 0:
         return None

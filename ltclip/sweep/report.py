@@ -40,8 +40,9 @@ def same_sweep(saved: dict, now: dict) -> list[str]:
 
 
 def set_done(entry: dict, best: dict | None, metric: str) -> None:
+    epoch = (best or {}).get("epoch")  # None: a second stage (its selection is inside the method)
     entry.update(state="done", best=best, error=None, val=(best or {}).get(f"val_{metric}"),
-                 best_epoch=None if best is None else best["epoch"] + 1)
+                 best_epoch=None if epoch is None else epoch + 1)
 
 
 def set_failed(entry: dict, error: str) -> None:

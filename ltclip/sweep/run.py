@@ -1,6 +1,7 @@
 """``ltclip sweep``: a grid of train-head points scored on val, the best kept as a normal run.
 
-Layout of SWEEPDIR: ``points/NAME/`` (each point's train-head run folder), ``groups/NAME/`` (the
+Layout of SWEEPDIR: ``points/NAME/`` (each point's train-head run folder, a second stage's when
+the points name ``--from RUN``), ``groups/NAME/`` (the
 engine's folder of a batched group: its checkpoint and log), ``sweep.json`` + ``sweep.md`` and
 ``best/``, a copy of the best point's run whose ``config.json`` is that point's single-run config
 with ``out = SWEEPDIR/best``. A point counts as finished when its folder has ``run.json``: a
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import WriteError, save_json
-from ..config import TrainHeadConfig, to_dict
+from ..config import SecondStageConfig, TrainHeadConfig, to_dict
 from ..engine import BEST_FILE, LAST_FILE, SUMMARY_KEYS, check_optim
 from ..errors import LtclipError
 from ..losses import parse_loss
 from ..models.heads import HEADS
 from ..progress import Progress
 from ..runs import CONFIG_FILE, RUN_FILE, features_input, read_run_info
+from ..stages.second_stage import check_options, run_second_stage
 from ..stages.train_head import run_train_head
 from . import report
 from .grid import Point, expand, plan_groups
@@ -34,9 +36,10 @@ BEST_DIR = "best"
 
 
 def run_sweep(base: dict, grid: list[tuple[str, list]], metric: str, out: Path,
-              configure: Callable[[dict], TrainHeadConfig], progress: Progress | None = None, resume: bool = False) -> dict:
+              configure: Callable[[dict], TrainHeadConfig | SecondStageConfig], progress: Progress | None = None,
+              resume: bool = False) -> dict:
     """Train every point of ``grid`` over the option values ``base`` (``configure`` turns option values
-    into a stage-1 config), keep the best by val ``metric``; returns the sweep record."""
+    into a stage-1 or second-stage config), keep the best by val ``metric``; returns the sweep record."""
     progress = progress or Progress()
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise LtclipError("ltclip sweep runs in one process; start it without torchrun")
@@ -55,10 +58,10 @@ def run_sweep(base: dict, grid: list[tuple[str, list]], metric: str, out: Path,
         if not todo:
             continue
         info = record["groups"][name]
-        features = members[0].cfg.features
-        if features not in fingerprints:
-            fingerprints[features] = features_input(Path(features))
         if info["batched"]:
+            features = members[0].cfg.features
+            if features not in fingerprints:
+                fingerprints[features] = features_input(Path(features))
             try:
                 train_group(members, out / GROUPS_DIR / name, fingerprints[features], progress)
                 todo = []
@@ -86,16 +89,23 @@ def _check(point: Point) -> None:
     """Refuse a point that could not train, before anything trains."""
     cfg = point.cfg
     where = f"sweep point {point.name}: "
+    second = isinstance(cfg, SecondStageConfig)
     try:
-        parse_loss(cfg.method.loss, cfg.method.loss_opts)
-        HEADS.parse(cfg.method.head, cfg.method.head_opts)
+        if second:
+            check_options(cfg)
+            stage1 = read_run_info(cfg.from_run)  # a finished run
+            features = cfg.features or stage1["inputs"]["features"]["dir"]
+        else:
+            parse_loss(cfg.method.loss, cfg.method.loss_opts)
+            HEADS.parse(cfg.method.head, cfg.method.head_opts)
+            features = cfg.features
         check_optim(cfg.optim)
     except LtclipError as err:
         raise LtclipError(where + str(err)) from None
-    if cfg.optim.select not in SUMMARY_KEYS:
+    if not second and cfg.optim.select not in SUMMARY_KEYS:
         raise LtclipError(f"{where}--select {cfg.optim.select!r}: choose one of {', '.join(SUMMARY_KEYS)}")
-    if not (Path(cfg.features) / f"{cfg.val_split}.h5").is_file():
-        raise LtclipError(f"--features {cfg.features}: no {cfg.val_split}.h5 to score the points on; "
+    if not (Path(features) / f"{cfg.val_split}.h5").is_file():
+        raise LtclipError(f"--features {features}: no {cfg.val_split}.h5 to score the points on; "
                           f"run `ltclip extract --splits {cfg.val_split}` or pass --val-split")
 
 
@@ -138,15 +148,16 @@ def _point_failure(err: LtclipError) -> bool:
 
 def _train_alone(point: Point, entry: dict, progress: Progress) -> None:
     progress.log(f"training {point.name} alone")
+    run = run_second_stage if isinstance(point.cfg, SecondStageConfig) else run_train_head
     try:
-        run_train_head(point.cfg, progress, resume=(Path(point.cfg.out) / LAST_FILE).is_file())
+        run(point.cfg, progress, resume=(Path(point.cfg.out) / LAST_FILE).is_file())
     except LtclipError as err:
         if not _point_failure(err):
             raise
         report.set_failed(entry, str(err))
 
 
-def _keep_best(out: Path, point: Point, configure: Callable[[dict], TrainHeadConfig]) -> None:
+def _keep_best(out: Path, point: Point, configure: Callable[[dict], TrainHeadConfig | SecondStageConfig]) -> None:
     """``out/best``: the best point's run (without its checkpoints), its config that of a run in ``out/best``."""
     dest, partial = out / BEST_DIR, out / f"{BEST_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
