@@ -31,7 +31,7 @@ class Point:
     cfg: TrainHeadConfig | SecondStageConfig  # its single-run config (out: SWEEPDIR/points/NAME)
 
 
-def expand(base: dict, grid: list[tuple[str, list]], out: Path, configure: Callable[[dict], object]) -> list[Point]:
+def expand(base: dict, grid: list[tuple[str, list]], out: Path, configure: Callable[[dict], TrainHeadConfig | SecondStageConfig]) -> list[Point]:
     """Every combination of the grid's values (the last key varying fastest), each over ``base``."""
     keys = [k for k, _ in grid]
     points = []
@@ -75,7 +75,7 @@ def plan_groups(points: list[Point]) -> list[list[Point]]:
     return list(groups.values())
 
 
-def stream_key(cfg: TrainHeadConfig) -> tuple | None:
+def stream_key(cfg: TrainHeadConfig | SecondStageConfig) -> tuple | None:
     """What a batched group's points must share (None: the point trains alone).
 
     The batch stream (cache, read order, sampler, batch size, accumulation, seed, precision), the one optimizer
