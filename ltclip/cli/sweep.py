@@ -35,9 +35,11 @@ def sweep(
 ):
     """Train a grid of train-head points on a feature cache, score each on val and keep the best as a run.
 
-    Every other option is a train-head option (`ltclip train-head --help`) and applies to every point;
-    with --from RUN the points are second stages on that run. Linear and cosine heads that share the
-    batch stream train together in one pass.
+    Every other option is a train-head option (`ltclip train-head --help`) and applies to every point.
+
+    With --from RUN the points are second stages on that run.
+
+    Linear and cosine heads that share the batch stream train together in one pass.
     """
     from ..progress import RichProgress
     from ..sweep import run_sweep
