@@ -99,8 +99,13 @@ def describe(run: Path) -> dict:
     out = {}
     for split in sorted(run.glob("*.h5")):
         with h5py.File(split, "r") as f:
-            out[split.name] = {k: hashlib.sha256(np.ascontiguousarray(f[k][()]).tobytes()).hexdigest()[:16] for k in f if hasattr(f[k], "shape")}
+            out[split.name] = {k: _array_digest(f[k][()]) for k in f if hasattr(f[k], "shape")}
     return out
+
+
+def _array_digest(a: np.ndarray) -> str:
+    data = json.dumps(a.tolist(), default=str).encode() if a.dtype == object else np.ascontiguousarray(a).tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def main() -> None:
@@ -112,7 +117,7 @@ def main() -> None:
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
         for name in sorted(set(a) | set(b)):
-            print(f"{name:24s} {'same' if a.get(name) == b.get(name) else 'DIFFERS'}")
+            print(f"{name:24s} {'missing' if name not in a or name not in b else 'same' if a[name] == b[name] else 'DIFFERS'}")
         return
     shutil.rmtree(args.out, ignore_errors=True)
     F, R, S = args.out / "features", args.out / "runs", args.out / "synthetic"
