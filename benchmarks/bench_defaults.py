@@ -18,7 +18,7 @@ Val and test are balanced (``VAL_PER_CLASS``, ``TEST_PER_CLASS``). Features are 
 or "unit" (rows L2-normalised before they are written); the decoder reads ``TOKENS`` tokens of the
 width, the first the class sample, the others noise. Every run goes through
 ``ltclip.cli.train.stage_one_config`` (the option layering ``train-head`` uses) and
-``run_train_head``, and is scored by ``RunModel.predict`` + ``ltclip.metrics.evaluate`` on test.
+``run_train_head``, and is scored by ``RunModel.predict`` + ``ltclip.evaluation.metrics.evaluate`` on test.
 
 Grid. For each head, loss (CE, Balanced Softmax), profile and width: the default (nothing but
 ``--head`` and ``--loss`` given; the lr and epochs it resolves to, for its loss and cache size, are
@@ -44,10 +44,10 @@ from benchmarks.bench_eval import machine_info
 from ltclip.cli.train import stage_one_config
 from ltclip.data.feature_batches import FeatureInputs
 from ltclip.data.gaussian import gaussian_lt
-from ltclip.metrics import average_views, evaluate
-from ltclip.runs import load_run
+from ltclip.evaluation.metrics import average_views, evaluate
+from ltclip.artifacts.runs import load_run
 from ltclip.stages.train_head import run_train_head
-from ltclip.store import FeatureCache, write_arrays
+from ltclip.artifacts.store import FeatureCache, write_arrays
 
 PLACES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "places_lt_train_counts.json"
 PUBLISHED = {"imagenet_lt": (1000, 1280, 5, 115_846), "inat18": (8142, 1000, 2, 437_513)}

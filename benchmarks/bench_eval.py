@@ -22,8 +22,8 @@ import numpy as np
 import psutil
 import torch
 
-from ltclip.metrics import evaluate
-from ltclip.retrieval import normalise, search
+from ltclip.evaluation.metrics import evaluate
+from ltclip.evaluation.retrieval import normalise, search
 
 FULL = {"eval_rows": 50_000, "eval_classes": 1_000, "db": 100_000, "queries": 10_000, "dim": 512, "k": 10}
 QUICK = {"eval_rows": 5_000, "eval_classes": 100, "db": 5_000, "queries": 500, "dim": 64, "k": 10}

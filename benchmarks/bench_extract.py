@@ -40,9 +40,9 @@ from benchmarks.bench_eval import PeakRSS, machine_info
 from ltclip.config import DataConfig, ExtractConfig
 from ltclip.data.registry import load_dataset
 from ltclip.data.synthetic import make_synthetic
-from ltclip.distributed import DistContext
+from ltclip.core.distributed import DistContext
 from ltclip.models.backbone import load_backbone, register_tiny_configs
-from ltclip.progress import Progress
+from ltclip.core.progress import Progress
 from ltclip.stages.extract import _extract_split, run_extract
 
 # A CPU-feasible ViT whose compute dominates: 8×8 patches + CLS, width 256, 6 blocks.

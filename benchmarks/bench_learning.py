@@ -10,9 +10,9 @@ Data. The training class counts are the real Places-LT profile (``Places_LT_trai
 keeps 100 classes spanning that profile. Each class is an isotropic unit-variance Gaussian in
 ``DIM`` dimensions around a mean drawn uniformly on the sphere of radius ``SEPARATION``; val and
 test are balanced (``VAL_PER_CLASS`` / ``TEST_PER_CLASS`` per class). The features go through
-``ltclip.store.write_arrays`` (float16, as ``ltclip extract`` writes them) and every method is
+``ltclip.artifacts.store.write_arrays`` (float16, as ``ltclip extract`` writes them) and every method is
 trained by the real stage function ``run_train_head`` and scored by ``RunModel.predict`` +
-``ltclip.metrics.evaluate``, exactly as ``ltclip train-head`` / ``ltclip eval`` would.
+``ltclip.evaluation.metrics.evaluate``, exactly as ``ltclip train-head`` / ``ltclip eval`` would.
 
 Bayes optimum. With shared isotropic covariance and a balanced test set, the rule of highest
 balanced accuracy is the nearest true mean. It is evaluated on the test set itself (the paired
@@ -45,13 +45,13 @@ from benchmarks.bench_eval import machine_info
 from ltclip.config import SecondStageConfig, TrainHeadConfig, from_flat
 from ltclip.data.feature_batches import FeatureInputs
 from ltclip.data.gaussian import gaussian_lt, nearest_mean_logits
-from ltclip.metrics import average_views, evaluate, shot_groups
-from ltclip.retrieval import class_means, ncm_logits
-from ltclip.runs import load_run
-from ltclip.second_stage import TWO_STAGE
+from ltclip.evaluation.metrics import average_views, evaluate, shot_groups
+from ltclip.evaluation.retrieval import class_means, ncm_logits
+from ltclip.artifacts.runs import load_run
+from ltclip.methods.second_stage import TWO_STAGE
 from ltclip.stages.second_stage import run_second_stage
 from ltclip.stages.train_head import run_train_head
-from ltclip.store import FeatureCache, write_arrays
+from ltclip.artifacts.store import FeatureCache, write_arrays
 
 MANIFEST = Path(__file__).resolve().parents[1].parent / "shared" / "data_manifests" / "Places_LT_train.txt"
 NUM_CLASSES = 365
@@ -91,7 +91,7 @@ STAGE2_ROWS = [
     ("CE → NCM", {"two_stage": "ncm"}),
     ("CE → post-hoc logit adjustment (τ on val)", {"posthoc_la": True}),
 ]
-NCM_CHECK = "NCM via ltclip.retrieval (cross-check)"
+NCM_CHECK = "NCM via ltclip.evaluation.retrieval (cross-check)"
 BAYES = "Bayes optimum (nearest true mean)"
 
 
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{agg[BAYES]['balanced_accuracy']['mean']:.2f}% (the gaps' reference).\n")
     print(table(agg, len(seeds)))
     check = [s["rows"][NCM_CHECK]["same_predictions_as_stage2_ncm"] for s in per_seed]
-    print(f"\nNCM cross-check: ltclip.retrieval and the second-stage NCM agree on {100 * min(check):.2f}% of test predictions.")
+    print(f"\nNCM cross-check: ltclip.evaluation.retrieval and the second-stage NCM agree on {100 * min(check):.2f}% of test predictions.")
     return report
 
 

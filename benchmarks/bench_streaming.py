@@ -128,7 +128,7 @@ def device_read_bytes() -> int | None:
 
 
 def write_stream_cache(path: Path, s: dict) -> dict:
-    from ltclip.store import FeatureWriter
+    from ltclip.artifacts.store import FeatureWriter
 
     rng = np.random.default_rng(0)
     rows, classes = s["rows"], s["classes"]
@@ -186,7 +186,7 @@ def child_main(spec: dict) -> dict:
     from ltclip.data.samplers import BlockShuffledSampler, create_sampler
     from ltclip.stages.common import read_ahead
     from ltclip.stages.train_head import run_train_head
-    from ltclip.store import FeatureCache
+    from ltclip.artifacts.store import FeatureCache
 
     s, features = spec["stream"], Path(spec["features"])
     max_ram = spec["max_ram"]

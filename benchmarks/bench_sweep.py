@@ -31,7 +31,7 @@ from benchmarks.timing import OtherLoad
 from ltclip.cli.train import stage_one_config
 from ltclip.data.gaussian import gaussian_lt
 from ltclip.stages.train_head import run_train_head
-from ltclip.store import write_arrays
+from ltclip.artifacts.store import write_arrays
 from ltclip.sweep import run_sweep
 
 FULL = {"classes": 100, "max_per_class": 500, "imbalance": 100, "dim": 512, "val_per_class": 20}

@@ -55,7 +55,7 @@ PROJECTED = [("float16", {}), ("int8", {"dtype": "int8"}), ("fp8", {"dtype": "fp
 
 def bytes_per_image(fmt, seq: tuple[int, int], embed_dim: int) -> int:
     """Stored bytes of one image's row: float16 embedding, token values, float32 scales."""
-    from ltclip.store.tokens import STORED_DTYPES
+    from ltclip.artifacts.store.tokens import STORED_DTYPES
 
     tokens, width = fmt.stored_shape(seq)
     scales = fmt.scale_shape(seq)
@@ -63,7 +63,7 @@ def bytes_per_image(fmt, seq: tuple[int, int], embed_dim: int) -> int:
 
 
 def projections() -> list[dict]:
-    from ltclip.store import TokenFormat
+    from ltclip.artifacts.store import TokenFormat
 
     rows = []
     for model, (tokens, width, grid, embed) in MODELS.items():
@@ -80,11 +80,11 @@ def train_decoder(features: Path, s: dict, seed: int, block_order: bool = False)
     from ltclip.config import OptimConfig
     from ltclip.data.feature_batches import FeatureInputs
     from ltclip.engine import Task, fit
-    from ltclip.metrics import average_views
+    from ltclip.evaluation.metrics import average_views
     from ltclip.models.heads import create_head
-    from ltclip.runs import RunModel
+    from ltclip.artifacts.runs import RunModel
     from ltclip.stages.common import CacheSource, read_ahead
-    from ltclip.store import FeatureCache
+    from ltclip.artifacts.store import FeatureCache
 
     with FeatureCache(features / "train.h5") as train, FeatureCache(features / "test.h5") as test:
         counts = train.class_counts()
@@ -105,12 +105,12 @@ def train_decoder(features: Path, s: dict, seed: int, block_order: bool = False)
 
 
 def run(s: dict, work: Path, toy_dir: Path) -> dict:
-    from ltclip.cache_info import describe_cache
+    from ltclip.artifacts.cache_info import describe_cache
     from ltclip.config import DataConfig, ExtractConfig
     from ltclip.data.synthetic import make_synthetic
-    from ltclip.progress import Progress
+    from ltclip.core.progress import Progress
     from ltclip.stages.extract import run_extract
-    from ltclip.toy_clip import pretrain_toy_clip
+    from ltclip.stages.toy_clip import pretrain_toy_clip
 
     toy = pretrain_toy_clip(toy_dir)
     checkpoint = str(toy_dir / "toy_clip.pt")

@@ -175,13 +175,13 @@ def bench_model(name: str, size: dict, rounds: int, work: Path) -> dict:
     from ltclip.data.registry import load_dataset
     from ltclip.data.synthetic import make_synthetic
     from ltclip.engine import Task, fit
-    from ltclip.losses import LOSSES
+    from ltclip.methods.losses import LOSSES
     from ltclip.models.backbone import load_backbone
     from ltclip.models.cost import count_params
     from ltclip.models.heads import create_head
     from ltclip.stages.extract import run_extract
     from ltclip.stages.train_head import run_train_head
-    from ltclip.store import FeatureCache
+    from ltclip.artifacts.store import FeatureCache
 
     batch, classes, cached_epochs = size["batch_size"], size["classes"], size["cached_epochs"]
     backbone = load_backbone(name, "none")

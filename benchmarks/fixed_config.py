@@ -48,7 +48,7 @@ RUNS = {
 
 def gaussian_cache(folder: Path) -> None:
     """8 classes (150 … 3 train rows), 16-d embeddings, 5 × 16 tokens, a text.h5; val and test balanced."""
-    from ltclip.store import save_text_embeddings, write_arrays
+    from ltclip.artifacts.store import save_text_embeddings, write_arrays
 
     rng = np.random.default_rng(0)
     counts = [150, 90, 55, 33, 20, 12, 6, 3]

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ltclip.progress import Progress
+from ltclip.core.progress import Progress
 
 
 class StepTimer(Progress):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import LtclipError
+from .core.errors import LtclipError
 
 
 @dataclass(frozen=True)

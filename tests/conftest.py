@@ -102,7 +102,7 @@ TOY_CLIP = dict(model=TINY_MODEL, classes=10, images_per_class=16, steps=80, bat
 @pytest.fixture(scope="session")
 def toy_clip(tmp_path_factory) -> Path:
     """The checkpoint file of a pretrained toy CLIP: ``--model TINY_MODEL --pretrained <this path>``."""
-    from ltclip.toy_clip import ToyClipSettings, pretrain_toy_clip
+    from ltclip.stages.toy_clip import ToyClipSettings, pretrain_toy_clip
 
     out = tmp_path_factory.mktemp("toy_clip")
     return out / pretrain_toy_clip(out, ToyClipSettings(**TOY_CLIP))["checkpoint"]
@@ -110,7 +110,7 @@ def toy_clip(tmp_path_factory) -> Path:
 
 def write_cache(folder: Path, split: str, embeds, labels, num_classes: int, tokens=None, dataset: str = "gaussian") -> Path:
     """A feature cache file written by the real writer (as `ltclip extract` would)."""
-    from ltclip.store import write_arrays
+    from ltclip.artifacts.store import write_arrays
 
     folder.mkdir(parents=True, exist_ok=True)
     return write_arrays(folder / f"{split}.h5", embeds, labels, [f"class {i}" for i in range(num_classes)],

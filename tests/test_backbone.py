@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltclip.errors import LtclipError
+from ltclip.core.errors import LtclipError
 from ltclip.models.backbone import load_backbone, resolve_weights
 from ltclip.models.text import text_classifier
 

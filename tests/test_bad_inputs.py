@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_MODEL, newest_mtime, write_cache, write_token_cache
 from ltclip.cli import app
-from ltclip.store import FeatureCache, write_arrays
+from ltclip.artifacts.store import FeatureCache, write_arrays
 
 runner = CliRunner()
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -391,7 +391,7 @@ def test_eval_refuses_a_test_split_or_text_file_from_another_extraction(run_on_c
     replace_split(features, "test", model="ViT-B-16")
     fails("eval", run, fragments=["test.h5 was made with model='ViT-B-16' but train.h5 beside it"])
     replace_split(features, "test")
-    from ltclip.store import save_text_embeddings
+    from ltclip.artifacts.store import save_text_embeddings
 
     save_text_embeddings(features / "text.h5", np.ones((3, 8)), [f"class {i}" for i in range(3)], ["a photo of a {}."],
                          {"model": "ViT-B-16", "dataset": "gaussian"})

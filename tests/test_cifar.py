@@ -12,7 +12,7 @@ import torchvision
 from ltclip.data.base import rows_sha256
 from ltclip.data.cifar import load_cifar100_lt, long_tail_counts, long_tail_indices
 from ltclip.data.templates import CIFAR100_TEMPLATES
-from ltclip.errors import LtclipError
+from ltclip.core.errors import LtclipError
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 30, 5
 

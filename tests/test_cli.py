@@ -85,7 +85,7 @@ def test_bad_manifest_is_a_one_line_error_with_exit_2(tmp_path, lines, message):
 
 
 def test_list_reads_the_registries():
-    from ltclip.losses import list_losses
+    from ltclip.methods.losses import list_losses
 
     result = runner.invoke(app, ["list", "losses"])
     assert result.exit_code == 0

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_MODEL
 from ltclip.cli import app
-from ltclip.workspace import default_features_dir, default_run_dir, slug
+from ltclip.artifacts.workspace import default_features_dir, default_run_dir, slug
 
 runner = CliRunner()
 

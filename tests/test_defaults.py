@@ -20,13 +20,13 @@ from ltclip.data.feature_batches import FeatureInputs
 from ltclip.data.gaussian import gaussian_lt
 from ltclip.engine import lr_factor
 from ltclip.engine.optim import warmup_steps
-from ltclip.errors import LtclipError
-from ltclip.metrics import average_views, evaluate
+from ltclip.core.errors import LtclipError
+from ltclip.evaluation.metrics import average_views, evaluate
 from ltclip.models.heads import HEADS
 from ltclip.recipes import list_recipes, load_recipe, merge_opts
-from ltclip.runs import load_run
+from ltclip.artifacts.runs import load_run
 from ltclip.stages.train_head import run_train_head
-from ltclip.store import FeatureCache
+from ltclip.artifacts.store import FeatureCache
 
 runner = CliRunner()
 CLASSES = 24

@@ -25,10 +25,10 @@ from ltclip.engine import (
     BEST_FILE, LAST_FILE, LOG_FILE, SUMMARY_KEYS, Task, ValidationStats, check_optim, create_optimizer, fit,
 )
 from ltclip.engine.checkpoint import load_checkpoint
-from ltclip.errors import LtclipError
-from ltclip.metrics import evaluate
+from ltclip.core.errors import LtclipError
+from ltclip.evaluation.metrics import evaluate
 from ltclip.models.heads import create_head
-from ltclip.second_stage.fit import TensorSource
+from ltclip.methods.second_stage.fit import TensorSource
 
 # 203 training rows: many (> 100), two medium, two few (< 20) classes. Batch 64 leaves an 11-row last step.
 COUNTS = [110, 45, 25, 15, 8]

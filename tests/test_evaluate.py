@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from conftest import write_cache
 from ltclip.cli import app
 from ltclip.config import TrainHeadConfig, from_flat
-from ltclip.metrics import evaluate
-from ltclip.retrieval import knn_logits, normalise
+from ltclip.evaluation.metrics import evaluate
+from ltclip.evaluation.retrieval import knn_logits, normalise
 from ltclip.stages.train_head import run_train_head
-from ltclip.store import save_text_embeddings
+from ltclip.artifacts.store import save_text_embeddings
 
 runner = CliRunner()
 C, D = 6, 8
@@ -54,8 +54,8 @@ def invoke(*args):
 
 def test_run_metrics_average_test_views_and_land_in_eval_json(setup):
     from ltclip.data.feature_batches import FeatureInputs
-    from ltclip.runs import load_run
-    from ltclip.store import FeatureCache
+    from ltclip.artifacts.runs import load_run
+    from ltclip.artifacts.store import FeatureCache
 
     result = invoke("eval", setup / "run", "--json", setup / "out.json")
     assert result.exit_code == 0, result.output
@@ -74,7 +74,7 @@ def test_run_metrics_average_test_views_and_land_in_eval_json(setup):
 
 
 def test_zero_shot_knn_and_ncm_baselines_match_numpy(setup):
-    from ltclip.store import FeatureCache, load_text_embeddings
+    from ltclip.artifacts.store import FeatureCache, load_text_embeddings
 
     result = invoke("eval", "--zero-shot", "--knn", "3", "--ncm", "--features", setup / "features", "--json", setup / "b.json", "--backend", "torch")
     assert result.exit_code == 0, result.output

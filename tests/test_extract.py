@@ -19,7 +19,7 @@ from conftest import TINY_MODEL
 from ltclip.cli import app
 from ltclip.data.registry import load_dataset
 from ltclip.models.backbone import load_backbone
-from ltclip.store import FeatureCache
+from ltclip.artifacts.store import FeatureCache
 
 runner = CliRunner()
 
@@ -85,7 +85,7 @@ def test_tokens_cls_after_final_norm_and_projection_equals_embeds(cache, checkpo
 
 
 def test_text_embeddings_and_provenance(cache, checkpoint):
-    from ltclip.store import load_text_embeddings
+    from ltclip.artifacts.store import load_text_embeddings
 
     text = load_text_embeddings(cache / "text.h5")
     assert text.embeds.shape == (10, 32) and len(text.templates) >= 3
@@ -225,7 +225,7 @@ def test_torchrun_two_processes_equal_one(synthetic_root, checkpoint, cache, tmp
 
 
 def test_templates_file_reaches_the_text_embeddings(synthetic_root, checkpoint, tmp_path):
-    from ltclip.store import load_text_embeddings
+    from ltclip.artifacts.store import load_text_embeddings
 
     templates = tmp_path / "templates.txt"
     templates.write_text("a blurry sketch of a {}.\na {} on a canvas.\n")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ltclip.data.feature_batches import FeatureInputs
-from ltclip.errors import LtclipError
-from ltclip.store import FeatureCache
+from ltclip.core.errors import LtclipError
+from ltclip.artifacts.store import FeatureCache
 
 ROWS, T, W, D, CLASSES = 23, 3, 4, 5, 3
 IN_RAM, STREAMED = 2**40, 1  # max_ram: everything fits / nothing does

@@ -22,7 +22,7 @@ from ltclip.cli import app
 from ltclip.data.registry import load_dataset
 from ltclip.models.backbone import load_backbone
 from ltclip.models.tuning import TUNING
-from ltclip.store import FeatureCache
+from ltclip.artifacts.store import FeatureCache
 
 runner = CliRunner()
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -114,7 +114,7 @@ def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_pa
     assert result.exit_code == 2 and "--model: the encoder comes from --from-run" in result.output
     ok("extract", "--dataset", "synthetic", "--data-root", synthetic_root, "--from-run", run, "--splits", "test", "--device", "cpu",
        "--workers", "0", "--out", feats)
-    from ltclip.runs import load_run
+    from ltclip.artifacts.runs import load_run
 
     model = load_run(run).model
     dataset = load_dataset("synthetic", synthetic_root)
@@ -129,7 +129,7 @@ def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_pa
 def test_prompt_head_finetunes_on_the_backbones_text_tower_and_reloads(synthetic_root, tmp_path):
     from test_text_prompts import naive_features
 
-    from ltclip.runs import load_run
+    from ltclip.artifacts.runs import load_run
 
     run = tmp_path / "prompt"
     ok("finetune", *data_args(synthetic_root), "--tune", "lora", "--head", "prompt", "--head-opt", "classes_per_step=4",

@@ -14,7 +14,7 @@ from torch import nn
 from ltclip.config import OptimConfig
 from ltclip.engine import ValidationStats, create_optimizer
 from ltclip.engine.grouped_optim import GroupedAdamW
-from ltclip.metrics import evaluate
+from ltclip.evaluation.metrics import evaluate
 
 
 def four_heads() -> nn.ModuleList:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ltclip.errors import LtclipError
+from ltclip.core.errors import LtclipError
 from ltclip.models.cost import count_params, head_flops, vit_flops
 from ltclip.models.heads import HEADS, CosineClassifier, create_head, list_heads
 

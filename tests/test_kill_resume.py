@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_MODEL, kill_at_random_moments, newest_mtime, write_token_cache
 from ltclip.cli import app
-from ltclip.store import FeatureCache, load_text_embeddings
+from ltclip.artifacts.store import FeatureCache, load_text_embeddings
 
 runner = CliRunner()
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltclip.errors import LtclipError
-from ltclip.losses import LOSSES, compute_loss, get_loss, list_losses
+from ltclip.core.errors import LtclipError
+from ltclip.methods.losses import LOSSES, compute_loss, get_loss, list_losses
 
 ALL = ["balanced_softmax", "cb", "cbw", "ce", "focal", "grw", "lade", "ldam", "logit_adjusted"]
 REWEIGHTED = ["balanced_softmax", "logit_adjusted", "cbw", "cb", "grw"]

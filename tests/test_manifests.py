@@ -28,8 +28,8 @@ from ltclip.data.manifests import (
     read_manifest,
 )
 from ltclip.data.registry import CUSTOM, DatasetRequest, list_dataset_kinds, list_datasets, load_dataset
-from ltclip.errors import LtclipError
-from ltclip.registry import Registry
+from ltclip.core.errors import LtclipError
+from ltclip.core.registry import Registry
 
 PLACES_COUNTS = places_lt_train_counts()
 EXCERPT_COUNTS = -(-PLACES_COUNTS // 200)  # the train excerpt keeps ceil(n / 200) lines per class

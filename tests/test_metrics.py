@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import places_lt_train_counts, shared_files
-from ltclip.errors import LtclipError
-from ltclip.metrics import average_views, ece, evaluate, shot_groups
+from ltclip.core.errors import LtclipError
+from ltclip.evaluation.metrics import average_views, ece, evaluate, shot_groups
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_missing_group_is_none_and_torch_inputs_match():
 
 
 def test_evaluate_spans_row_blocks(monkeypatch):
-    import ltclip.metrics as metrics
+    import ltclip.evaluation.metrics as metrics
 
     logits, labels, counts = random_case(11, n=250)
     whole = evaluate(logits, labels, counts)

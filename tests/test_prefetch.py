@@ -9,7 +9,7 @@ import torch
 
 from ltclip.data.feature_batches import FeatureInputs
 from ltclip.data.samplers import BlockShuffledSampler, block_shuffled, create_sampler
-from ltclip.store import FeatureCache, TokenFormat, shard_range, write_arrays
+from ltclip.artifacts.store import FeatureCache, TokenFormat, shard_range, write_arrays
 
 ROWS, SEQ = 50, (5, 8)
 STREAMED = 1  # max_ram: nothing fits

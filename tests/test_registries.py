@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from ltclip.data.samplers import SAMPLERS, class_probabilities, create_sampler, list_samplers
-from ltclip.errors import LtclipError
-from ltclip.losses import LOSSES, compute_loss, list_losses
+from ltclip.core.errors import LtclipError
+from ltclip.methods.losses import LOSSES, compute_loss, list_losses
 from ltclip.models.heads import HEADS, create_head, list_heads
-from ltclip.registry import Registry
-from ltclip.second_stage import TWO_STAGE, fit_two_stage
+from ltclip.core.registry import Registry
+from ltclip.methods.second_stage import TWO_STAGE, fit_two_stage
 
 REGISTRIES = {"loss": LOSSES, "head": HEADS, "sampler": SAMPLERS, "two-stage": TWO_STAGE}
 ENTRIES = (

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltclip.errors import LtclipError
-from ltclip.metrics import evaluate
-from ltclip.plots import GROUP_BARS, plot_per_class, plot_shot_groups, write_plots
-from ltclip.report import COLUMNS, markdown_table, method_name, write_csv, write_json
+from ltclip.core.errors import LtclipError
+from ltclip.evaluation.metrics import evaluate
+from ltclip.evaluation.plots import GROUP_BARS, plot_per_class, plot_shot_groups, write_plots
+from ltclip.evaluation.report import COLUMNS, markdown_table, method_name, write_csv, write_json
 
 COUNTS = [400, 250, 150, 101, 100, 60, 30, 20, 19, 8, 3, 1]
 
@@ -185,7 +185,7 @@ def test_plot_needs_train_counts_matching_the_classes(results, tmp_path):
 
 
 def test_binned_curve_means_every_class_once():
-    from ltclip.plots import _binned_mean
+    from ltclip.evaluation.plots import _binned_mean
 
     counts = np.array([1, 2, 3, 10, 30, 100, 300, 1000], float)
     acc = np.arange(8, dtype=float) * 10

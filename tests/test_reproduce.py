@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
-from ltclip.errors import LtclipError
-from ltclip.reproduce import LIFT_ROWS, PAPER_ROWS, Plan, Settings
+from ltclip.core.errors import LtclipError
+from ltclip.stages.reproduce import LIFT_ROWS, PAPER_ROWS, Plan, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = "--steps 2 --batch-size 16 --workers 0 --device cpu"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import ltclip.retrieval as retrieval
-from ltclip.errors import LtclipError
-from ltclip.retrieval import KNN_EPS, class_means, knn_logits, ncm_logits, normalise, retrieval_mix, search
+import ltclip.evaluation.retrieval as retrieval
+from ltclip.core.errors import LtclipError
+from ltclip.evaluation.retrieval import KNN_EPS, class_means, knn_logits, ncm_logits, normalise, retrieval_mix, search
 
 try:
     import faiss  # noqa: F401

@@ -10,7 +10,7 @@ import torch
 
 from conftest import places_lt_train_counts, shared_files
 from ltclip.data.samplers import class_probabilities, create_sampler, list_samplers
-from ltclip.errors import LtclipError
+from ltclip.core.errors import LtclipError
 
 
 # A long-tailed profile with an empty class (index 6) in the middle.

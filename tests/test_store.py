@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-from ltclip.errors import LtclipError
-from ltclip.store import (
+from ltclip.core.errors import LtclipError
+from ltclip.artifacts.store import (
     SCHEMA_VERSION,
     FeatureCache,
     FeatureWriter,
@@ -340,7 +340,7 @@ def test_real_write_failure_is_reported_and_resumable(tmp_path):
     spec_writer(path).close()  # created at full (sparse) size before the limit applies
     command = python_child(
         "import resource, signal\n"
-        "from ltclip.errors import LtclipError\n"
+        "from ltclip.core.errors import LtclipError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({reference.stat().st_size // 2}, -1))\n"
         f"try:\n    test_store.run_writer({str(path)!r})\n"
@@ -360,7 +360,7 @@ def test_file_being_written_is_refused_elsewhere(tmp_path):
     path = tmp_path / "train.h5"
     with spec_writer(path):
         body = (
-            "from ltclip.errors import LtclipError\n"
+            "from ltclip.core.errors import LtclipError\n"
             "path = sys.argv[1]\n"
             "for attempt in (lambda: test_store.spec_writer(path),\n"
             "                lambda: test_store.FeatureCache(path, allow_incomplete=True)):\n"

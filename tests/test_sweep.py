@@ -19,9 +19,9 @@ from ltclip.cli.train import stage_one_config
 from ltclip.config import OptimConfig
 from ltclip.data.gaussian import gaussian_lt
 from ltclip.engine import fit
-from ltclip.losses import compute_loss
+from ltclip.methods.losses import compute_loss
 from ltclip.models.heads import create_head
-from ltclip.second_stage.fit import TensorSource
+from ltclip.methods.second_stage.fit import TensorSource
 from ltclip.sweep.batched import HeadStack, StackTask
 from ltclip.sweep.grid import expand, plan_groups
 from ltclip.sweep.report import choose_best

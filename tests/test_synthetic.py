@@ -20,7 +20,7 @@ from ltclip.data.synthetic import (
     synthetic_train_counts,
 )
 from ltclip.data.templates import SYNTHETIC_TEMPLATES
-from ltclip.errors import LtclipError
+from ltclip.core.errors import LtclipError
 
 SMALL = dict(classes=6, imbalance=10.0, max_per_class=20, val_per_class=2, test_per_class=3, size=32)
 # 20 · 10^(−i/5) = 20, 12.62, 7.96, 5.02, 3.17, 2.00

@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 
 from conftest import TINY_MODEL
 from ltclip.cli import app
-from ltclip.errors import LtclipError
+from ltclip.core.errors import LtclipError
 from ltclip.models.backbone import load_backbone
 from ltclip.models.heads import HEADS, create_head
 from ltclip.models.text_prompts import PromptHead, text_encoder
-from ltclip.runs import load_run
-from ltclip.store import FeatureCache, write_arrays
+from ltclip.artifacts.runs import load_run
+from ltclip.artifacts.store import FeatureCache, write_arrays
 
 runner = CliRunner()
 

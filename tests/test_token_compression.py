@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from conftest import TINY_MODEL
 from ltclip.cli import app
 from ltclip.data.feature_batches import FeatureInputs
-from ltclip.errors import LtclipError
-from ltclip.store import FeatureCache, FeatureWriter, PcaFit, TokenCodec, TokenFormat, join_shards, shard_path, write_arrays
-from ltclip.store.tokens import pool_tokens
+from ltclip.core.errors import LtclipError
+from ltclip.artifacts.store import FeatureCache, FeatureWriter, PcaFit, TokenCodec, TokenFormat, join_shards, shard_path, write_arrays
+from ltclip.artifacts.store.tokens import pool_tokens
 
 runner = CliRunner()
 GRID, WIDTH = 4, 12
@@ -259,7 +259,7 @@ def test_a_compressed_cache_trains_the_decoder_from_the_cli(compressed, tmp_path
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["eval", str(run), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    from ltclip.runs import load_run
+    from ltclip.artifacts.runs import load_run
 
     assert load_run(run).model.head.config["token_shape"] == [5, 64]
 

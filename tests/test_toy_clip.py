@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from conftest import TINY_MODEL, TOY_CLIP
 from ltclip.cli import app
 from ltclip.data.synthetic import synthetic_classnames
-from ltclip.errors import LtclipError
+from ltclip.core.errors import LtclipError
 from ltclip.models.backbone import load_backbone
-from ltclip.toy_clip import (
+from ltclip.stages.toy_clip import (
     CAPTIONS, CHECKPOINT_FILE, INFO_FILE, ToyClipSettings, build_model, pretrain_toy_clip, pretraining_image,
 )
 

@@ -16,13 +16,13 @@ from ltclip.cli import app
 from ltclip.config import SecondStageConfig, TrainHeadConfig, from_flat
 from ltclip.data.gaussian import gaussian_lt, nearest_mean_logits
 from ltclip.data.feature_batches import FeatureInputs
-from ltclip.errors import LtclipError
-from ltclip.metrics import average_views, evaluate
+from ltclip.core.errors import LtclipError
+from ltclip.evaluation.metrics import average_views, evaluate
 from ltclip.engine import lr_factor
-from ltclip.runs import load_run
+from ltclip.artifacts.runs import load_run
 from ltclip.stages.second_stage import run_second_stage
 from ltclip.stages.train_head import run_train_head
-from ltclip.store import FeatureCache
+from ltclip.artifacts.store import FeatureCache
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltclip.errors import LtclipError
+from ltclip.core.errors import LtclipError
 from ltclip.models.backbone import load_backbone
 from ltclip.models.tuning import (
     TUNING,

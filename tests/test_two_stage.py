@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltclip.errors import LtclipError
-from ltclip.second_stage import TAU_GRID, TWO_STAGE, build_two_stage, fit_two_stage, list_two_stage, posthoc_logit_adjustment
+from ltclip.core.errors import LtclipError
+from ltclip.methods.second_stage import TAU_GRID, TWO_STAGE, build_two_stage, fit_two_stage, list_two_stage, posthoc_logit_adjustment
 
 METHODS = ["crt", "disalign", "lws", "marc", "ncm", "tau-norm"]
 TRAINED = ["crt", "disalign", "lws", "marc"]

@@ -18,14 +18,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 
 # `ltclip list KIND` and the option checks read these registries (module, attribute), imported lazily.
 REGISTRIES = {
-    "losses": ("ltclip.losses", "LOSSES"),
+    "losses": ("ltclip.methods.losses", "LOSSES"),
     "heads": ("ltclip.models.heads", "HEADS"),
     "samplers": ("ltclip.data.samplers", "SAMPLERS"),
-    "two-stage": ("ltclip.second_stage", "TWO_STAGE"),
+    "two-stage": ("ltclip.methods.second_stage", "TWO_STAGE"),
     "schedules": ("ltclip.engine.optim", "SCHEDULES"),
     "tuning": ("ltclip.models.tuning", "TUNING"),
 }
@@ -48,7 +48,7 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except LtclipError as err:
-            from ..atomic import WriteError
+            from ..artifacts.atomic import WriteError
 
             message = str(err)
             if isinstance(err, WriteError) and err.disk_full:
@@ -56,7 +56,7 @@ def guarded(fn):
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(err.exit_code) from None
         except OSError as err:
-            from ..atomic import FULL_ERRNOS
+            from ..artifacts.atomic import FULL_ERRNOS
 
             logging.getLogger(__name__).debug("I/O error", exc_info=True)
             out = kwargs.get("out")

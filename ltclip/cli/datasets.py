@@ -106,7 +106,7 @@ def datasets_check(
     data = data_config({**locals(), "dataset": name})
     from ..data.profile import check_images
     from ..data.registry import open_dataset
-    from ..progress import RichProgress
+    from ..core.progress import RichProgress
 
     ds = open_dataset(data, need_classnames=False)  # a profile / an image check needs no class names
     total = sum(len(s) for s in ds.splits.values())
@@ -151,7 +151,7 @@ def cache_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):
     """Provenance, shapes, completeness and size on disk of a feature cache."""
-    from ..cache_info import describe_cache
+    from ..artifacts.cache_info import describe_cache
 
     info = describe_cache(path)
     if as_json:

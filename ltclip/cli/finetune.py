@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import FinetuneConfig, TuningConfig
-from ..errors import LtclipError
-from ..workspace import default_run_dir
+from ..core.errors import LtclipError
+from ..artifacts.workspace import default_run_dir
 from .common import (
     Classnames, ConfigFile, DataRoot, DatasetName, Download, Imbalance, ManifestDir, SubsetSeed, Templates, TestList,
     TrainList, ValList, check_choice, given, guarded, say_default,
@@ -79,7 +79,7 @@ def finetune(
 ):
     """Fine-tune the image encoder (full, last-k, bitfit, ln, LoRA, adapters, VPT) with a head, end to end on images."""
     values = given(locals(), drop=("config", "resume"))
-    from ..progress import RichProgress
+    from ..core.progress import RichProgress
     from ..stages.finetune import run_finetune
 
     for option, kind in (("--head", "heads"), ("--loss", "losses"), ("--sampler", "samplers"), ("--tune", "tuning"),

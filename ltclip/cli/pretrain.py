@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..toy_clip import ToyClipSettings
+from ..stages.toy_clip import ToyClipSettings
 from .common import given, guarded
 
 _T = ToyClipSettings()
@@ -28,8 +28,8 @@ def pretrain_toy(
     Prints how to use it: --model MODEL --pretrained OUT/toy_clip.pt in extract, finetune and eval.
     """
     settings = ToyClipSettings(**given(locals(), drop=("out",)))
-    from ..progress import RichProgress
-    from ..toy_clip import pretrain_toy_clip
+    from ..core.progress import RichProgress
+    from ..stages.toy_clip import pretrain_toy_clip
 
     info = pretrain_toy_clip(out, settings, RichProgress())
     losses = info["loss_per_epoch"]

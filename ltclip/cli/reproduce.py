@@ -32,8 +32,8 @@ def reproduce(
     launcher: Annotated[Optional[str], typer.Option("--launcher", help="Run extract and training steps under this, e.g. 'torchrun --nproc_per_node=8'.")] = None,
 ):
     """Extract, train every row of the paper's table, evaluate and write one report; finished steps are skipped."""
-    from ..errors import LtclipError
-    from ..reproduce import Settings, default_out, run_plan
+    from ..core.errors import LtclipError
+    from ..stages.reproduce import Settings, default_out, run_plan
 
     if not dataset or not data_root:
         raise LtclipError("--dataset and --data-root are required (e.g. --dataset places_lt --data-root /data/places365)")

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import EvalConfig, ExtractConfig
-from ..errors import LtclipError
-from ..workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, finished_runs, record_features, recorded_features
+from ..core.errors import LtclipError
+from ..artifacts.workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, finished_runs, record_features, recorded_features
 from .common import (
     REGISTRIES, Classnames, ConfigFile, DataRoot, DatasetName, Download, Imbalance, ManifestDir, SubsetSeed, Templates,
     TestList, TrainList, ValList, given, guarded, is_main_process, registry, say_default,
@@ -59,7 +59,7 @@ def extract(
     """Run the frozen CLIP image encoder once; write embeddings (+ tokens) to a resumable HDF5 cache."""
     values = given(locals(), drop=("config",))
     from ..config import from_flat
-    from ..progress import RichProgress
+    from ..core.progress import RichProgress
     from ..stages.extract import run_extract
 
     values["splits"] = tuple(s.strip() for item in splits or () for s in item.split(",") if s.strip())
@@ -106,7 +106,7 @@ def evaluate(
     """Shot-group metrics (many/medium/few/all) for runs and zero-shot / kNN / NCM baselines."""
     values = given(locals(), drop=("config",))
     from ..config import from_flat
-    from ..report import markdown_table
+    from ..evaluation.report import markdown_table
     from ..stages.evaluate import run_eval
 
     if not runs and not (zero_shot or knn or ncm):

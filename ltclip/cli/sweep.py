@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import LtclipError
-from ..workspace import WORKSPACE_FILE, default_run_dir, recorded_features
+from ..core.errors import LtclipError
+from ..artifacts.workspace import WORKSPACE_FILE, default_run_dir, recorded_features
 from .common import check_choice, given, guarded, say_default
 from .train import run_config, train_head
 
@@ -41,7 +41,7 @@ def sweep(
 
     Linear and cosine heads that share the batch stream train together in one pass.
     """
-    from ..progress import RichProgress
+    from ..core.progress import RichProgress
     from ..sweep import run_sweep
 
     command = _train_head_command()

@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import MethodConfig, TrainHeadConfig
-from ..errors import LtclipError
-from ..workspace import WORKSPACE_FILE, default_run_dir, recorded_features
+from ..core.errors import LtclipError
+from ..artifacts.workspace import WORKSPACE_FILE, default_run_dir, recorded_features
 from .common import ConfigFile, check_choice, given, guarded, say_default
 from .options import Device, Tensorboard, Accum, BatchSize, CheckpointEvery, Epochs, EvalEvery, GradClip, Head, HeadOpts, Loss, LossOpts, Lr, Momentum, Nesterov, NoDecay1d, Optimizer, Opts, Precision, Sampler, Schedule, Seed, Recipe, Select, Steps, Warmup, WarmupSteps, WeightDecay
 
@@ -64,7 +64,7 @@ def train_head(
 ):
     """Train a head with an imbalance-aware loss on a feature cache, or a second stage on a finished run."""
     values = given(locals(), drop=("config", "resume"))
-    from ..progress import RichProgress
+    from ..core.progress import RichProgress
 
     for option, kind in (("--head", "heads"), ("--loss", "losses"), ("--sampler", "samplers"), ("--two-stage", "two-stage"),
                          ("--schedule", "schedules")):
@@ -121,7 +121,7 @@ def second_stage_config(values: dict):
     method's own defaults (``ltclip list two-stage``; like ``SECOND_STAGE_OPTIM``'s, not printed: the
     run's ``config.json`` holds them)."""
     from ..config import SecondStageConfig, from_flat
-    from ..second_stage import TWO_STAGE
+    from ..methods.second_stage import TWO_STAGE
 
     name = values.get("two_stage")  # checked by the commands
     return from_flat(SecondStageConfig, {**(TWO_STAGE.get(name).defaults if name else {}), **values},

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 from .templates import resolve_templates
 
 # (split name, row index) -> RGB PIL image. Raises on a missing or undecodable image.

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 from .base import LTDataset, Split, rows_sha256
 
 BASE_FOLDER = "cifar-100-python"  # torchvision's CIFAR100.base_folder

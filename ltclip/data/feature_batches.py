@@ -19,8 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import LtclipError
-from ..store import EncodedTokens, FeatureCache
+from ..core.errors import LtclipError
+from ..artifacts.store import EncodedTokens, FeatureCache
 
 INPUT_KINDS = ("embeds", "tokens")
 

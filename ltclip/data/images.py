@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 from .base import LTDataset
 from .views import Views
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 from .base import Split
 
 

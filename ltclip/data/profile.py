@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..metrics import shot_groups
+from ..evaluation.metrics import shot_groups
 from .base import LTDataset
 
 

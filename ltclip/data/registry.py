@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from ..errors import LtclipError
-from ..registry import Registry
+from ..core.errors import LtclipError
+from ..core.registry import Registry
 from .base import LTDataset, Split
 from .cifar import load_cifar100_lt
 from .manifests import (

@@ -26,8 +26,8 @@ from functools import cached_property
 import numpy as np
 from torch.utils.data import Sampler
 
-from ..errors import LtclipError
-from ..registry import Registry
+from ..core.errors import LtclipError
+from ..core.registry import Registry
 
 
 def _nonneg_int(option: str, value, minimum: int = 0) -> int:

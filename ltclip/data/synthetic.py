@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 
 # Bump when the drawing changes: a folder made by another version is refused, not reused.
 GENERATOR_VERSION = 1

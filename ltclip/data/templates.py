@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 
 # OpenAI CLIP's CIFAR-100 prompt templates (CLIP repository, data/prompts.md).
 CIFAR100_TEMPLATES = (

@@ -7,7 +7,7 @@ import hashlib
 import torch
 from torchvision import transforms as T
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 
 TEST_VIEWS = ("center", "flip", "fivecrop", "tencrop")
 

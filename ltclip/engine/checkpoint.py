@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import save_torch
-from ..errors import LtclipError
+from ..artifacts.atomic import save_torch
+from ..core.errors import LtclipError
 
 CHECKPOINT_VERSION = 1
 

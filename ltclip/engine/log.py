@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 
 LOG_FILE = "train_log.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ..data.samplers import BlockShuffledSampler, create_sampler
-from ..distributed import PRECISIONS, DistContext, autocast as precision_autocast
-from ..errors import LtclipError
-from ..metrics import improves
-from ..progress import Progress
+from ..core.distributed import PRECISIONS, DistContext, autocast as precision_autocast
+from ..core.errors import LtclipError
+from ..evaluation.metrics import improves
+from ..core.progress import Progress
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_python
 from .log import TrainLog
 from .optim import create_optimizer, create_schedule, warmup_steps

@@ -14,8 +14,8 @@ from typing import Collection
 import torch
 
 from ..config import OptimConfig
-from ..errors import LtclipError
-from ..registry import Registry
+from ..core.errors import LtclipError
+from ..core.registry import Registry
 from .grouped_optim import GroupedAdamW
 
 SCHEDULES: Registry = Registry("schedule")

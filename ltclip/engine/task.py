@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import LOSSES, compute_loss
+from ..methods.losses import LOSSES, compute_loss
 
 
 class Task:

@@ -1,7 +1,7 @@
 """Validation summaries assembled from additive per-class statistics, so every process can score
 its own share of the validation rows and one ``all_reduce`` gives the metrics of the whole set.
 
-The numbers equal :func:`ltclip.metrics.evaluate`'s ``top1``, ``balanced_accuracy``, ``many``,
+The numbers equal :func:`ltclip.evaluation.metrics.evaluate`'s ``top1``, ``balanced_accuracy``, ``many``,
 ``medium``, ``few``, ``nll`` and ``ece`` on the concatenated logits.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..metrics import as_numpy, calibration_bins, row_stats, shot_groups
+from ..evaluation.metrics import as_numpy, calibration_bins, row_stats, shot_groups
 
 SUMMARY_KEYS = ("top1", "balanced_accuracy", "many", "medium", "few", "nll", "ece")
 
@@ -67,7 +67,7 @@ class ValidationStats:
         self.hits, self.support, self.nll, self.bin_hits, self.bin_conf = (o.reshape(p.shape) for o, p in zip(out, parts))
 
     def summary(self, train_counts, many_threshold: int = 100, few_threshold: int = 20) -> dict:
-        """Accuracies and ECE in percent, NLL in nats (see :func:`ltclip.metrics.evaluate`)."""
+        """Accuracies and ECE in percent, NLL in nats (see :func:`ltclip.evaluation.metrics.evaluate`)."""
         if self.heads is not None:
             raise ValueError("ValidationStats(heads=K): use summaries()")
         return self.summaries(train_counts, many_threshold, few_threshold)[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data.manifests import file_sha256
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 
 log = logging.getLogger(__name__)
 

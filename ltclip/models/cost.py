@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 
 
 def block_macs(tokens: int, width: int, mlp_hidden: int) -> int:

@@ -59,7 +59,7 @@ class EncoderClassifier(nn.Module):
 @torch.inference_mode()
 def image_logits(model: nn.Module, batches, device, precision: str = "fp32"):
     """``(logits [B, V, C] float32, labels)`` per batch of ``(views [B, V, 3, H, W], labels)``."""
-    from ..distributed import autocast
+    from ..core.distributed import autocast
 
     was_training = model.training
     model.eval()

@@ -7,7 +7,7 @@ sequence ``tokens`` [B, T, W] (CLS at index 0, before ``ln_post`` and the projec
 
 Keyword-only constructor parameters are the head's options (``--head-opt key=value``):
 ``HEADS.options(name)`` reads them from the signature and ``HEADS.parse(name, opts)`` parses the
-CLI strings (see :class:`ltclip.registry.Registry`). A subclass declares each option once, in its
+CLI strings (see :class:`ltclip.core.registry.Registry`). A subclass declares each option once, in its
 signature: :func:`create_head` records ``head.config`` (shapes plus every resolved option, defaults
 included; JSON-serialisable, without ``text_embeds``), so ``create_head(name, **head.config,
 from_checkpoint=True)`` followed by ``load_state_dict`` rebuilds a trained head.
@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import LtclipError
-from ..registry import Registry
+from ..core.errors import LtclipError
+from ..core.registry import Registry
 from .cost import block_macs
 
 HEADS: Registry[type["Head"]] = Registry("head", flag="--head-opt")

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 from .heads import HEADS, Head, _require
 
 SAMPLES = ("hard", "uniform")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import MethodConfig, flag
-from ..errors import LtclipError
+from ..core.errors import LtclipError
 
 RECIPE_DIR = Path(__file__).resolve().parent
 STAGES = ("train-head", "finetune")
@@ -70,7 +70,7 @@ def load_recipe(name: str) -> Recipe:
 
 def _check(recipe: Recipe) -> None:
     """Every option of the recipe is an option of its stage, every head/loss option parses."""
-    from ..losses import LOSSES
+    from ..methods.losses import LOSSES
     from ..models.heads import HEADS
 
     for stage, options in recipe.stages.items():
@@ -166,7 +166,7 @@ def head_defaults(entry, resolved: dict) -> tuple[dict, str | None]:
 
 def _train_rows(features) -> int | None:
     """Rows of ``features/train.h5``, or None where it cannot be read (the stage then says why)."""
-    from ..store import FeatureCache
+    from ..artifacts.store import FeatureCache
 
     try:
         with FeatureCache(Path(features) / "train.h5") as cache:

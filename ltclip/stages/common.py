@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import save_json
+from ..artifacts.atomic import save_json
 from ..data.feature_batches import FeatureInputs, default_max_ram, format_size, parse_size
-from ..distributed import DistContext
+from ..core.distributed import DistContext
 from ..engine import LAST_FILE, ValidationStats
-from ..errors import LtclipError
-from ..metrics import average_views
-from ..runs import CONFIG_FILE, RUN_FILE, RunModel
-from ..store import FeatureCache, load_text_embeddings, shard_range
+from ..core.errors import LtclipError
+from ..evaluation.metrics import average_views
+from ..artifacts.runs import CONFIG_FILE, RUN_FILE, RunModel
+from ..artifacts.store import FeatureCache, load_text_embeddings, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def start_run(out: Path, resume: bool, cfg_dict: dict, ctx: DistContext) -> None
 
 def posthoc_tau(model: RunModel, val: FeatureInputs | None, counts, batch_size: int, device, val_split: str) -> tuple[float, list]:
     """Post-hoc logit adjustment's τ, chosen on the whole val split (every process alike)."""
-    from ..second_stage import posthoc_logit_adjustment
+    from ..methods.second_stage import posthoc_logit_adjustment
 
     if val is None:
         raise LtclipError(f"--posthoc-la chooses tau on the {val_split} split, but the cache has none; extract --splits {val_split}")

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import save_json
+from ..artifacts.atomic import save_json
 from ..config import EvalConfig
 from ..data.feature_batches import FeatureInputs
-from ..distributed import DistContext, resolve_device
-from ..errors import LtclipError
-from ..metrics import average_views, evaluate
-from ..retrieval import class_means, knn_logits, ncm_logits, normalise, retrieval_mix
-from ..runs import load_run, read_run_info
-from ..store import FeatureCache, load_text_embeddings
+from ..core.distributed import DistContext, resolve_device
+from ..core.errors import LtclipError
+from ..evaluation.metrics import average_views, evaluate
+from ..evaluation.retrieval import class_means, knn_logits, ncm_logits, normalise, retrieval_mix
+from ..artifacts.runs import load_run, read_run_info
+from ..artifacts.store import FeatureCache, load_text_embeddings
 
 ZERO_SHOT_SCALE = 100.0  # CLIP's logit scale
 
@@ -51,7 +51,7 @@ def _knn_log_probs(query: np.ndarray, features: Path, cfg: EvalConfig, k: int) -
 
 
 def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
-    from ..report import method_name
+    from ..evaluation.report import method_name
 
     run = load_run(run_dir, device=device)
     counts = np.asarray(run.info["class_counts"])
@@ -121,8 +121,8 @@ def _check_outputs(cfg: EvalConfig) -> None:
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
     """Evaluate runs and baselines; write eval.json per run and the requested reports."""
-    from ..plots import write_plots
-    from ..report import write_csv, write_json, write_markdown
+    from ..evaluation.plots import write_plots
+    from ..evaluation.report import write_csv, write_json, write_markdown
 
     _check_outputs(cfg)
     if cfg.views not in ("mean", "first"):

@@ -11,21 +11,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..atomic import save_json
+from ..artifacts.atomic import save_json
 from ..config import ExtractConfig, provenance, to_dict
 from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
 from ..data.registry import open_dataset
 from ..data.views import make_views
-from ..distributed import autocast, available_cpus, default_workers, setup
-from ..errors import LtclipError
+from ..core.distributed import autocast, available_cpus, default_workers, setup
+from ..core.errors import LtclipError
 from ..models.backbone import load_backbone
 from ..models.text import text_classifier
-from ..progress import Progress
-from ..store import (
+from ..core.progress import Progress
+from ..artifacts.store import (
     EncodedTokens, FeatureCache, FeatureWriter, PcaFit, TokenFormat, amend_attribute, join_shards, load_text_embeddings,
     save_text_embeddings, shard_path,
 )
-from ..store.tokens import pool_tokens
+from ..artifacts.store.tokens import pool_tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _backbone(cfg: ExtractConfig, device):
     given = [f"--{k.replace('_', '-')}" for k in ("model", "pretrained", "preprocess_from") if getattr(cfg, k) != getattr(defaults, k)]
     if given:
         raise LtclipError(f"{', '.join(given)}: the encoder comes from --from-run {cfg.from_run}; drop them")
-    from ..runs import finetuned_backbone
+    from ..artifacts.runs import finetuned_backbone
 
     backbone = finetuned_backbone(cfg.from_run, device)
     backbone.model.requires_grad_(False).eval()

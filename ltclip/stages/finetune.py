@@ -12,20 +12,20 @@ from ..config import FinetuneConfig, to_dict
 from ..data.image_batches import NORMALIZATIONS, ImageSource, eval_transform, image_batches, train_transform
 from ..data.registry import open_dataset
 from ..data.views import CenterView
-from ..distributed import default_workers, setup
+from ..core.distributed import default_workers, setup
 from ..engine import Task, ValidationStats, check_optim, fit
-from ..errors import LtclipError
-from ..losses import LOSSES, parse_loss
-from ..metrics import average_views
+from ..core.errors import LtclipError
+from ..methods.losses import LOSSES, parse_loss
+from ..evaluation.metrics import average_views
 from ..models.backbone import load_backbone
 from ..models.encoder_classifier import EncoderClassifier, image_logits
 from ..models.heads import HEADS, create_head
 from ..models.text import text_classifier
 from ..models.text_prompts import text_encoder
 from ..models.tuning import TUNING, apply_tuning, count_trainable, no_weight_decay_names
-from ..progress import Progress
-from ..runs import finetune_payload, method_record, write_run
-from ..store import shard_range
+from ..core.progress import Progress
+from ..artifacts.runs import finetune_payload, method_record, write_run
+from ..artifacts.store import shard_range
 from .common import start_run
 
 

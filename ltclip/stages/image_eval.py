@@ -10,9 +10,9 @@ from ..config import DataConfig, EvalConfig, from_dict
 from ..data.image_batches import eval_transform, image_batches, mean_std
 from ..data.registry import open_dataset
 from ..data.views import make_views
-from ..distributed import DistContext, default_workers
-from ..errors import LtclipError
-from ..metrics import average_views
+from ..core.distributed import DistContext, default_workers
+from ..core.errors import LtclipError
+from ..evaluation.metrics import average_views
 from ..models.encoder_classifier import image_logits
 
 

@@ -12,13 +12,13 @@ import torch
 
 from ..config import SECOND_STAGE_OPTIM, SecondStageConfig, flag, from_dict, to_dict
 from ..data.feature_batches import FeatureInputs
-from ..distributed import setup
+from ..core.distributed import setup
 from ..engine import check_optim
-from ..errors import LtclipError
-from ..losses import LOSSES, parse_loss
-from ..progress import Progress
-from ..runs import RunModel, features_input, load_run, model_payload, write_run
-from ..second_stage import TWO_STAGE, fit_two_stage
+from ..core.errors import LtclipError
+from ..methods.losses import LOSSES, parse_loss
+from ..core.progress import Progress
+from ..artifacts.runs import RunModel, features_input, load_run, model_payload, write_run
+from ..methods.second_stage import TWO_STAGE, fit_two_stage
 from .common import open_split, posthoc_tau, ram_budget, start_run, validate_on_cache
 
 

@@ -9,13 +9,13 @@ import torch
 
 from ..config import TrainHeadConfig, from_dict, to_dict
 from ..data.feature_batches import FeatureInputs
-from ..distributed import setup
+from ..core.distributed import setup
 from ..engine import Task, check_optim, fit
-from ..losses import parse_loss
+from ..methods.losses import parse_loss
 from ..models.heads import HEADS, create_head
 from ..models.text_prompts import load_text_encoder
-from ..progress import Progress
-from ..runs import RunModel, features_input, method_record, model_payload, write_run
+from ..core.progress import Progress
+from ..artifacts.runs import RunModel, features_input, method_record, model_payload, write_run
 from .common import (CacheSource, block_order, check_pool_fits, open_split, posthoc_tau, ram_budget, read_ahead,
                      start_run, text_embeds, validate_on_cache)
 

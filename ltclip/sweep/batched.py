@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine import SUMMARY_KEYS
-from ..losses import _counts, _log_prior, compute_loss
+from ..methods.losses import _counts, _log_prior, compute_loss
 from ..models.heads import CosineHead, LinearHead
 
 BATCHABLE_HEADS = ("linear", "cosine")  # heads whose logits are a (scaled) product with one class-weight matrix

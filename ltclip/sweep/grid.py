@@ -17,7 +17,7 @@ from ..config import SecondStageConfig, TrainHeadConfig
 from ..data.samplers import class_probabilities
 from ..engine import run_length, steps_per_epoch
 from ..stages.common import open_split
-from ..workspace import slug
+from ..artifacts.workspace import slug
 from .batched import BATCHABLE_HEADS
 
 POINTS_DIR = "points"

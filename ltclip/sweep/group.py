@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import save_json
+from ..artifacts.atomic import save_json
 from ..config import to_dict
 from ..data.feature_batches import FeatureInputs
-from ..distributed import setup
+from ..core.distributed import setup
 from ..engine import LAST_FILE, LOG_FILE, SUMMARY_KEYS, ValidationStats, fit, run_length, steps_per_epoch
-from ..errors import LtclipError
-from ..losses import LOSSES
-from ..metrics import average_views
+from ..core.errors import LtclipError
+from ..methods.losses import LOSSES
+from ..evaluation.metrics import average_views
 from ..models.heads import HEADS, create_head
-from ..progress import Progress
-from ..runs import CONFIG_FILE, RunModel, method_record, model_payload, write_run
+from ..core.progress import Progress
+from ..artifacts.runs import CONFIG_FILE, RunModel, method_record, model_payload, write_run
 from ..stages.common import CacheSource, block_order, open_split, posthoc_tau, ram_budget, text_embeds
 from .batched import HeadStack, StackTask, log_key
 from .grid import Point

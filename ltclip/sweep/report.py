@@ -8,8 +8,8 @@ import json
 import math
 from pathlib import Path
 
-from ..atomic import atomic_path, save_json
-from ..metrics import LOWER_IS_BETTER
+from ..artifacts.atomic import atomic_path, save_json
+from ..evaluation.metrics import LOWER_IS_BETTER
 
 SWEEP_FILE = "sweep.json"
 SWEEP_MD = "sweep.md"

@@ -17,14 +17,14 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import WriteError, save_json
+from ..artifacts.atomic import WriteError, save_json
 from ..config import SecondStageConfig, TrainHeadConfig, to_dict
 from ..engine import BEST_FILE, LAST_FILE, SUMMARY_KEYS, check_optim
-from ..errors import LtclipError
-from ..losses import parse_loss
+from ..core.errors import LtclipError
+from ..methods.losses import parse_loss
 from ..models.heads import HEADS
-from ..progress import Progress
-from ..runs import CONFIG_FILE, RUN_FILE, features_input, read_run_info
+from ..core.progress import Progress
+from ..artifacts.runs import CONFIG_FILE, RUN_FILE, features_input, read_run_info
 from ..stages.second_stage import check_options, run_second_stage
 from ..stages.train_head import run_train_head
 from . import report

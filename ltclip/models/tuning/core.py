@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import LtclipError
-from ...registry import Registry
+from ...core.errors import LtclipError
+from ...core.registry import Registry
 
 TUNING: Registry = Registry("tuning mode", flag="--tune-opt")
 

@@ -35,7 +35,7 @@ penultimate features ``z`` it was trained on, and returns a :class:`Calibrated` 
   quantity; for another head it is that head's raw weight, so ``β_j ||w_j||`` stays a learned
   per-class offset).
 - ``ncm``: nearest class mean, no training: ``scale · cos(z, μ_j)`` with ``μ_j`` the renormalised
-  mean of the L2-normalised train features of class ``j`` (:func:`ltclip.retrieval.class_means`).
+  mean of the L2-normalised train features of class ``j`` (:func:`ltclip.evaluation.retrieval.class_means`).
   The default ``scale`` 16 only sharpens the softmax (cosines in [-1, 1] give a near-uniform
   softmax over many classes); it does not change predictions.
 
@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LtclipError
-from ..retrieval import class_means
+from ...core.errors import LtclipError
+from ...evaluation.retrieval import class_means
 from .base import TWO_STAGE, Calibrated, predict
 from .posthoc import TAU_GRID, balanced_accuracy, tau_grid
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LtclipError
+from ..core.errors import LtclipError
 
 # Rows of logits processed at a time: bounds the temporaries to a few MiB per thousand classes.
 _ROW_BLOCK = 4096

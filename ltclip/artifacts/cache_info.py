@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import LtclipError
+from ..core.errors import LtclipError
 from .store import FeatureCache, load_text_embeddings
 
 PROVENANCE_KEYS = ("model", "pretrained", "checkpoint_sha256", "quick_gelu", "preprocess", "dataset", "ltclip_version", "schema_version", "num_classes")

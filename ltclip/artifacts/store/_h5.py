@@ -17,8 +17,8 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from .. import __version__
-from ..errors import LtclipError
+from ... import __version__
+from ...core.errors import LtclipError
 
 # 2: token formats (pooling, PCA, int8/fp8 with scales; docs/artifacts.md). Version 1 files hold plain tokens.
 SCHEMA_VERSION = 2

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import LtclipError
+from ...core.errors import LtclipError
 
 TOKEN_DTYPES = ("float16", "int8", "fp8")
 TOKEN_SCALES = ("token", "channel")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import LtclipError
+from ..core.errors import LtclipError
 from .metrics import as_numpy
 
 BACKENDS = ("auto", "faiss", "torch")

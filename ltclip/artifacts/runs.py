@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from .. import __version__
 from .atomic import save_json, save_torch
-from .config import provenance
-from .data.feature_batches import FeatureInputs
-from .errors import LtclipError
+from ..config import provenance
+from ..data.feature_batches import FeatureInputs
+from ..core.errors import LtclipError
 from .store import FeatureCache
 
 RUN_SCHEMA_VERSION = 1
@@ -94,11 +94,11 @@ def head_record(head) -> dict:
 def build_head(record: dict, backbone=None):
     """The head :func:`head_record` stored; a prompt head's text tower is ``backbone``'s (a finetuned
     run's own encoder) or, without one, the recorded model's, loaded by name."""
-    from .models.heads import create_head
+    from ..models.heads import create_head
 
     tower = None
     if "text_encoder" in record:
-        from .models.text_prompts import load_text_encoder, text_encoder
+        from ..models.text_prompts import load_text_encoder, text_encoder
 
         names = record["text_encoder"]["classnames"]
         tower = (text_encoder(backbone, names) if backbone is not None
@@ -118,7 +118,7 @@ def model_payload(head, two_stage=None, tau: float | None = None) -> dict:
 
 def build_model(payload: dict, class_counts) -> RunModel:
     """Rebuild a :class:`RunModel` from :func:`model_payload`'s dict."""
-    from .second_stage import build_two_stage
+    from ..methods.second_stage import build_two_stage
 
     head = build_head(payload["head"])
     two_stage = None
@@ -131,7 +131,7 @@ def build_model(payload: dict, class_counts) -> RunModel:
 
 def finetune_payload(cfg, backbone, model) -> dict:
     """``model.pt`` of a finetuned run: the head, and the base encoder's identity, tuning and trained entries."""
-    from .models.tuning import TUNING, trainable_state
+    from ..models.tuning import TUNING, trainable_state
 
     tuning = cfg.tuning
     return {
@@ -147,9 +147,9 @@ def finetune_payload(cfg, backbone, model) -> dict:
 def build_encoder_classifier(payload: dict, device="cpu"):
     """``(backbone, EncoderClassifier)`` of a finetuned run: the base model loaded by name, checked
     against the identity the run recorded, the tuning applied and the trained entries loaded."""
-    from .models.backbone import load_backbone
-    from .models.encoder_classifier import EncoderClassifier
-    from .models.tuning import apply_tuning, load_trainable_state
+    from ..models.backbone import load_backbone
+    from ..models.encoder_classifier import EncoderClassifier
+    from ..models.tuning import apply_tuning, load_trainable_state
 
     enc = payload["encoder"]
     backbone = load_backbone(enc["model"], enc["pretrained"], device=device, preprocess_from=enc["preprocess_from"])
@@ -166,8 +166,8 @@ def build_encoder_classifier(payload: dict, device="cpu"):
 def finetuned_backbone(run_dir: str | Path, device="cpu"):
     """The encoder of a finetuned run as a :class:`Backbone` for ``extract --from-run``: its tuning and
     trained entries applied, its normalisation, and an identity naming the run's ``model.pt``."""
-    from .data.image_batches import eval_transform
-    from .data.manifests import file_sha256
+    from ..data.image_batches import eval_transform
+    from ..data.manifests import file_sha256
 
     run = Path(run_dir)
     info = read_run_info(run)

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import LtclipError
+from ...core.errors import LtclipError
 from ._h5 import ABSENT, FEATURES_KIND, TOKEN_KEYS, check_header, file_attrs, open_h5, plain, read_strings, same, show
 from .tokens import BASIS_DATASETS, STORED_DTYPES, EncodedTokens, TokenCodec, TokenFormat
 

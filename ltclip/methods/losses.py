@@ -8,7 +8,7 @@ and is differentiable, with no I/O and no state. ``epoch``/``total_epochs`` are 
 loss so schedules (e.g. LDAM's DRW) need no special casing by the trainer; losses without a
 schedule ignore them. The keyword parameters after them (with their defaults) are the loss's
 options: ``LOSSES.options(name)`` reads them from the signature and ``LOSSES.parse(name, opts)``
-parses ``--loss-opt key=value`` strings against them (see :class:`ltclip.registry.Registry`).
+parses ``--loss-opt key=value`` strings against them (see :class:`ltclip.core.registry.Registry`).
 
 Class weights and priors are computed from ``class_counts`` in float64 and then cast to the
 logits' device and dtype. A count of zero is clamped to one, so a class absent from the training
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import LtclipError
-from .registry import Registry
+from ..core.errors import LtclipError
+from ..core.registry import Registry
 
 Counts = Union[Tensor, Sequence[float]]
 LossFn = Callable[..., Tensor]

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path
-from .config import OptimConfig
-from .data.manifests import file_sha256
-from .data.synthetic import MAX_CLASSES, SPLITS, render_image, synthetic_classnames
-from .errors import LtclipError
-from .progress import Progress
+from .. import __version__
+from ..artifacts.atomic import atomic_path
+from ..config import OptimConfig
+from ..data.manifests import file_sha256
+from ..data.synthetic import MAX_CLASSES, SPLITS, render_image, synthetic_classnames
+from ..core.errors import LtclipError
+from ..core.progress import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ class ToyClipSettings:
 
 def check_settings(s: ToyClipSettings) -> None:
     """Refuse settings that cannot train, with the option to change."""
-    from .engine import check_optim
+    from ..engine import check_optim
 
     if s.model.startswith("local-dir:"):
         raise LtclipError(f"--model {s.model}: name an open_clip architecture to train from scratch (e.g. ltclip-tiny-vit)")
@@ -139,7 +139,7 @@ def build_model(model_name: str, seed: int):
     import open_clip
     import torch
 
-    from .models.backbone import _quiet_random_weights_note, resolve_weights
+    from ..models.backbone import _quiet_random_weights_note, resolve_weights
 
     resolve_weights(model_name, "none")  # registers ltclip's tiny configs; an unknown name is a one-line error
     try:
@@ -202,7 +202,7 @@ def pretrain_toy_clip(out: str | Path, settings: ToyClipSettings = ToyClipSettin
     """Train (or find in ``out``) the toy CLIP of ``settings``; returns its ``toy_clip.json`` plus ``cached``."""
     import torch
 
-    from .engine import fit
+    from ..engine import fit
 
     out = Path(out)
     check_settings(settings)

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import LtclipError
+from ...core.errors import LtclipError
 from ._h5 import (
     ABSENT,
     FEATURES_KIND,

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import LtclipError
+from ...core.errors import LtclipError
 from ..losses import _counts
-from ..metrics import as_numpy
-from ..registry import Registry
+from ...evaluation.metrics import as_numpy
+from ...core.registry import Registry
 
 _EVAL_BATCH = 8192
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import SECOND_STAGE_OPTIM, OptimConfig
-from ..engine import Task, ValidationStats, fit
-from ..errors import LtclipError
+from ...config import SECOND_STAGE_OPTIM, OptimConfig
+from ...engine import Task, ValidationStats, fit
+from ...core.errors import LtclipError
 from . import methods  # noqa: F401  (registers the methods)
 from .base import TWO_STAGE, Calibrated, StageData, predict, prepare
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .atomic import atomic_path
-from .errors import LtclipError
-from .runs import RUN_FILE
-from .store import FeatureCache
-from .workspace import slug
+from ..artifacts.atomic import atomic_path
+from ..core.errors import LtclipError
+from ..artifacts.runs import RUN_FILE
+from ..artifacts.store import FeatureCache
+from ..artifacts.workspace import slug
 
 PAPER_COLUMNS = ("many", "medium", "few", "top1")  # the paper's table: Many / Medium / Few / All
 
@@ -214,7 +214,7 @@ class Plan:
 
     def write_report(self) -> Path:
         """``table.md`` (the paper's layout), ``results.json`` and ``results.csv`` beside it."""
-        from .report import markdown_table, write_csv, write_json
+        from ..evaluation.report import markdown_table, write_csv, write_json
 
         results = self.results()
         s = self.s

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_path
-from .errors import LtclipError
+from ..core.errors import LtclipError
 
 WORKSPACE_FILE = "ltclip.toml"
 FEATURES_DIR = Path("features")

@@ -1,7 +1,7 @@
 """Joining the per-rank shard files of a multi-process extraction into one feature cache.
 
-Rank ``r`` of ``R`` writes rows :func:`~ltclip.store.shard_range` ``(N, r, R)`` to
-:func:`~ltclip.store.shard_path` ``(path, r)`` (``FeatureWriter.open(..., shard=(r, R))``);
+Rank ``r`` of ``R`` writes rows :func:`~ltclip.artifacts.store.shard_range` ``(N, r, R)`` to
+:func:`~ltclip.artifacts.store.shard_path` ``(path, r)`` (``FeatureWriter.open(..., shard=(r, R))``);
 :func:`join_shards` checks that the shards are complete, agree and tile ``[0, N)``, and copies them
 block by block through the same writer, so the join resumes after a crash.
 """
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import LtclipError
+from ...core.errors import LtclipError
 from ._h5 import ABSENT, RESERVED, SHARD_KEYS, same, show
 from .reader import FeatureCache
 from .tokens import EncodedTokens

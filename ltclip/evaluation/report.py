@@ -1,6 +1,6 @@
-"""Reports across evaluation results: Markdown, JSON and CSV tables (the figures: :mod:`ltclip.plots`).
+"""Reports across evaluation results: Markdown, JSON and CSV tables (the figures: :mod:`ltclip.evaluation.plots`).
 
-A result is a dict from :func:`ltclip.metrics.evaluate` extended with identity keys: ``name``
+A result is a dict from :func:`ltclip.evaluation.metrics.evaluate` extended with identity keys: ``name``
 (row label), ``kind`` ("run", "zero-shot", "knn", ...), ``dataset``, ``split``, optionally
 ``run_dir`` and ``train_counts`` (per class; the plot needs it).
 """
@@ -17,8 +17,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import LtclipError
+from ..artifacts.atomic import atomic_path
+from ..core.errors import LtclipError
 
 
 class Column(NamedTuple):

@@ -1,6 +1,6 @@
 """The report's figures (PNG): shot-group bars per method, and per-class accuracy against training frequency.
 
-Results are those of :mod:`ltclip.report`: :func:`ltclip.metrics.evaluate` dicts with ``name``,
+Results are those of :mod:`ltclip.evaluation.report`: :func:`ltclip.evaluation.metrics.evaluate` dicts with ``name``,
 ``kind``, ``dataset``, ``split`` and, for the per-class figure, ``train_counts``. ``eval --plot
 PATH`` writes both (:func:`write_plots`): the bars at ``PATH``, the per-class figure beside it.
 """
@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import LtclipError
+from ..artifacts.atomic import atomic_path
+from ..core.errors import LtclipError
 from .metrics import as_numpy
 
 # Shot groups in the order the bars show them: (result key, colour).

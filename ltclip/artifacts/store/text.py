@@ -8,7 +8,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ..errors import LtclipError
+from ...core.errors import LtclipError
 from ._h5 import TEXT_KIND, atomic_h5, check_header, file_attrs, header, identity_attrs, open_h5, read_strings, strings
 from .reader import check_cache_folder
 

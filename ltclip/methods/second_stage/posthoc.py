@@ -6,9 +6,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import LtclipError
+from ...core.errors import LtclipError
 from ..losses import _counts, _log_prior
-from ..metrics import as_numpy, evaluate
+from ...evaluation.metrics import as_numpy, evaluate
 
 TAU_GRID = tuple(round(0.1 * k, 1) for k in range(21))  # 0.0, 0.1, ..., 2.0
 
