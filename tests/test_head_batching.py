@@ -1,6 +1,7 @@
 """What a sweep's K stacked heads share per step and per validation: one AdamW update over every
-parameter group (bit-identical to torch's) and validation statistics kept for K heads at once
-(identical to K separate ones)."""
+parameter group (bit-identical to torch's), validation statistics kept for K heads at once
+(identical to K separate ones), and one cross-entropy call for every loss registered as a softmax
+cross-entropy of offset logits, a loss new to the sweep code too."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ltclip.config import OptimConfig
 from ltclip.engine import ValidationStats, create_optimizer
 from ltclip.engine.grouped_optim import GroupedAdamW
 from ltclip.evaluation.metrics import evaluate
+from ltclip.methods import losses
+from ltclip.methods.losses import compute_loss
+from ltclip.sweep.batched import StackTask
 
 
 def four_heads() -> nn.ModuleList:
@@ -128,3 +133,36 @@ def test_stats_of_k_heads_equal_k_separate_stats(dtype):
 def test_stats_of_k_heads_need_summaries():
     with pytest.raises(ValueError, match="summaries"):
         ValidationStats(3, heads=2).summary([1, 1, 1])
+
+
+def class_ramp_loss(logits, targets, class_counts, *, epoch=0, total_epochs=1, slope=0.5):
+    """Cross-entropy of the logits plus ``slope · j`` for class j: a loss of the offset form that no sweep code names."""
+    return F.cross_entropy(logits + slope * torch.arange(logits.shape[1]).to(logits), targets)
+
+
+def class_ramp(counts, *, slope=0.5):
+    """``ramp``'s offsets: its option, with its default."""
+    return slope * torch.arange(len(counts), dtype=torch.float64)
+
+
+@pytest.fixture
+def ramp_loss_registered(monkeypatch):
+    """``ramp`` registered for this test only, in a copy of the loss registry standing in for it."""
+    registry = copy.deepcopy(losses.LOSSES)
+    registry.register("ramp", softmax_offset=class_ramp)(class_ramp_loss)
+    monkeypatch.setattr(losses, "LOSSES", registry)
+
+
+def test_a_new_loss_of_the_offset_form_joins_the_shared_cross_entropy(ramp_loss_registered):
+    counts, epochs = [30, 9, 4, 1], [2, 2, 2]
+    point_losses = [("focal", {}), ("ramp", {"slope": 0.7}), ("ce", {})]
+    task = StackTask(point_losses, counts, epochs)
+    assert task.softmax == [1, 2]  # ramp and ce share one cross-entropy call, focal is its own
+    torch.testing.assert_close(task.offsets, torch.stack([0.7 * torch.arange(4.0), torch.zeros(4)]))
+    gen = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 3, 4, generator=gen).requires_grad_(True), torch.randint(0, 4, (8,), generator=gen)
+    loss, _ = task(lambda z, active: z[:, active], logits, y, 0)  # a stand-in stack: the heads' logits [B, K, C]
+    expected = sum(compute_loss(name, logits[:, k], y, torch.tensor(counts, dtype=torch.float32), **opts)
+                   for k, (name, opts) in enumerate(point_losses))
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(expected, logits)[0])

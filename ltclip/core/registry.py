@@ -4,7 +4,8 @@ One :class:`Registry` per kind of method. An entry is a function or class regist
 its **options** are the keyword-only parameters (with defaults) of ``signature(entry)`` — the entry
 itself unless the registry says otherwise — minus the registry's ``exclude`` names. The registry
 lists entries, reads and parses their options (``--loss-opt key=value``), refuses unknown ones with
-one-line errors naming the CLI flag, and builds entries by name::
+one-line errors naming the CLI flag, and builds entries by name. Keyword arguments of ``register``
+are the entry's metadata, kept by the registry for its users (``meta``)::
 
     LOSSES = Registry("loss", flag="--loss-opt", exclude=("epoch", "total_epochs"))
 
@@ -15,6 +16,7 @@ one-line errors naming the CLI flag, and builds entries by name::
     LOSSES.options("focal")                # {"gamma": 2.0}
     LOSSES.parse("focal", ["gamma=0.5"])   # {"gamma": 0.5}
     LOSSES.create("focal", z, y, counts, gamma=0.5)
+    LOSSES.meta("focal", "softmax_offset")  # None: registered without it
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Registry(Generic[T]):
         self.exclude = tuple(exclude)
         self._signature = signature
         self._entries: dict[str, T] = {}
+        self._meta: dict[str, dict] = {}
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
@@ -64,8 +67,10 @@ class Registry(Generic[T]):
 
     # ------------------------------------------------------------ entries
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator registering a function or class as ``name`` (and setting its ``name`` attribute)."""
+    def register(self, name: str, **meta) -> Callable[[T], T]:
+        """Decorator registering a function or class as ``name`` (and setting its ``name`` attribute);
+        keyword arguments are the entry's metadata (:meth:`meta`), kept by the registry rather than set
+        on the entry, so a subclass never inherits its base class's."""
 
         def decorator(obj: T) -> T:
             if name in self._entries:
@@ -73,9 +78,15 @@ class Registry(Generic[T]):
             if inspect.isclass(obj) or inspect.isfunction(obj):
                 obj.name = name
             self._entries[name] = obj
+            self._meta[name] = meta
             return obj
 
         return decorator
+
+    def meta(self, name: str, key: str, default=None):
+        """Metadata ``key`` that entry ``name`` was registered with (``default`` when it was not)."""
+        self.get(name)
+        return self._meta[name].get(key, default)
 
     def get(self, name: str) -> T:
         """The entry registered as ``name``; LtclipError with close matches otherwise."""

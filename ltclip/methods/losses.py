@@ -10,6 +10,13 @@ schedule ignore them. The keyword parameters after them (with their defaults) ar
 options: ``LOSSES.options(name)`` reads them from the signature and ``LOSSES.parse(name, opts)``
 parses ``--loss-opt key=value`` strings against them (see :class:`ltclip.core.registry.Registry`).
 
+A loss that is a softmax cross-entropy of the logits plus a fixed per-class offset says so where
+it is registered: ``@LOSSES.register(name, softmax_offset=fn)``, with ``fn(counts, *, <the loss's
+options, same names and defaults>)`` giving the float64 offsets ``[C]`` from the clamped float64
+counts, or None for option values that leave that form (``ce``'s label smoothing); the form must
+hold at every epoch. :func:`softmax_offset` reads them: a batched sweep computes all such heads'
+losses in one cross-entropy call, whatever their names.
+
 Class weights and priors are computed from ``class_counts`` in float64 and then cast to the
 logits' device and dtype. A count of zero is clamped to one, so a class absent from the training
 set gets the weight/prior of a single-sample class instead of an inf or nan.
@@ -63,6 +70,14 @@ def compute_loss(
             f"loss {name!r}: class_counts has {n_counts} entries but logits have {logits.shape[1]} classes"
         )
     return fn(logits, targets, class_counts, epoch=epoch, total_epochs=total_epochs, **params)
+
+
+def softmax_offset(name: str, class_counts: Counts, **params) -> Tensor | None:
+    """Offsets ``o`` (float64 ``[C]``) with loss ``name`` equal to ``F.cross_entropy(logits + o, targets)``
+    under options ``params``, or None where the loss, with these options, is not of that form."""
+    LOSSES.check(name, params)
+    offset = LOSSES.meta(name, "softmax_offset")
+    return None if offset is None else offset(_counts(class_counts), **params)
 
 
 def parse_loss(name: str, opts) -> dict:
@@ -121,10 +136,20 @@ def _log_prior(counts: Tensor) -> Tensor:
     return torch.log(counts / counts.sum())
 
 
+def _scaled_log_prior(counts: Tensor, *, tau: float = 1.0) -> Tensor:
+    """``τ log π_j``, the offset of ``logit_adjusted``."""
+    return tau * _log_prior(counts)
+
+
+def _zero_unless_smoothed(counts: Tensor, *, label_smoothing: float = 0.0) -> Tensor | None:
+    """``ce``'s offset: zero; None with label smoothing, which mixes in every class's log-probability."""
+    return None if label_smoothing else torch.zeros_like(counts)
+
+
 # ---------------------------------------------------------------- losses
 
 
-@LOSSES.register("ce")
+@LOSSES.register("ce", softmax_offset=_zero_unless_smoothed)
 def cross_entropy(
     logits: Tensor, targets: Tensor, class_counts: Counts, *, epoch: int = 0, total_epochs: int = 1,
     label_smoothing: float = 0.0,
@@ -196,16 +221,16 @@ def class_balanced(
     return (weight[:, None] * modulator * bce).sum() / logits.shape[0]
 
 
-@LOSSES.register("logit_adjusted")
+@LOSSES.register("logit_adjusted", softmax_offset=_scaled_log_prior)
 def logit_adjusted(
     logits: Tensor, targets: Tensor, class_counts: Counts, *, epoch: int = 0, total_epochs: int = 1,
     tau: float = 1.0,
 ) -> Tensor:
     """Logit-adjusted loss (Menon et al. 2021): CE on ``logits + τ log π_j``."""
-    return F.cross_entropy(logits + tau * _log_prior(_counts(class_counts)).to(logits), targets)
+    return F.cross_entropy(logits + _scaled_log_prior(_counts(class_counts), tau=tau).to(logits), targets)
 
 
-@LOSSES.register("balanced_softmax")
+@LOSSES.register("balanced_softmax", softmax_offset=_log_prior)
 def balanced_softmax(
     logits: Tensor, targets: Tensor, class_counts: Counts, *, epoch: int = 0, total_epochs: int = 1,
 ) -> Tensor:

@@ -2,10 +2,11 @@
 
 Their logits are one matrix product of the batch with the K heads' class weights stacked
 (``[B, D] @ [K·C, D]ᵀ``, once per kind of head), their losses a sum (one cross-entropy call for
-every head whose loss is a softmax cross-entropy), so each head's gradient is its own. Each head keeps its own parameters (the engine gives every head its
-own optimizer groups, lr, weight decay and schedule) and its own best weights on val, kept in
-buffers of the stack so that the engine's checkpoint carries them and a killed group resumes
-exactly.
+every head whose loss declares itself a softmax cross-entropy of offset logits, see
+:func:`~ltclip.methods.losses.softmax_offset`), so each head's gradient is its own. Each head keeps
+its own parameters (the engine gives every head its own optimizer groups, lr, weight decay and
+schedule) and its own best weights on val, kept in buffers of the stack so that the engine's
+checkpoint carries them and a killed group resumes exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine import SUMMARY_KEYS
-from ..methods.losses import _counts, _log_prior, compute_loss
+from ..methods.losses import compute_loss, softmax_offset
 from ..models.heads import CosineHead, LinearHead
 
 BATCHABLE_HEADS = ("linear", "cosine")  # heads whose logits are a (scaled) product with one class-weight matrix
@@ -109,17 +110,6 @@ def _tensors(module: nn.Module) -> list[Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def softmax_offsets(loss: str, options: dict, class_counts) -> Tensor | None:
-    """Per-class offsets ``o`` (float64) with ``loss(z) = CE(z + o)``, or None for a loss of another form:
-    ``ce`` without label smoothing (``o = 0``), ``logit_adjusted`` (``τ log π``), ``balanced_softmax`` (``log π``)."""
-    counts = _counts(class_counts)
-    if loss == "ce" and not options.get("label_smoothing", 0.0):
-        return torch.zeros_like(counts)
-    if loss in ("logit_adjusted", "balanced_softmax"):
-        return options.get("tau", 1.0) * _log_prior(counts)
-    return None
-
-
 class StackTask:
     """The engine's task for a :class:`HeadStack`: the sum of each head's own loss.
 
@@ -127,15 +117,15 @@ class StackTask:
     the forward from then on (no gradient: the optimizer skips its parameters), and its loss sees
     its own ``total_epochs`` (LDAM's deferred re-weighting). The engine's ``total_epochs`` (the
     longest head's) is not used. The heads whose loss is a softmax cross-entropy of offset logits
-    (:func:`softmax_offsets`) share one cross-entropy call over their ``[B·n, C]`` logits; every
-    other head's loss is its own call.
+    (as its registration declares: :func:`~ltclip.methods.losses.softmax_offset`) share one
+    cross-entropy call over their ``[B·n, C]`` logits; every other head's loss is its own call.
     """
 
     def __init__(self, losses: Sequence[tuple[str, dict]], class_counts, epochs: Sequence[int]):
         self.losses, self.epochs = list(losses), list(epochs)
         self.counts = torch.as_tensor(class_counts, dtype=torch.float32)
         self.total_epochs = max(self.epochs)
-        offsets = [softmax_offsets(name, opts, class_counts) for name, opts in self.losses]
+        offsets = [softmax_offset(name, class_counts, **opts) for name, opts in self.losses]
         self.softmax = [k for k, o in enumerate(offsets) if o is not None]
         self.offsets = torch.stack([o for o in offsets if o is not None]).float() if self.softmax else None  # [n, C]
 
