@@ -19,6 +19,8 @@ import pytest
 from ltclip.core.errors import LtclipError
 from ltclip.artifacts.store import (
     SCHEMA_VERSION,
+    BlockWriter,
+    EncodedTokens,
     FeatureCache,
     FeatureWriter,
     join_shards,
@@ -161,6 +163,96 @@ def test_cache_reopens_in_each_process(tmp_path):
     cache = FeatureCache(write_cache(tmp_path / "p.h5", data))
     copy = pickle.loads(pickle.dumps(cache))
     assert np.array_equal(copy.read_tokens([3, 1]), data["tokens"][[3, 1]])
+
+
+# ----------------------------------------------------------------------------- rows in any order (BlockWriter)
+
+
+def feed(blocks: BlockWriter, data: dict, rows) -> list[int]:
+    """Hand ``rows`` (split rows) of ``data`` to ``blocks``, with a views axis as extract does."""
+    rows = np.asarray(rows, dtype=np.int64)
+    tokens = EncodedTokens(data["tokens"][rows], None) if blocks.writer.has_tokens else None
+    return blocks.add(rows, data["embeds"][rows], tokens)
+
+
+def done_flags(path) -> list[int]:
+    with h5py.File(path, "r") as h5:
+        return h5["done"][()].tolist()
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_block_writer_writes_a_block_once_all_its_rows_arrived(tmp_path, views):
+    data = make_data(37, views=views)  # blocks of 8: rows 32..36 form a last, partial block of 5
+    order = np.random.default_rng(1).permutation(37)
+    with open_writer(tmp_path / "train.h5", data) as w:
+        blocks = BlockWriter(w)
+        assert blocks.pending_blocks() == [0, 1, 2, 3, 4] and not blocks.done
+        assert blocks.pending_rows() == list(range(37))
+        seen, cuts = set(), [0, 3, 4, 11, 19, 20, 31, 37]
+        for lo, hi in zip(cuts, cuts[1:]):  # batches of uneven sizes, rows out of order
+            before = blocks.pending_blocks()
+            written = feed(blocks, data, order[lo:hi])
+            seen.update(order[lo:hi].tolist())
+            complete = [b for b in range(5) if set(range(*w.block_range(b))) <= seen]
+            assert written == [b for b in before if b in complete]
+            assert blocks.pending_blocks() == [b for b in range(5) if b not in complete]
+            assert done_flags(w.path) == [int(b in complete) for b in range(5)]
+        assert blocks.done and blocks.pending_blocks() == [] and blocks.pending_rows() == []
+        w.finalise()
+    with FeatureCache(tmp_path / "train.h5") as cache:
+        np.testing.assert_array_equal(cache.load_embeds(), data["embeds"])
+        np.testing.assert_array_equal(cache.read_tokens(np.arange(37)), data["tokens"])
+    assert same_file(tmp_path / "train.h5", write_cache(tmp_path / "ref.h5", data))
+
+
+def test_block_writer_reopened_resumes_at_the_first_unfinished_block(tmp_path):
+    data = make_data(37)
+    with open_writer(tmp_path / "train.h5", data) as w:
+        blocks = BlockWriter(w)
+        assert feed(blocks, data, [*range(8, 16), 3, 2, *range(33, 37)]) == [1]  # block 1 whole, 0 and 4 partly
+    with open_writer(tmp_path / "train.h5", data) as w:  # as after a kill: buffered rows are lost
+        blocks = BlockWriter(w)
+        assert blocks.pending_blocks() == [0, 2, 3, 4]
+        assert blocks.pending_rows() == [*range(0, 8), *range(16, 37)]
+        assert feed(blocks, data, range(32, 37)) == [4]  # the last block: its 5 rows complete it
+        assert feed(blocks, data, blocks.pending_rows()[::-1]) == [0, 2, 3]
+        assert blocks.done
+        w.finalise()
+    assert same_file(tmp_path / "train.h5", write_cache(tmp_path / "ref.h5", data))
+
+
+def test_block_writer_of_a_shard_takes_split_rows(tmp_path):
+    data = make_data(53, views=2)
+    out = tmp_path / "train.h5"
+    with open_writer(out, data, block_size=10, shard=(1, 2)) as w:  # rows 27..52
+        blocks = BlockWriter(w)
+        assert blocks.pending_rows() == list(range(27, 53))
+        with pytest.raises(IndexError, match=r"\[27, 53\)"):
+            feed(blocks, data, [26])
+        assert feed(blocks, data, np.random.default_rng(0).permutation(np.arange(27, 53))) == [0, 1, 2]
+        w.finalise()
+    with FeatureCache(shard_path(out, 1)) as part:
+        np.testing.assert_array_equal(part.load_embeds(), data["embeds"][27:53])
+
+
+def test_block_writer_refuses_rows_twice_or_of_written_blocks(tmp_path):
+    data = make_data(20)
+    with open_writer(tmp_path / "train.h5", data) as w:
+        blocks = BlockWriter(w)
+        feed(blocks, data, range(8))
+        with pytest.raises(ValueError, match=r"block 0 of .* \(from row 0\) is already written"):
+            feed(blocks, data, [11, 3])
+        feed(blocks, data, [9, 11])  # the refused call took none of its rows
+        with pytest.raises(ValueError, match="row 11 of .* arrived twice"):
+            feed(blocks, data, [12, 11])
+        with pytest.raises(ValueError, match="row 10 of .* arrived twice"):
+            feed(blocks, data, [10, 10])
+        with pytest.raises(ValueError, match="needs tokens"):
+            blocks.add([12], data["embeds"][[12]])
+        with pytest.raises(ValueError, match="must have shape"):
+            blocks.add([12, 13], data["embeds"][[12]], EncodedTokens(data["tokens"][[12]], None))
+        assert feed(blocks, data, [8, 10, 12, 13, 14, 15]) == [1]
+        assert blocks.pending_blocks() == [2]
 
 
 # ----------------------------------------------------------------------------- crash safety

@@ -13,7 +13,9 @@ from conftest import TINY_MODEL
 from ltclip.cli import app
 from ltclip.data.feature_batches import FeatureInputs
 from ltclip.core.errors import LtclipError
-from ltclip.artifacts.store import FeatureCache, FeatureWriter, PcaFit, TokenCodec, TokenFormat, join_shards, shard_path, write_arrays
+from ltclip.artifacts.store import (
+    BlockWriter, FeatureCache, FeatureWriter, PcaFit, TokenCodec, TokenFormat, join_shards, shard_path, write_arrays,
+)
 from ltclip.artifacts.store.tokens import pool_tokens
 
 runner = CliRunner()
@@ -175,6 +177,30 @@ def test_shards_of_a_compressed_cache_join_into_the_single_process_file(tmp_path
             np.testing.assert_array_equal(joined[name][()], one[name][()])
     with pytest.raises(LtclipError, match="another PCA basis"):
         FeatureWriter.open(tmp_path / "one.h5", **{**common, "token_basis": (basis[0] + 1, basis[1])})
+
+
+@pytest.mark.parametrize("name", ["int8-channel", "pool2-pca6-int8"])
+def test_block_writer_takes_encoded_rows_in_any_order(tmp_path, name):
+    fmt, n = FORMATS[name], 11
+    x, basis = model_tokens(n, seed=2, views=2), basis_for(FORMATS[name])
+    common = dict(num_rows=n, embed_dim=5, block_size=4, attrs={"model": "m"}, labels=np.arange(n) % 3, views=2,
+                  classnames=["a", "b", "c"], token_shape=SEQ, token_format=fmt, token_basis=basis)
+    with FeatureWriter.open(tmp_path / "one.h5", **common) as w:
+        for b in w.pending_blocks():
+            lo, hi = w.block_range(b)
+            w.write_block(b, x[lo:hi, :, 0, :5], x[lo:hi])
+        w.finalise()
+    with FeatureWriter.open(tmp_path / "rows.h5", **common) as w:
+        blocks = BlockWriter(w)
+        for rows in ([10, 3, 9], [0, 8, 1, 2], [7, 4, 6, 5]):  # as extract: encoded per batch, views kept
+            encoded = w.codec.encode(torch.from_numpy(x[rows]))
+            assert encoded.scales is not None
+            blocks.add(rows, x[rows, :, 0, :5], encoded)
+        assert blocks.done
+        w.finalise()
+    with h5py.File(tmp_path / "rows.h5") as got, h5py.File(tmp_path / "one.h5") as one:
+        for ds in ("embeds", "tokens", "token_scales", "done"):
+            np.testing.assert_array_equal(got[ds][()], one[ds][()], err_msg=ds)
 
 
 def test_unknown_or_inconsistent_token_formats_are_one_line_errors(tmp_path):

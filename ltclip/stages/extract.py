@@ -22,8 +22,8 @@ from ..models.backbone import load_backbone
 from ..models.text import text_classifier
 from ..core.progress import Progress
 from ..artifacts.store import (
-    EncodedTokens, FeatureCache, FeatureWriter, PcaFit, TokenFormat, amend_attribute, join_shards, load_text_embeddings,
-    save_text_embeddings, shard_path,
+    BlockWriter, EncodedTokens, FeatureCache, FeatureWriter, PcaFit, TokenFormat, amend_attribute, join_shards,
+    load_text_embeddings, save_text_embeddings, shard_path,
 )
 from ..artifacts.store.tokens import pool_tokens
 
@@ -154,15 +154,10 @@ def _token_basis(cfg, fmt: TokenFormat, dataset, backbone, device, ctx, out: Pat
     return basis
 
 
-def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progress: Progress, fmt: TokenFormat,
-                   basis) -> dict:
-    """Write (or resume) one split's cache; with several ranks, each writes a shard and rank 0 joins."""
-    final = out / f"{split}.h5"
-    rows = dataset.split(split)
-    views = _views_for(cfg, split, backbone)
-    embed_dim, token_shape = backbone.encode_dims()
-    attrs = {
-        **{k: v for k, v in backbone.identity.items()},
+def _split_attrs(cfg, dataset, split: str, rows, views, backbone) -> dict:
+    """What identifies one split's features: the model, the images and how they were read."""
+    return {
+        **backbone.identity,
         "dataset": dataset.name,
         "split": split,
         "manifest": rows.source,
@@ -171,17 +166,69 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
         "tokens_stored": bool(cfg.tokens),
         "bad_images": cfg.bad_images,
     }
+
+
+def _check_finished(cfg, final: Path, attrs: dict, num_rows: int, views, fmt: TokenFormat) -> None:
+    """Refuse a finished cache made for other features than this run's."""
+    with FeatureCache(final) as cache:  # read-only: a finished cache is never reopened for writing
+        same = dict(attrs)
+        if cfg.bad_images == "skip" and cache.attrs.get("bad_images") == "fail":
+            del same["bad_images"]  # no image was unreadable: what skip would have written
+        cache.expect(**same, num_rows=num_rows, views=views.count)
+        if cfg.tokens != cache.has_tokens:
+            raise LtclipError(f"{final} was made with{'out' if cfg.tokens else ''} tokens; pass another --out or delete it")
+        if cfg.tokens and cache.token_format != fmt:
+            raise LtclipError(f"{final} stores tokens as {cache.token_format.describe()}, this run asks for "
+                              f"{fmt.describe()}; pass another --out or delete it")
+
+
+def _encode(backbone, images, ok, device, tokens: bool, codec) -> tuple[np.ndarray, EncodedTokens | None]:
+    """A batch's rows as stored: float16 embeds (b, V, D) and encoded tokens; unread images are zeros."""
+    b, v = images.shape[:2]
+    x = images.flatten(0, 1).to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    emb, tok = backbone.encode(x, tokens=tokens)
+    bad = ~ok.to(emb.device)  # skipped images: zero features (before encoding), rows listed in the summary
+    embeds = emb.view(b, v, -1).masked_fill(bad.view(b, 1, 1), 0).to(torch.float16).cpu().numpy()
+    if tok is None:
+        return embeds, None
+    tok = tok.view(b, v, *tok.shape[1:]).masked_fill(bad.view(b, 1, 1, 1), 0)
+    return embeds, codec.encode(tok)  # encoded on the model's device: only the stored bytes cross to the CPU
+
+
+def _write_rows(cfg, dataset, split: str, views, backbone, device, writer: FeatureWriter,
+                progress: Progress) -> tuple[int, list[int]]:
+    """Compute the rows of the blocks ``writer`` still lacks and feed them to the store; returns how
+    many images were read and the rows of those that could not be (zero features)."""
+    blocks = BlockWriter(writer)
+    todo = ImageSplit(dataset, split, views, blocks.pending_rows())
+    loader = DataLoader(
+        todo, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, shuffle=False, worker_init_fn=worker_init,
+    )
+    skipped = []
+    with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), autocast(device, cfg.precision):
+        for images, _, row_ids, problems in _fetch(loader, single_thread=cfg.workers == 0):
+            ok = torch.tensor(apply_bad_image_policy(cfg.bad_images, problems))
+            embeds, tokens = _encode(backbone, images, ok, device, cfg.tokens, writer.codec)
+            if not ok.all():
+                skipped.extend(int(r) for r, good in zip(row_ids, ok) if not good)
+            blocks.add(row_ids, embeds, tokens)
+            advance(len(images))
+    return len(todo), skipped
+
+
+def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progress: Progress, fmt: TokenFormat,
+                   basis) -> dict:
+    """Write (or resume) one split's cache; with several ranks, each writes a shard and rank 0 joins."""
+    final = out / f"{split}.h5"
+    rows = dataset.split(split)
+    views = _views_for(cfg, split, backbone)
+    embed_dim, token_shape = backbone.encode_dims()
+    attrs = _split_attrs(cfg, dataset, split, rows, views, backbone)
     if _complete(final):
-        with FeatureCache(final) as cache:  # read-only: a finished cache is never reopened for writing
-            same = dict(attrs)
-            if cfg.bad_images == "skip" and cache.attrs.get("bad_images") == "fail":
-                del same["bad_images"]  # no image was unreadable: what skip would have written
-            cache.expect(**same, num_rows=len(rows), views=views.count)
-            if cfg.tokens != cache.has_tokens:
-                raise LtclipError(f"{final} was made with{'out' if cfg.tokens else ''} tokens; pass another --out or delete it")
-            if cfg.tokens and cache.token_format != fmt:
-                raise LtclipError(f"{final} stores tokens as {cache.token_format.describe()}, this run asks for "
-                                  f"{fmt.describe()}; pass another --out or delete it")
+        _check_finished(cfg, final, attrs, len(rows), views, fmt)
         return {"split": split, "rows": len(rows), "written": 0, "status": "up to date"}
     if cfg.bad_images == "skip":  # resuming a file a bad image stopped under --bad-images fail (as its error advises)
         amend_attribute(shard_path(final, ctx.rank) if ctx.enabled else final, "bad_images", "fail", "skip")
@@ -191,52 +238,8 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
         token_shape=token_shape if cfg.tokens else None, token_format=fmt, token_basis=basis, views=views.count,
         shard=(ctx.rank, ctx.world_size) if ctx.enabled else None,
     )
-    skipped = []
     with writer:
-        pending = writer.pending_blocks()
-        local_rows = [r for b in pending for r in range(*writer.block_range(b))]
-        todo = ImageSplit(dataset, split, views, [writer.row_start + r for r in local_rows])
-        loader = DataLoader(
-            todo, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-            persistent_workers=False, shuffle=False, worker_init_fn=worker_init,
-        )
-        block_iter = iter(pending)
-        block = next(block_iter, None)
-        bufs = None  # the block's rows: embeds, then the stored token parts
-        filled = 0
-        with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), autocast(device, cfg.precision):
-            for images, _, row_ids, problems in _fetch(loader, single_thread=cfg.workers == 0):
-                ok = torch.tensor(apply_bad_image_policy(cfg.bad_images, problems))
-                b, v = images.shape[:2]
-                x = images.flatten(0, 1).to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                emb, tok = backbone.encode(x, tokens=cfg.tokens)
-                bad = ~ok.to(emb.device)  # skipped images: zero features (before encoding), rows listed in the summary
-                emb = emb.view(b, v, -1).masked_fill(bad.view(b, 1, 1), 0)
-                rows_out = [emb.to(torch.float16).cpu().numpy()]
-                if tok is not None:  # encoded on the model's device: only the stored bytes cross to the CPU
-                    tok = tok.view(b, v, *tok.shape[1:]).masked_fill(bad.view(b, 1, 1, 1), 0)
-                    rows_out += [a for a in writer.codec.encode(tok) if a is not None]
-                if not ok.all():
-                    skipped.extend(int(r) for r, good in zip(row_ids, ok) if not good)
-                start = 0
-                while start < b:  # rows arrive in order; cut them into the writer's blocks
-                    lo, hi = writer.block_range(block)
-                    if bufs is None:
-                        bufs = [np.empty((hi - lo, *a.shape[1:]), a.dtype) for a in rows_out]
-                    take = min(hi - lo - filled, b - start)
-                    for buf, a in zip(bufs, rows_out):
-                        buf[filled : filled + take] = a[start : start + take]
-                    filled += take
-                    start += take
-                    if filled == hi - lo:
-                        if v == 1:
-                            bufs = [a[:, 0] for a in bufs]
-                        tokens = EncodedTokens(bufs[1], bufs[2] if len(bufs) > 2 else None) if len(bufs) > 1 else None
-                        writer.write_block(block, bufs[0], tokens)
-                        block, bufs, filled = next(block_iter, None), None, 0
-                advance(b)
+        written, skipped = _write_rows(cfg, dataset, split, views, backbone, device, writer, progress)
         writer.finalise()
     if skipped:
         log.warning("%s: %d unreadable images were skipped (zero features): rows %s", split, len(skipped), skipped[:20])
@@ -244,7 +247,7 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
     if ctx.enabled and ctx.is_main:
         join_shards([shard_path(final, r) for r in range(ctx.world_size)], final)
     ctx.barrier()
-    return {"split": split, "rows": len(rows), "written": len(todo), "skipped": skipped, "status": "written"}
+    return {"split": split, "rows": len(rows), "written": written, "skipped": skipped, "status": "written"}
 
 
 def _text_file(cfg, dataset, backbone, device, out: Path, progress: Progress) -> dict:

@@ -2,12 +2,14 @@
 and the class text embeddings.
 
 The layout and the crash-safety protocol are documented in ``docs/artifacts.md``. Modules:
-``writer`` (:class:`FeatureWriter`, :func:`write_arrays`, the shard layout), ``shards``
+``writer`` (:class:`FeatureWriter`, :func:`write_arrays`, the shard layout), ``blocks``
+(:class:`BlockWriter`: rows in any order in, whole blocks out to a writer), ``shards``
 (:func:`join_shards`), ``reader`` (:class:`FeatureCache`), ``tokens`` (token formats: pooling, PCA,
 int8/fp8), ``text`` (``text.h5``) and ``_h5`` (the HDF5 plumbing and the file header they share).
 """
 
 from ._h5 import FEATURES_KIND, SCHEMA_VERSION, TEXT_KIND
+from .blocks import BlockWriter
 from .reader import FeatureCache
 from .shards import join_shards
 from .text import TextEmbeddings, load_text_embeddings, save_text_embeddings
@@ -20,6 +22,7 @@ __all__ = [
     "TEXT_KIND",
     "TOKEN_DTYPES",
     "TOKEN_SCALES",
+    "BlockWriter",
     "EncodedTokens",
     "PcaFit",
     "TokenCodec",

@@ -106,12 +106,7 @@ class FeatureWriter:
         """
         path = Path(path)
         labels = np.asarray(labels)
-        if num_rows < 1 or block_size < 1 or views < 1 or embed_dim < 1:
-            raise ValueError("num_rows, block_size, views and embed_dim must be positive")
-        if labels.shape != (num_rows,) or (paths is not None and len(paths) != num_rows):
-            raise ValueError(f"labels and paths must have num_rows={num_rows} entries")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(classnames)):
-            raise ValueError(f"labels must lie in [0, {len(classnames)})")
+        _check_arguments(num_rows, block_size, views, embed_dim, labels, paths, len(classnames))
         expected = {
             **header(FEATURES_KIND, len(classnames)),
             "num_rows": num_rows,
@@ -142,15 +137,7 @@ class FeatureWriter:
         }
         codec = None
         if token_shape is not None:
-            token_shape = tuple(int(n) for n in token_shape)
-            token_format.check(token_shape)
-            codec = TokenCodec(token_format, token_shape, token_basis)
-            expected.update(token_format.attrs(token_shape))
-            shapes["tokens"] = (lead + codec.stored_shape, STORED_DTYPES[token_format.dtype])
-            if token_format.scale_shape(token_shape) is not None:
-                shapes["token_scales"] = (lead + token_format.scale_shape(token_shape), np.float32)
-            if token_basis is not None:
-                contents.update(zip(BASIS_DATASETS, (np.asarray(a, np.float32) for a in token_basis)))
+            codec = _add_tokens(expected, shapes, contents, lead, token_shape, token_format, token_basis)
         if not path.exists():
             _create(path, expected, shapes, contents, math.ceil(rows / block_size))
         h5 = open_h5(path, "r+")
@@ -179,13 +166,13 @@ class FeatureWriter:
         start, stop = self.block_range(block)
         if (tokens is None) == self.has_tokens:
             raise ValueError(f"{self.path} {'needs' if tokens is None else 'has no'} tokens")
-        arrays = {"embeds": self._rows("embeds", embeds, stop - start)}
+        arrays = {"embeds": self.as_rows("embeds", embeds, stop - start)}
         if tokens is not None:
             if not isinstance(tokens, EncodedTokens):
                 tokens = self._encode(tokens)
-            arrays["tokens"] = self._rows("tokens", tokens.values, stop - start)
+            arrays["tokens"] = self.as_rows("tokens", tokens.values, stop - start)
             if "token_scales" in self._ds:
-                arrays["token_scales"] = self._rows("token_scales", tokens.scales, stop - start)
+                arrays["token_scales"] = self.as_rows("token_scales", tokens.scales, stop - start)
         for name, array in arrays.items():
             if not np.isfinite(array).all():
                 raise LtclipError(
@@ -208,8 +195,9 @@ class FeatureWriter:
             raise ValueError(f"tokens must end in the model's {self.codec.seq_shape}, got {array.shape}")
         return self.codec.encode(torch.from_numpy(np.ascontiguousarray(array)))
 
-    def _rows(self, name: str, value, n: int) -> np.ndarray:
-        """``value`` as a C-contiguous array of dataset ``name``'s dtype, shaped like ``n`` of its rows."""
+    def as_rows(self, name: str, value, n: int) -> np.ndarray:
+        """``value`` as ``n`` rows of dataset ``name`` (``embeds``, ``tokens``, ``token_scales``): a
+        C-contiguous array of its dtype and row shape; a views axis of 1 may be given or left out."""
         array = np.asarray(value)
         shape = (n,) + self._ds[name].shape[1:]
         with_views = (n, self.views) + shape[1 + (self.views > 1) :]
@@ -247,6 +235,31 @@ class FeatureWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_arguments(num_rows: int, block_size: int, views: int, embed_dim: int, labels: np.ndarray,
+                     paths: Sequence[str] | None, num_classes: int) -> None:
+    if num_rows < 1 or block_size < 1 or views < 1 or embed_dim < 1:
+        raise ValueError("num_rows, block_size, views and embed_dim must be positive")
+    if labels.shape != (num_rows,) or (paths is not None and len(paths) != num_rows):
+        raise ValueError(f"labels and paths must have num_rows={num_rows} entries")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+
+
+def _add_tokens(attrs: dict, shapes: dict, contents: dict, lead: tuple, token_shape, token_format: TokenFormat,
+                token_basis) -> TokenCodec:
+    """Add what stored tokens bring to a new file (format attributes, datasets, PCA basis); their codec."""
+    token_shape = tuple(int(n) for n in token_shape)
+    token_format.check(token_shape)
+    codec = TokenCodec(token_format, token_shape, token_basis)
+    attrs.update(token_format.attrs(token_shape))
+    shapes["tokens"] = (lead + codec.stored_shape, STORED_DTYPES[token_format.dtype])
+    if token_format.scale_shape(token_shape) is not None:
+        shapes["token_scales"] = (lead + token_format.scale_shape(token_shape), np.float32)
+    if token_basis is not None:
+        contents.update(zip(BASIS_DATASETS, (np.asarray(a, np.float32) for a in token_basis)))
+    return codec
 
 
 def _create(path: Path, attrs: dict, shapes: dict, contents: dict, num_blocks: int) -> None:
