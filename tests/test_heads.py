@@ -3,6 +3,7 @@ counts, zero-shot logits, numpy cosines, and torch's FLOP counter for the cost e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ltclip.core.errors import LtclipError
 from ltclip.models.cost import count_params, head_flops, vit_flops
-from ltclip.models.heads import HEADS, CosineClassifier, create_head, list_heads
+from ltclip.models.heads import (HEADS, CosineClassifier, HeadInputs, create_head, head_needs, list_heads,
+                                 rebuild_head, training_defaults)
 
 C, D, T, W = 7, 24, 9, 32
 TEXT = F.normalize(torch.randn(C, D, generator=torch.Generator().manual_seed(1)), dim=-1)
@@ -23,7 +25,7 @@ TEXT = F.normalize(torch.randn(C, D, generator=torch.Generator().manual_seed(1))
 
 def build(name, seed=0, **params):
     torch.manual_seed(seed)
-    return create_head(name, num_classes=C, embed_dim=D, token_shape=(T, W), text_embeds=TEXT, **params).eval()
+    return create_head(name, HeadInputs(C, D, (T, W), TEXT), **params).eval()
 
 
 def batch(head, n=5, seed=2):
@@ -32,7 +34,7 @@ def batch(head, n=5, seed=2):
 
 
 def test_registry_lists_every_head():
-    here = [n for n in list_heads() if HEADS.get(n).__module__ == "ltclip.models.heads"]  # text_prompts adds its own
+    here = [n for n in list_heads() if not head_needs(n).text_encoder]  # the prompt head: test_text_prompts.py
     assert here == ["cosine", "decoder", "linear", "mlp", "text-init"]
     assert [build(n).input for n in here] == ["embeds", "tokens", "embeds", "embeds", "embeds"]
     assert HEADS.options("decoder") == {"depth": 3, "heads": 4, "mlp_ratio": 0.5, "qkv_bias": True, "dropout": 0.0, "final_norm": True}
@@ -56,7 +58,7 @@ def test_head_contract(name):
     config = json.loads(json.dumps(head.config))
     assert "text_embeds" not in config
     torch.manual_seed(123)
-    rebuilt = create_head(name, **config, from_checkpoint=True)
+    rebuilt = rebuild_head(name, config)
     rebuilt.load_state_dict(head.state_dict())
     rebuilt.eval()
     assert torch.equal(rebuilt(x), head(x))
@@ -170,20 +172,20 @@ def test_cosine_logits_match_numpy():
 
 def test_decoder_without_tokens_is_refused():
     with pytest.raises(LtclipError, match="^--head decoder needs token sequences; re-extract with --tokens$"):
-        create_head("decoder", num_classes=C, embed_dim=D)
+        create_head("decoder", HeadInputs(C, D))
 
 
 def test_text_init_without_text_embeds_is_refused_unless_rebuilding():
     with pytest.raises(LtclipError, match="--head text-init starts from the class text embeddings"):
-        create_head("text-init", num_classes=C, embed_dim=D)
+        create_head("text-init", HeadInputs(C, D))
     with pytest.raises(LtclipError, match=r"text embeddings have shape \(7, 3\)"):
-        create_head("text-init", num_classes=C, embed_dim=D, text_embeds=torch.zeros(C, 3))
-    assert create_head("text-init", num_classes=C, embed_dim=D, from_checkpoint=True).config["logit_scale"] == 100.0
+        create_head("text-init", HeadInputs(C, D, text_embeds=torch.zeros(C, 3)))
+    assert rebuild_head("text-init", {"num_classes": C, "embed_dim": D, "token_shape": None}).config["logit_scale"] == 100.0
 
 
 def test_unknown_head_and_bad_options():
     with pytest.raises(LtclipError, match="unknown head 'linera'.*did you mean linear"):
-        create_head("linera", num_classes=C, embed_dim=D)
+        create_head("linera", HeadInputs(C, D))
     with pytest.raises(LtclipError, match="--head-opt depht: not an option of head 'decoder'"):
         build("decoder", depht=2)
     with pytest.raises(LtclipError, match="--head-opt heads=5: must divide the token width 32"):
@@ -249,21 +251,36 @@ def test_cosine_head_with_text_init_starts_as_scaled_zero_shot():
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
     x = torch.randn(7, 8)
-    head = create_head("cosine", num_classes=5, embed_dim=8, text_embeds=text, text_init=True, init_scale=20.0)
+    head = create_head("cosine", HeadInputs(5, 8, text_embeds=text), text_init=True, init_scale=20.0)
     expected = 20.0 * torch.nn.functional.normalize(x, dim=1) @ text.T
     torch.testing.assert_close(head(x), expected)
-    assert HEADS.get("cosine").wants_text({"text_init": True}) and not HEADS.get("cosine").wants_text({})
+    assert head_needs("cosine", {"text_init": True}).text_embeds and not head_needs("cosine").text_embeds
     with pytest.raises(LtclipError, match="--head cosine starts from the class text embeddings"):
-        create_head("cosine", num_classes=5, embed_dim=8, text_init=True)
+        create_head("cosine", HeadInputs(5, 8), text_init=True)
+    assert create_head("cosine", HeadInputs(5, 8)).config["text_init"] is False  # no text needed without text_init
 
 
 def test_decoder_without_final_norm_feeds_the_last_cls_token_to_the_classifier():
     x = torch.randn(4, 6, 16)
     torch.manual_seed(0)
-    with_norm = create_head("decoder", num_classes=3, embed_dim=8, token_shape=(6, 16), depth=1, heads=2)
+    with_norm = create_head("decoder", HeadInputs(3, 8, (6, 16)), depth=1, heads=2)
     torch.manual_seed(0)
-    without = create_head("decoder", num_classes=3, embed_dim=8, token_shape=(6, 16), depth=1, heads=2, final_norm=False)
+    without = create_head("decoder", HeadInputs(3, 8, (6, 16)), depth=1, heads=2, final_norm=False)
     cls = without.blocks[0](x)[:, 0]
     torch.testing.assert_close(without.features(x), cls)
     torch.testing.assert_close(with_norm.features(x), F.layer_norm(cls, (16,)))  # LayerNorm at its init: ones, zeros
     assert "norm.weight" in with_norm.state_dict() and "norm.weight" not in without.state_dict()
+
+
+def test_training_defaults_are_data_registered_with_each_head_not_class_attributes():
+    prior_free = lambda lr: {"ce": {"lr": lr}, "focal": {"lr": lr}}  # noqa: E731
+    measured = {  # docs/methods_benchmark.md, "Defaults that learn"
+        "linear": ({"optimizer": "adamw", "lr": 0.1, "epochs": 10}, prior_free(0.6), 500),
+        "cosine": ({"optimizer": "adamw", "lr": 0.03, "epochs": 10}, {}, 500),
+        "mlp": ({"optimizer": "adamw", "lr": 0.01, "epochs": 30}, prior_free(0.03), 1000),
+        "decoder": ({"optimizer": "adamw", "lr": 0.01, "epochs": 10}, prior_free(0.03), 0),
+        "prompt": ({}, {}, 0),
+        "text-init": ({}, {}, 0),
+    }
+    assert {n: dataclasses.astuple(training_defaults(n)) for n in measured} == measured
+    assert not [a for n in list_heads() for a in ("defaults", "loss_defaults", "min_steps") if hasattr(HEADS.get(n), a)]

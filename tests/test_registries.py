@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from ltclip.data.samplers import SAMPLERS, class_probabilities, create_sampler, list_samplers
 from ltclip.core.errors import LtclipError
-from ltclip.methods.losses import LOSSES, compute_loss, list_losses
-from ltclip.models.heads import HEADS, create_head, list_heads
-from ltclip.core.registry import Registry
+from ltclip.methods.losses import LOSSES, compute_loss, list_losses, softmax_offset
+from ltclip.models.heads import HEADS, HeadInputs, create_head, head_needs, list_heads, rebuild_head, training_defaults
+from ltclip.core.registry import Registry, keyword_defaults
 from ltclip.methods.second_stage import TWO_STAGE, fit_two_stage
 
 REGISTRIES = {"loss": LOSSES, "head": HEADS, "sampler": SAMPLERS, "two-stage": TWO_STAGE}
@@ -50,7 +50,7 @@ def label(registry: Registry) -> str:
 
 def tiny_text_encoder():
     """A 1-layer, 16-wide open_clip text tower with ``D``-d features and ``C`` class names, for the heads
-    that need one (``requires_text_encoder``)."""
+    that need one (``needs.text_encoder``)."""
     import open_clip
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -68,13 +68,13 @@ TEXT_ENCODER = tiny_text_encoder()
 
 def tower(name):
     """The ``text_encoder`` argument head ``name`` takes: the tiny tower, or None for heads that need none."""
-    return TEXT_ENCODER if getattr(HEADS.get(name), "requires_text_encoder", False) else None
+    return TEXT_ENCODER if head_needs(name).text_encoder else None
 
 
 def build_head(name, seed=0, **params):
+    """Head ``name`` built through the factory from a context holding everything any head needs."""
     torch.manual_seed(seed)
-    return create_head(name, num_classes=C, embed_dim=D, token_shape=(T, W), text_embeds=TEXT,
-                       text_encoder=tower(name), **params).eval()
+    return create_head(name, HeadInputs(C, D, (T, W), TEXT, tower(name)), **params).eval()
 
 
 def head_inputs(head, n=4, seed=2):
@@ -190,6 +190,49 @@ def test_loss_gradient_finite_with_a_large_logit_gap(name, opts, gap):
     assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
 
 
+def option_variants(defaults: dict) -> list[dict]:
+    """No options (the defaults), then each option alone off its default: floats 0, 0.3 and 1.7, ints 0
+    and 2, booleans flipped (strings keep theirs)."""
+    variants = [{}]
+    for key, value in defaults.items():
+        others = [not value] if isinstance(value, bool) else [0, 2] if isinstance(value, int) else \
+            [0.0, 0.3, 1.7] if isinstance(value, float) else []
+        variants += [{key: v} for v in others if v != value]
+    return variants
+
+
+@pytest.mark.parametrize("name", list_losses())
+def test_declared_softmax_offset_makes_the_loss_a_cross_entropy_of_offset_logits(name):
+    """Where a loss declares offsets ``o`` (what lets a sweep batch it), it equals ``F.cross_entropy(z + o)``
+    computed here, in float64, at every epoch; a zero count is clamped alike by both."""
+    declared = LOSSES.meta(name, "softmax_offset")
+    counts = torch.tensor([40.0, 12.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    if declared is None:
+        assert softmax_offset(name, counts) is None
+        return
+    assert keyword_defaults(declared) == LOSSES.options(name)  # the loss's options, same names and defaults
+    of_the_form = 0
+    for params in option_variants(LOSSES.options(name)):
+        offset = softmax_offset(name, counts, **params)
+        if offset is None:
+            continue
+        of_the_form += 1
+        assert offset.dtype == torch.float64 and offset.shape == (C,)
+        for seed, epoch in ((0, 0), (1, 1), (2, 3)):
+            logits = random_logits(seed, n=9, scale=4.0).double()
+            targets = torch.randint(0, C, (9,), generator=torch.Generator().manual_seed(seed))
+            value = compute_loss(name, logits, targets, counts, epoch=epoch, total_epochs=4, **params)
+            torch.testing.assert_close(value, F.cross_entropy(logits + offset, targets), rtol=1e-12, atol=0)
+    assert of_the_form, f"{name} declares an offset but none of its option variants has one"
+
+
+def test_softmax_offset_is_none_where_options_leave_the_form():
+    assert softmax_offset("ce", COUNTS, label_smoothing=0.1) is None
+    assert torch.equal(softmax_offset("ce", COUNTS), torch.zeros(C, dtype=torch.float64))
+    with pytest.raises(LtclipError, match="--loss-opt tau: not an option of loss 'ce'"):
+        softmax_offset("ce", COUNTS, tau=1.0)
+
+
 # ---------------------------------------------------------------- heads
 
 
@@ -211,7 +254,7 @@ def test_head_rebuilt_from_its_config_gives_identical_logits(name):
     config = json.loads(json.dumps(head.config))
     assert "text_embeds" not in config
     torch.manual_seed(99)
-    rebuilt = create_head(name, **config, text_encoder=tower(name), from_checkpoint=True)
+    rebuilt = rebuild_head(name, config, tower(name))
     rebuilt.load_state_dict(head.state_dict())
     rebuilt.eval()
     x = head_inputs(head)
@@ -226,10 +269,33 @@ def test_head_rebuilt_from_its_config_gives_identical_logits(name):
 def test_head_config_records_given_options_and_rebuilds_them(name, params):
     head = build_head(name, **params)
     assert head.config == {"num_classes": C, "embed_dim": D, "token_shape": [T, W], **HEADS.options(name), **params}
-    rebuilt = create_head(name, **json.loads(json.dumps(head.config)), text_encoder=tower(name), from_checkpoint=True)
+    rebuilt = rebuild_head(name, json.loads(json.dumps(head.config)), tower(name))
     rebuilt.load_state_dict(head.state_dict())
     x = head_inputs(head)
     assert torch.equal(rebuilt.eval()(x), head(x))
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_factory_refuses_a_context_without_what_the_head_declares_and_needs_nothing_else(name):
+    """With its text options on, the head is built from a context holding only what its ``needs``
+    declare; each of those missing is a one-line LtclipError naming the head."""
+    declared = HEADS.get(name).needs.text_embeds
+    on = {declared: True} if isinstance(declared, str) else {}
+    needs = head_needs(name, on)
+    full = {"token_shape": (T, W), "text_embeds": TEXT, "text_encoder": TEXT_ENCODER}
+    needed = {"token_shape": needs.input == "tokens", "text_embeds": needs.text_embeds, "text_encoder": needs.text_encoder}
+    head = create_head(name, HeadInputs(C, D, **{k: v if needed[k] else None for k, v in full.items()}), **on)
+    assert torch.isfinite(head.eval()(head_inputs(head))).all()
+    for key in (k for k, wanted in needed.items() if wanted):
+        with pytest.raises(LtclipError, match=f"^--head {name} [^\n]+$"):
+            create_head(name, HeadInputs(C, D, **{**full, key: None}), **on)
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_head_training_defaults_are_for_registered_losses(name):
+    defaults = training_defaults(name)
+    assert set(defaults.loss_options) <= set(list_losses())
+    assert not defaults.min_steps or "epochs" in defaults.options  # min_steps lengthens the default epochs
 
 
 # ---------------------------------------------------------------- samplers
@@ -332,3 +398,18 @@ def test_registry_signature_and_default_label():
     assert reg.options("m") == {"steps": 10}
     with pytest.raises(LtclipError, match="^method option speed: not an option of method 'm'; valid keys: steps$"):
         reg.check("m", {"speed": 1})
+
+
+def test_registry_meta_is_what_an_entry_was_registered_with_and_never_inherited():
+    reg = Registry("widget")
+
+    @reg.register("box", colour="red")
+    class Box:
+        """Box widget."""
+
+    reg.register("crate")(type("Crate", (Box,), {}))
+    assert reg.meta("box", "colour") == "red" and reg.meta("box", "size") is None and reg.meta("box", "size", 3) == 3
+    assert reg.meta("crate", "colour") is None  # a subclass of Box, registered without it
+    assert not hasattr(Box, "colour")
+    with pytest.raises(LtclipError, match="unknown widget 'bx'"):
+        reg.meta("bx", "colour")

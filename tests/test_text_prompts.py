@@ -1,4 +1,4 @@
-"""The CoOp prompt head (ltclip/models/text_prompts.py) on the tiny open_clip model: zero-shot at
+"""The CoOp prompt head (ltclip/models/heads/prompt.py) on the tiny open_clip model: zero-shot at
 init, only ctx trains, chunked + checkpointed = naive, the sampled regime's cache, rebuilding; and
 wired into the stages: train-head on an extracted cache, runs that reload to the same logits, eval,
 and one-line refusals where the text tower cannot be rebuilt."""
@@ -18,8 +18,8 @@ from conftest import TINY_MODEL
 from ltclip.cli import app
 from ltclip.core.errors import LtclipError
 from ltclip.models.backbone import load_backbone
-from ltclip.models.heads import HEADS, create_head
-from ltclip.models.text_prompts import PromptHead, text_encoder
+from ltclip.models.heads import HEADS, HeadInputs, create_head, rebuild_head
+from ltclip.models.text_prompts import text_encoder
 from ltclip.artifacts.runs import load_run
 from ltclip.artifacts.store import FeatureCache, write_arrays
 
@@ -35,11 +35,8 @@ def bb():
 
 
 def build(te, **opts):
-    """What ``create_head("prompt", ..., text_encoder=te, **opts)`` builds (options recorded in config)."""
-    options = {**HEADS.options("prompt"), **opts}
-    head = PromptHead(len(te.classnames), te.embed_dim, None, None, te, **options)
-    head.config.update(options)
-    return head
+    """The prompt head on text tower ``te``, through the factory."""
+    return create_head("prompt", HeadInputs(len(te.classnames), te.embed_dim, text_encoder=te), **opts)
 
 
 def zero_shot(bb, names, template="a photo of a {}."):
@@ -93,7 +90,7 @@ def test_another_init_phrase_and_random_context(bb):
 def test_bad_options_are_refused(bb):
     te = text_encoder(bb, NAMES[:3])
     with pytest.raises(LtclipError, match=r"^--head prompt needs the model's text tower and the class names, [^\n]+$"):
-        create_head("prompt", num_classes=3, embed_dim=32)  # a caller with no text tower to give
+        create_head("prompt", HeadInputs(3, 32))  # a caller with no text tower to give
     with pytest.raises(LtclipError, match="context=0"):
         build(te, context=16)  # the default init has 4 tokens
     with pytest.raises(LtclipError, match="context"):
@@ -101,7 +98,7 @@ def test_bad_options_are_refused(bb):
     with pytest.raises(LtclipError, match="sample"):
         build(te, sample="easy")
     with pytest.raises(LtclipError, match="class names"):
-        PromptHead(4, 32, None, None, te)
+        create_head("prompt", HeadInputs(4, 32, text_encoder=te))
 
 
 def test_only_ctx_trains_and_the_loss_falls(bb):
@@ -246,7 +243,7 @@ def test_state_dict_round_trip_rebuilds_identical_logits(bb):
         _step(head, opt, x, y)
     state, config = head.state_dict(), json.loads(json.dumps(head.config))
     assert list(state) == ["classifier.ctx"]
-    rebuilt = PromptHead(**config, text_encoder=text_encoder(bb, NAMES[:5]))  # create_head(..., from_checkpoint=True)
+    rebuilt = rebuild_head("prompt", config, text_encoder(bb, NAMES[:5]))
     rebuilt.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), head.eval()(x), atol=0, rtol=0)
