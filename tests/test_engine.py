@@ -17,17 +17,19 @@ import pytest
 import torch
 from torch import nn
 
+import ltclip.engine.hooks as hooks
 import ltclip.engine.loop as loop
 from ltclip.config import OptimConfig
 from ltclip.data.gaussian import gaussian_lt
 from ltclip.data.samplers import create_sampler
 from ltclip.engine import (
-    BEST_FILE, LAST_FILE, LOG_FILE, SUMMARY_KEYS, Task, ValidationStats, check_optim, create_optimizer, fit,
+    BEST_FILE, LAST_FILE, LOG_FILE, SUMMARY_KEYS, RunEnv, ValidationStats, check_optim, create_optimizer, fit,
 )
+from ltclip.methods.task import Task
 from ltclip.engine.checkpoint import load_checkpoint
 from ltclip.core.errors import LtclipError
 from ltclip.evaluation.metrics import evaluate
-from ltclip.models.heads import create_head
+from ltclip.models.heads import HeadInputs, create_head
 from ltclip.methods.second_stage.fit import TensorSource
 
 # 203 training rows: many (> 100), two medium, two few (< 20) classes. Batch 64 leaves an 11-row last step.
@@ -48,7 +50,7 @@ assert len(Y) == 203
 
 def new_head(name: str = "linear", seed: int = 0, **opts) -> nn.Module:
     torch.manual_seed(seed)
-    return create_head(name, num_classes=C, embed_dim=DIM, **opts)
+    return create_head(name, HeadInputs(C, DIM), **opts)
 
 
 def cfg_of(**kw) -> OptimConfig:
@@ -56,10 +58,11 @@ def cfg_of(**kw) -> OptimConfig:
     return OptimConfig(**{**base, **kw})
 
 
-def train(cfg: OptimConfig, model: nn.Module | None = None, source=None, **kw):
+def train(cfg: OptimConfig, model: nn.Module | None = None, source=None, sampler="instance", validate=None, **env):
+    """``fit`` on the Gaussian problem; ``env`` are :class:`RunEnv` fields."""
     model = model if model is not None else new_head()
     result = fit(model, Task("ce", {}, COUNTS), source if source is not None else TensorSource(X, Y), cfg,
-                 num_classes=C, **kw)
+                 num_classes=C, sampler=sampler, validate=validate, env=RunEnv(**env))
     return model, result
 
 
@@ -388,14 +391,14 @@ def test_epoch_checkpoints_spaced_in_time_resume_from_the_step_checkpoints(resum
     """``epoch_checkpoint_s``: epoch ends write ``last.pt`` only that often (the last always);
     ``checkpoint_every`` steps still apply, and a resume from them ends as the uninterrupted run."""
     cfg, ref_out, validate, ref_weights, ref = resume_reference
-    written, real = [], loop.save_checkpoint
+    written, real = [], hooks.save_checkpoint
 
     def counting(path, obj):
         if path.name == LAST_FILE:
             written.append(obj["state"]["step"])
         real(path, obj)
 
-    monkeypatch.setattr(loop, "save_checkpoint", counting)
+    monkeypatch.setattr(hooks, "save_checkpoint", counting)
     with pytest.raises(KeyboardInterrupt):
         resume_run(cfg, tmp_path, validate, kill=45, epoch_checkpoint_s=1e9)  # the last epoch, mid step
     every = cfg.checkpoint_every  # 24 steps were done; the epoch ends (7, 14, 21) wrote nothing
@@ -534,9 +537,9 @@ def groups_of(optimizer) -> list[tuple[float, set]]:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_no_decay_1d_groups(optimizer):
+def test_without_decay_1d_norms_and_biases_do_not_decay(optimizer):
     m = Tiny()
-    opt = create_optimizer(m, cfg_of(optimizer=optimizer, weight_decay=0.05, no_decay_1d=True))
+    opt = create_optimizer(m, cfg_of(optimizer=optimizer, weight_decay=0.05, decay_1d=False))
     assert groups_of(opt) == [
         (0.0, {id(m.norm.weight), id(m.norm.bias), id(m.out.bias)}),
         (0.05, {id(m.embed.weight), id(m.out.weight)}),
@@ -545,7 +548,7 @@ def test_no_decay_1d_groups(optimizer):
         assert g["lr"] == pytest.approx(1e-2)
 
 
-def test_without_no_decay_1d_every_trainable_parameter_decays():
+def test_with_decay_1d_every_trainable_parameter_decays():
     m = Tiny()
     opt = create_optimizer(m, cfg_of(weight_decay=0.05))
     trainable = {id(p) for p in m.parameters() if p.requires_grad}
@@ -555,11 +558,11 @@ def test_without_no_decay_1d_every_trainable_parameter_decays():
     assert isinstance(opt, torch.optim.AdamW)
 
 
-@pytest.mark.parametrize("no_decay_1d", [False, True])
+@pytest.mark.parametrize("decay_1d", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_frozen_parameters_are_in_no_group(no_decay_1d, weight_decay):
+def test_frozen_parameters_are_in_no_group(decay_1d, weight_decay):
     m = Tiny()
-    opt = create_optimizer(m, cfg_of(no_decay_1d=no_decay_1d, weight_decay=weight_decay))
+    opt = create_optimizer(m, cfg_of(decay_1d=decay_1d, weight_decay=weight_decay))
     grouped = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(grouped) == len(set(grouped))
     assert set(grouped) == {id(p) for p in m.parameters() if p.requires_grad}
@@ -597,7 +600,7 @@ def test_nothing_trainable_is_one_line_error():
         create_optimizer(m, cfg_of())
     assert "frozen" in one_line(err)
     with pytest.raises(LtclipError) as err:
-        create_optimizer(m, cfg_of(no_decay_1d=True))
+        create_optimizer(m, cfg_of(decay_1d=False))
     one_line(err)
 
 

@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts.atomic import save_torch
+from ..core.atomic import save_torch
 from ..core.errors import LtclipError
+from .state import FitState, Trained
 
 CHECKPOINT_VERSION = 1
+LAST_FILE = "last.pt"
+BEST_FILE = "best.pt"
 
 
 def rng_state() -> dict:
@@ -59,3 +62,13 @@ def to_python(value):
     if isinstance(value, (np.generic, torch.Tensor)):
         return value.item()
     return value
+
+
+def resume(out: Path | None, trained: Trained) -> FitState:
+    """Load ``out/last.pt`` into ``trained`` and the RNGs; the loop's state to continue from."""
+    if out is None or not (out / LAST_FILE).is_file():
+        raise LtclipError(f"--resume: {out} holds no interrupted run ({LAST_FILE} missing); drop --resume")
+    saved = load_checkpoint(out / LAST_FILE)
+    trained.load_state_dict(saved)
+    set_rng_state(saved["rng"])
+    return FitState(**saved["state"])

@@ -65,9 +65,9 @@ def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None
 
     ``parts`` maps submodule names to their learning rates (default: the whole model at ``cfg.lr``),
     e.g. ``{"backbone": 1e-5, "head": 1e-3}``, or to an :class:`OptimConfig` of their own: then the
-    part's groups take its lr, weight decay, ``no_decay_1d`` and (sgd) momentum, and carry
+    part's groups take its lr, weight decay, ``decay_1d`` and (sgd) momentum, and carry
     ``"part": name`` for :func:`create_schedule`. Weight decay stays off ``no_decay`` parameter names
-    and, with ``no_decay_1d``, off biases, norms and other 1-D parameters (timm's
+    and, without ``decay_1d``, off biases, norms and other 1-D parameters (timm's
     ``param_groups_weight_decay``). ``grouped``: AdamW as :class:`GroupedAdamW` (the same updates, one
     call per operation for all groups: for models of many parts).
     """
@@ -83,8 +83,8 @@ def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None
         part_cfg = own or cfg
         module = model.get_submodule(prefix) if prefix else model
         skip = [n.removeprefix(prefix + ".") if prefix else n for n in no_decay if not prefix or n.startswith(prefix + ".")]
-        if part_cfg.no_decay_1d or skip:
-            part = param_groups_weight_decay(module, part_cfg.weight_decay, part_cfg.no_decay_1d, skip)
+        if not part_cfg.decay_1d or skip:
+            part = param_groups_weight_decay(module, part_cfg.weight_decay, not part_cfg.decay_1d, skip)
         else:
             part = [{"params": [p for p in module.parameters() if p.requires_grad]}]
         if own is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods.losses import LOSSES, compute_loss
+from .losses import LOSSES, compute_loss
 
 
 class Task:

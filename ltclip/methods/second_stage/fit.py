@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ...config import SECOND_STAGE_OPTIM, OptimConfig
-from ...engine import Task, ValidationStats, fit
+from ...engine import RunEnv, ValidationStats, fit
+from ..task import Task
 from ...core.errors import LtclipError
 from . import methods  # noqa: F401  (registers the methods)
 from .base import TWO_STAGE, Calibrated, StageData, predict, prepare
@@ -34,14 +35,15 @@ class Trainer:
     """What a method calls to train its module: the engine with the stage's optimization.
 
     ``sampler``/``loss``/``loss_opts`` given here replace the method's own (cRT trains with
-    class-balanced sampling and CE unless told otherwise).
+    class-balanced sampling and CE unless told otherwise); ``env`` is where the engine runs, on the
+    features' device and with ``log`` receiving every record.
     """
 
     def __init__(self, data: StageData, optim: OptimConfig, *, sampler=None, loss=None, loss_opts=None,
-                 log=None, engine: dict | None = None):
+                 log=None, env: RunEnv = RunEnv()):
         self.data, self.optim, self.seed = data, optim, optim.seed
         self.sampler, self.loss, self.loss_opts = sampler, loss, loss_opts
-        self.log, self.engine = log, dict(engine or {})
+        self.log, self.env = log, env
 
     def __call__(self, model: Calibrated, **method_loss_opts) -> Calibrated:
         data = self.data
@@ -58,8 +60,9 @@ class Trainer:
             return stats.summary(data.counts.numpy())
 
         result = fit(model, Task(loss, loss_opts or {}, data.counts), TensorSource(data.z, data.y), self.optim,
-                     sampler=self.sampler or model.sampler, num_classes=data.num_classes, device=data.z.device,
-                     validate=validate if data.z_val is not None else None, on_record=self.log, **self.engine)
+                     sampler=self.sampler or model.sampler, num_classes=data.num_classes,
+                     validate=validate if data.z_val is not None else None,
+                     env=dataclasses.replace(self.env, device=data.z.device, on_record=self.log))
         model.summary = {"history": result.history,
                          "best_epoch": result.best["epoch"] if result.best else self.optim.epochs - 1,
                          "sampler": self.sampler or model.sampler, "loss": loss}
@@ -101,19 +104,19 @@ def fit_two_stage(
     loss_opts: dict | None = None,
     device: str | torch.device = "cpu",
     log: Optional[Callable[[dict], None]] = None,
-    engine: dict | None = None,
+    env: RunEnv = RunEnv(),
     **params,
 ) -> Calibrated:
     """Fit two-stage method ``name`` on frozen features; ``params`` are the method's own options
     (``TWO_STAGE.options(name)``). ``optim`` (with the keyword overrides) is the engine's
-    optimization, ``engine`` extra :func:`ltclip.engine.fit` arguments (run folder, resume,
-    processes, progress); ``epochs=0`` returns the initialised calibration. The result lives on
-    ``device`` in eval mode; ``log`` receives every training record."""
+    optimization, ``env`` the engine's run folder, resume, processes and progress (its device and
+    ``on_record`` are ``device`` and ``log``); ``epochs=0`` returns the initialised calibration. The
+    result lives on ``device`` in eval mode; ``log`` receives every training record."""
     cls = TWO_STAGE.get(name)
     TWO_STAGE.check(name, params)
     optim = _optim(optim, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
     base, data = prepare(classifier, z_train, y_train, class_counts, z_val, y_val, device)
-    trainer = Trainer(data, optim, sampler=sampler, loss=loss, loss_opts=loss_opts, log=log, engine=engine)
+    trainer = Trainer(data, optim, sampler=sampler, loss=loss, loss_opts=loss_opts, log=log, env=env)
     return cls.fit(base, data, trainer, **params).to(data.z.device).eval()
 
 
