@@ -17,7 +17,7 @@ evenly spaced ranks of its sorted counts (the profile's shape and its head and t
 Val and test are balanced (``VAL_PER_CLASS``, ``TEST_PER_CLASS``). Features are "raw" (as drawn)
 or "unit" (rows L2-normalised before they are written); the decoder reads ``TOKENS`` tokens of the
 width, the first the class sample, the others noise. Every run goes through
-``ltclip.cli.train.stage_one_config`` (the option layering ``train-head`` uses) and
+``ltclip.recipes.resolve.stage_one_config`` (the option layering ``train-head`` uses) and
 ``run_train_head``, and is scored by ``RunModel.predict`` + ``ltclip.evaluation.metrics.evaluate`` on test.
 
 Grid. For each head, loss (CE, Balanced Softmax), profile and width: the default (nothing but
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from benchmarks.bench_eval import machine_info
-from ltclip.cli.train import stage_one_config
-from ltclip.data.feature_batches import FeatureInputs
+from ltclip.recipes.resolve import stage_one_config
+from ltclip.artifacts.feature_batches import FeatureInputs
 from ltclip.data.gaussian import gaussian_lt
 from ltclip.evaluation.metrics import average_views, evaluate
 from ltclip.artifacts.runs import load_run

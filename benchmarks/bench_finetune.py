@@ -120,7 +120,8 @@ def child_main(spec: dict) -> dict:
 
     import ltclip.stages.finetune as stage
     from ltclip.config import FinetuneConfig, from_flat
-    from ltclip.engine import Task, fit
+    from ltclip.engine import ParamGroups, RunEnv, fit
+    from ltclip.methods.task import Task
     from ltclip.models.backbone import register_tiny_configs
     from ltclip.models.encoder_classifier import EncoderClassifier
     from ltclip.models.cost import count_params
@@ -163,8 +164,8 @@ def child_main(spec: dict) -> dict:
     timer = StepTimer()
     with PeakRSS() as mem:
         fit(model, Task("ce", {}, np.bincount(labels, minlength=classes)), source, cfg.optim, sampler="instance",
-            num_classes=classes, device="cpu", progress=timer, lrs=lrs,
-            no_decay=tuple(f"backbone.{n}" for n in no_weight_decay_names(backbone.model)))
+            num_classes=classes, env=RunEnv(device="cpu", progress=timer),
+            groups=ParamGroups(lrs=lrs, no_decay=tuple(f"backbone.{n}" for n in no_weight_decay_names(backbone.model))))
     (epoch,) = timer.epochs
     ends = [0.0, *epoch["step_ends_s"]]
     step_s = [b - a for a, b in zip(ends, ends[1:])]

@@ -43,7 +43,7 @@ import torch
 
 from benchmarks.bench_eval import machine_info
 from ltclip.config import SecondStageConfig, TrainHeadConfig, from_flat
-from ltclip.data.feature_batches import FeatureInputs
+from ltclip.artifacts.feature_batches import FeatureInputs
 from ltclip.data.gaussian import gaussian_lt, nearest_mean_logits
 from ltclip.evaluation.metrics import average_views, evaluate, shot_groups
 from ltclip.evaluation.retrieval import class_means, ncm_logits

@@ -156,7 +156,7 @@ def pread_batches(cache, order: np.ndarray, batch: int):
     the contiguous dataset's file offset instead of one h5py read per row."""
     import h5py
 
-    from ltclip.data.feature_batches import _prefetched
+    from ltclip.artifacts.feature_batches import _prefetched
 
     with h5py.File(cache.path, "r") as f:
         ds = f["tokens"]
@@ -182,7 +182,7 @@ def child_main(spec: dict) -> dict:
     logging.getLogger().setLevel(logging.ERROR)
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    from ltclip.data.feature_batches import FeatureInputs
+    from ltclip.artifacts.feature_batches import FeatureInputs
     from ltclip.data.samplers import BlockShuffledSampler, create_sampler
     from ltclip.stages.common import read_ahead
     from ltclip.stages.train_head import run_train_head

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.bench_eval import PeakRSS, machine_info
 from benchmarks.timing import OtherLoad
-from ltclip.cli.train import stage_one_config
+from ltclip.recipes.resolve import stage_one_config
 from ltclip.data.gaussian import gaussian_lt
 from ltclip.stages.train_head import run_train_head
 from ltclip.artifacts.store import write_arrays
@@ -70,7 +70,7 @@ def run(size: dict, rounds: int) -> dict:
             return lambda: run_train_head(stage_one_config(values))
 
         for r in range(rounds + 1):  # round 0 warms up (imports, first allocations) and is dropped
-            for name, fn in (("sweep_16", lambda: run_sweep(base, GRID, "balanced_accuracy", tmp / f"sweep{r}", stage_one_config)),
+            for name, fn in (("sweep_16", lambda: run_sweep(base, GRID, "balanced_accuracy", tmp / f"sweep{r}")),
                              ("one_run_30", one(30, f"one30-{r}")), ("one_run_10", one(10, f"one10-{r}"))):
                 stats = timed(fn)
                 if r:

@@ -78,10 +78,11 @@ def projections() -> list[dict]:
 def train_decoder(features: Path, s: dict, seed: int, block_order: bool = False) -> dict:
     """The decoder trained on ``features/train.h5`` through the engine; test accuracy and epoch times."""
     from ltclip.config import OptimConfig
-    from ltclip.data.feature_batches import FeatureInputs
-    from ltclip.engine import Task, fit
+    from ltclip.artifacts.feature_batches import FeatureInputs
+    from ltclip.engine import RunEnv, fit
+    from ltclip.methods.task import Task
     from ltclip.evaluation.metrics import average_views
-    from ltclip.models.heads import create_head
+    from ltclip.models.heads import HeadInputs, create_head
     from ltclip.artifacts.runs import RunModel
     from ltclip.stages.common import CacheSource, read_ahead
     from ltclip.artifacts.store import FeatureCache
@@ -89,13 +90,13 @@ def train_decoder(features: Path, s: dict, seed: int, block_order: bool = False)
     with FeatureCache(features / "train.h5") as train, FeatureCache(features / "test.h5") as test:
         counts = train.class_counts()
         torch.manual_seed(seed)
-        head = create_head("decoder", num_classes=train.num_classes, embed_dim=train.embed_dim, token_shape=train.token_shape)
+        head = create_head("decoder", HeadInputs(train.num_classes, train.embed_dim, train.token_shape))
         inputs = FeatureInputs(train, "tokens")
         blocks = (s["block_rows"], s["pool_blocks"]) if block_order else None  # train-head's --read-blocks/--shuffle-pool
         source = CacheSource(inputs, seed, read_ahead(blocks, s["batch_size"]))
         timer = StepTimer()
         cfg = OptimConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=1e-3, seed=seed, warmup=1.0)
-        fit(head, Task("ce", {}, counts), source, cfg, num_classes=train.num_classes, progress=timer, block_order=blocks)
+        fit(head, Task("ce", {}, counts), source, cfg, num_classes=train.num_classes, env=RunEnv(progress=timer, block_order=blocks))
         logits = average_views(RunModel(head, class_counts=counts).predict(FeatureInputs(test, "tokens")))
         labels = test.labels
     pred = logits.argmax(1)

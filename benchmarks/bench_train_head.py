@@ -174,11 +174,12 @@ def flop_prediction(visual, px: int, head, head_input: tuple) -> dict:
 def bench_model(name: str, size: dict, rounds: int, work: Path) -> dict:
     from ltclip.data.registry import load_dataset
     from ltclip.data.synthetic import make_synthetic
-    from ltclip.engine import Task, fit
+    from ltclip.engine import RunEnv, fit
+    from ltclip.methods.task import Task
     from ltclip.methods.losses import LOSSES
     from ltclip.models.backbone import load_backbone
     from ltclip.models.cost import count_params
-    from ltclip.models.heads import create_head
+    from ltclip.models.heads import HeadInputs, create_head
     from ltclip.stages.extract import run_extract
     from ltclip.stages.train_head import run_train_head
     from ltclip.artifacts.store import FeatureCache
@@ -229,7 +230,7 @@ def bench_model(name: str, size: dict, rounds: int, work: Path) -> dict:
 
     def new_head(kind: str, seed: int = 0):
         torch.manual_seed(seed)  # the stage seeds the same way before building its head
-        return create_head(kind, num_classes=classes, embed_dim=embed_dim, token_shape=token_shape)
+        return create_head(kind, HeadInputs(classes, embed_dim, token_shape))
 
     def encoder_way(kind: str, steps: int | None = None) -> dict:
         """One epoch (or ``steps``) of the paper's way, trained by the engine as the cached run is."""
@@ -239,7 +240,7 @@ def bench_model(name: str, size: dict, rounds: int, work: Path) -> dict:
         timer = StepTimer()
         fit(model, Task(method.loss, LOSSES.parse(method.loss, method.loss_opts), counts), source,
             dataclasses.replace(optim, epochs=1, steps=steps), sampler=method.sampler, num_classes=classes,
-            device="cpu", progress=timer)
+            env=RunEnv(device="cpu", progress=timer))
         (epoch,) = timer.epochs
         return {**epoch, "encoder_s": model.encoder_s, "head_s": epoch["wall_s"] - model.encoder_s}
 
@@ -298,7 +299,7 @@ def reference_prediction() -> list[dict]:
     """ViT-B/16 at 224 px (random weights; only shapes matter) with the decoder and a linear head."""
     import open_clip
 
-    from ltclip.models.heads import create_head
+    from ltclip.models.heads import HeadInputs, create_head
 
     model = open_clip.create_model(REFERENCE_MODEL, pretrained=None)
     visual = model.visual
@@ -308,7 +309,7 @@ def reference_prediction() -> list[dict]:
     rows = []
     for dataset, classes in REFERENCE_CLASSES.items():
         for kind, shape in (("decoder", tokens), ("linear", (embed_dim,))):
-            head = create_head(kind, num_classes=classes, embed_dim=embed_dim, token_shape=tokens)
+            head = create_head(kind, HeadInputs(classes, embed_dim, tokens))
             rows.append({"model": REFERENCE_MODEL, "image_px": px, "token_shape": list(tokens), "head": kind,
                          "classes": classes, "dataset": dataset, **flop_prediction(visual, px, head, shape)})
     del model

@@ -88,7 +88,7 @@ def describe(run: Path) -> dict:
         config = json.loads((run / "config.json").read_text())
         flat = {}
         for k, v in config.items():
-            flat.update(v if isinstance(v, dict) else {k: v})
+            flat.update(v if k in ("data", "optim", "method", "tuning") else {k: v})
         return {"weights": digest(torch.load(run / "model.pt", weights_only=True)),
                 "best": info.get("best"), "config": {k: v for k, v in flat.items() if k not in ("out", "features", "from_run", "data_root")}}
     if (run / "sweep.json").is_file():

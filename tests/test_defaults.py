@@ -13,16 +13,16 @@ from typer.testing import CliRunner
 
 from conftest import places_lt_train_counts, write_cache
 from ltclip.cli import app
-from ltclip.cli.finetune import finetune_config
-from ltclip.cli.train import stage_one_config
+from ltclip.recipes.resolve import finetune_config
+from ltclip.recipes.resolve import lengthened, stage_one_config
 from ltclip.config import OptimConfig
-from ltclip.data.feature_batches import FeatureInputs
+from ltclip.artifacts.feature_batches import FeatureInputs
 from ltclip.data.gaussian import gaussian_lt
 from ltclip.engine import lr_factor
 from ltclip.engine.optim import warmup_steps
 from ltclip.core.errors import LtclipError
 from ltclip.evaluation.metrics import average_views, evaluate
-from ltclip.models.heads import HEADS
+from ltclip.models.heads import training_defaults
 from ltclip.recipes import list_recipes, load_recipe, merge_opts
 from ltclip.artifacts.runs import load_run
 from ltclip.stages.train_head import run_train_head
@@ -56,7 +56,7 @@ def balanced_accuracy(root: Path, out: Path, counts, values: dict) -> float:
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_the_default_reaches_90_percent_of_the_best_of_a_grid(lt_cache, tmp_path, head):
     root, counts = lt_cache
-    own = HEADS.get(head).defaults
+    own = training_defaults(head).options
     default = balanced_accuracy(root, tmp_path / "default", counts, {"head": head, "loss": "balanced_softmax"})
     grid = {(lr, epochs): balanced_accuracy(root, tmp_path / f"lr{lr}-e{epochs}", counts,
                                             {"head": head, "loss": "balanced_softmax", "lr": lr, "epochs": epochs})
@@ -72,13 +72,13 @@ def test_head_defaults_fill_only_what_was_not_given(tmp_path):
     heard = []
     base = {"features": "f", "out": "o", "head": "linear", "loss": "balanced_softmax"}  # no cache at f: no lengthening
     cfg = stage_one_config(base, say=lambda option, text: heard.append((option, text)))
-    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.optimizer) == (0.1, 10, "adamw") == tuple(HEADS.get("linear").defaults[k] for k in ("lr", "epochs", "optimizer"))
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.optimizer) == (0.1, 10, "adamw") == tuple(training_defaults("linear").options[k] for k in ("lr", "epochs", "optimizer"))
     assert ("--lr", "0.1 for --head linear") in heard
     cfg = stage_one_config({**base, "lr": 0.5, "steps": 7})
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.steps) == (0.5, 10, 7)
     for head, lr in (("linear", 0.6), ("mlp", 0.03), ("decoder", 0.03), ("cosine", 0.03)):  # the step of the losses without a prior
         for loss in ("ce", "focal"):
-            assert stage_one_config({**base, "head": head, "loss": loss}).optim.lr == lr == HEADS.get(head).loss_defaults.get(loss, HEADS.get(head).defaults)["lr"]
+            assert stage_one_config({**base, "head": head, "loss": loss}).optim.lr == lr == training_defaults(head).loss_options.get(loss, training_defaults(head).options)["lr"]
     # the resolved config is what a run saves: rebuilt from it, nothing changes
     from ltclip.config import flatten, to_dict
 
@@ -90,15 +90,25 @@ def test_default_epochs_reach_the_heads_minimum_steps_on_a_small_cache(lt_cache)
     heard = []
     base = {"features": str(root), "out": "o", "head": "linear", "loss": "balanced_softmax"}
     cfg = stage_one_config(base, say=lambda option, text: heard.append((option, text)))
-    assert cfg.optim.epochs == math.ceil(HEADS.get("linear").min_steps / 16) == 32
-    assert ("--epochs", "32 for --head linear (its 10 epochs are 160 steps on 3,893 rows; lengthened towards 500 steps, "
-                        "at most 5×)") in heard
-    assert stage_one_config({**base, "batch_size": 4096}).optim.epochs == 50  # one step an epoch: 5 × 10, not 500
-    assert stage_one_config({**base, "batch_size": 64}).optim.epochs == 10  # 61 steps an epoch: 610 already
-    assert stage_one_config({**base, "epochs": 5}).optim.epochs == 5  # given lengths are kept
-    assert stage_one_config({**base, "steps": 50}).optim.steps == 50
-    assert stage_one_config({**base, "recipe": "imbalance-vlm"}).optim.steps == 8192  # a recipe's length is kept
-    assert stage_one_config({**base, "head": "decoder"}).optim.epochs == 10  # no minimum: it overfits small caches
+    assert (cfg.optim.epochs, cfg.min_steps) == (10, training_defaults("linear").min_steps) == (10, 500)  # resolution reads no cache
+    assert ("--min-steps", "500 for --head linear") in heard
+
+    def epochs(values, rows=3893):
+        cfg, _ = lengthened(stage_one_config({**base, **values}), rows)
+        assert cfg.min_steps == 0  # spent: the saved config reruns with the same epochs
+        return cfg.optim.epochs
+
+    cfg, why = lengthened(stage_one_config(base), 3893)
+    assert cfg.optim.epochs == math.ceil(500 / 16) == 32
+    assert why == "32 (its 10 epochs are 160 steps on 3,893 rows; lengthened towards --min-steps 500, at most 5×)"
+    assert lengthened(cfg, 3893) == (cfg, None)  # a saved config is not lengthened again
+    assert epochs({"batch_size": 4096}) == 50  # one step an epoch: 5 × 10, not 500
+    assert epochs({"batch_size": 64}) == 10  # 61 steps an epoch: 610 already
+    assert epochs({"epochs": 5}) == 5  # given lengths are kept
+    assert epochs({"epochs": 5, "min_steps": 500}) == 25  # unless a minimum is given with them
+    assert lengthened(stage_one_config({**base, "steps": 50}), 3893)[0].optim.steps == 50
+    assert lengthened(stage_one_config({**base, "recipe": "imbalance-vlm"}), 3893)[0].optim.steps == 8192  # a recipe's length is kept
+    assert epochs({"head": "decoder"}) == 10  # no minimum: it overfits small caches
 
 
 def test_a_second_stage_trains_with_its_methods_defaults_unless_given(lt_cache, tmp_path):
@@ -129,23 +139,23 @@ def test_every_recipe_loads_and_is_listed():
 def test_imbalance_vlm_applies_under_the_options_given():
     cfg = stage_one_config({"features": "f", "out": "o", "recipe": "imbalance-vlm", "loss": "grw"})
     o = cfg.optim
-    assert (o.optimizer, o.nesterov, o.momentum, o.lr, o.weight_decay, o.no_decay_1d) == ("sgd", True, 0.9, 0.03, 5e-4, True)
+    assert (o.optimizer, o.nesterov, o.momentum, o.lr, o.weight_decay, o.decay_1d) == ("sgd", True, 0.9, 0.03, 5e-4, False)
     assert (o.batch_size, o.steps, o.warmup_steps, o.schedule, o.eval_every, o.select) == (256, 8192, 512, "truncated-cosine", 256, "top1")
-    assert cfg.method.head == "decoder" and "final_norm=false" in cfg.method.head_opts
-    assert cfg.method.loss_opts == ("exponent=1.2",)
+    assert cfg.method.head == "decoder" and cfg.method.head_opts["final_norm"] is False  # parsed once, typed
+    assert cfg.method.loss_opts == {"exponent": 1.2}
     cfg = stage_one_config({"features": "f", "out": "o", "recipe": "imbalance-vlm", "loss": "ldam", "lr": 0.1,
                             "loss_opts": ("max_m=0.3",), "epochs": 3, "warmup": 0.5})
-    assert cfg.optim.lr == 0.1 and cfg.method.loss_opts == ("max_m=0.3", "s=1", "drw_epoch=-1")
+    assert cfg.optim.lr == 0.1 and cfg.method.loss_opts == {"max_m": 0.3, "s": 1.0, "drw_epoch": -1}
     # --epochs given: the recipe's --steps (the other way to say the length) gives way, likewise --warmup
     assert (cfg.optim.epochs, cfg.optim.steps, cfg.optim.warmup, cfg.optim.warmup_steps) == (3, None, 0.5, None)
     cfg = stage_one_config({"features": "f", "out": "o", "recipe": "imbalance-vlm", "head": "linear"})
-    assert cfg.method.head == "linear" and cfg.method.head_opts == () and cfg.optim.lr == 0.03  # recipe over head defaults
+    assert cfg.method.head == "linear" and cfg.method.head_opts == {} and cfg.optim.lr == 0.03  # recipe over head defaults
 
 
 def test_lift_is_a_finetune_recipe():
     cfg = finetune_config({"out": "o", "recipe": "lift"})
     assert (cfg.tuning.tune, cfg.method.head, cfg.method.loss) == ("adaptformer", "cosine", "logit_adjusted")
-    assert set(cfg.method.head_opts) == {"text_init=true", "init_scale=30", "learn_scale=false"}
+    assert cfg.method.head_opts == {"text_init": True, "init_scale": 30.0, "learn_scale": False}
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.warmup) == ("sgd", 0.01, 10, 128, 0.0)
     with pytest.raises(LtclipError, match="a recipe for finetune; train-head cannot use it"):
         stage_one_config({"features": "f", "out": "o", "recipe": "lift"})
@@ -162,7 +172,7 @@ def test_bad_recipes_are_one_line_errors(lt_cache, tmp_path, args, message):
     result = runner.invoke(app, ["train-head", "--features", str(root), "--out", str(tmp_path / "r"), "--head", "linear",
                                  "--device", "cpu", *args])
     assert result.exit_code == 2, result.output
-    assert message in result.output and "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 4
+    assert message in result.output and "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 5
 
 
 def test_a_recipe_file_with_an_option_its_stage_lacks_is_refused(tmp_path, monkeypatch):

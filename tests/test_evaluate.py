@@ -53,7 +53,7 @@ def invoke(*args):
 
 
 def test_run_metrics_average_test_views_and_land_in_eval_json(setup):
-    from ltclip.data.feature_batches import FeatureInputs
+    from ltclip.artifacts.feature_batches import FeatureInputs
     from ltclip.artifacts.runs import load_run
     from ltclip.artifacts.store import FeatureCache
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltclip.data.feature_batches import FeatureInputs
+from ltclip.artifacts.feature_batches import FeatureInputs
 from ltclip.core.errors import LtclipError
 from ltclip.artifacts.store import FeatureCache
 

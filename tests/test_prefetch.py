@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltclip.data.feature_batches import FeatureInputs
+from ltclip.artifacts.feature_batches import FeatureInputs
 from ltclip.data.samplers import BlockShuffledSampler, block_shuffled, create_sampler
 from ltclip.artifacts.store import FeatureCache, TokenFormat, shard_range, write_arrays
 

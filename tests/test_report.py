@@ -211,6 +211,8 @@ def test_binned_curve_means_every_class_once():
         ({"head": "cosine", "head_opts": ["init_scale=1"], "loss": "ldam", "loss_opts": ["s=1", "drw_epoch=8"],
           "sampler": "instance"}, "cosine(init_scale=1) · ldam(s=1, drw_epoch=8) · instance"),
         ({"head": "linear", "head_opts": [], "loss": "ce", "loss_opts": []}, "linear · ce"),
+        ({"head": "cosine", "head_opts": {"init_scale": 1.0}, "loss": "ldam", "loss_opts": {"s": 1.0, "drw_epoch": 8},
+          "sampler": "instance"}, "cosine(init_scale=1.0) · ldam(s=1.0, drw_epoch=8) · instance"),
     ],
 )
 def test_method_name(config, name):

@@ -15,12 +15,11 @@ from typer.testing import CliRunner
 
 from conftest import kill_at_random_moments, newest_mtime, write_cache
 from ltclip.cli import app
-from ltclip.cli.train import stage_one_config
 from ltclip.config import OptimConfig
 from ltclip.data.gaussian import gaussian_lt
-from ltclip.engine import fit
+from ltclip.engine import ParamGroups, fit
 from ltclip.methods.losses import compute_loss
-from ltclip.models.heads import create_head
+from ltclip.models.heads import HeadInputs, create_head
 from ltclip.methods.second_stage.fit import TensorSource
 from ltclip.sweep.batched import HeadStack, StackTask
 from ltclip.sweep.grid import expand, plan_groups
@@ -113,7 +112,8 @@ def test_fit_parts_train_with_their_own_settings_and_stop_at_their_end(optimizer
     parts = {"a": OptimConfig(**shared, lr=0.05, epochs=2, weight_decay=1e-2, schedule="cosine", warmup=0.5),
              "b": OptimConfig(**shared, lr=0.01, epochs=5, weight_decay=0.0, schedule="step")}
     model = TwoHeads()
-    result = fit(model, summed_task, TensorSource(x, y), OptimConfig(**shared), num_classes=len(COUNTS), parts=parts)
+    result = fit(model, summed_task, TensorSource(x, y), OptimConfig(**shared), num_classes=len(COUNTS),
+                 groups=ParamGroups(parts=parts))
     assert result.epochs == 5
     for name, part in parts.items():
         torch.manual_seed(0)
@@ -124,9 +124,9 @@ def test_fit_parts_train_with_their_own_settings_and_stop_at_their_end(optimizer
 
 
 def test_head_stack_logits_equal_each_heads_own():
-    heads = [create_head("linear", num_classes=5, embed_dim=12), create_head("linear", num_classes=5, embed_dim=12, normalize=False),
-             create_head("cosine", num_classes=5, embed_dim=12, init_scale=7.0),
-             create_head("cosine", num_classes=5, embed_dim=12, learn_scale=False)]
+    heads = [create_head("linear", HeadInputs(5, 12)), create_head("linear", HeadInputs(5, 12), normalize=False),
+             create_head("cosine", HeadInputs(5, 12), init_scale=7.0),
+             create_head("cosine", HeadInputs(5, 12), learn_scale=False)]
     stack = HeadStack(heads, ["a", "b", "c", "d"], ["balanced_accuracy"] * 4, [1] * 4).double()
     x = torch.randn(9, 12, dtype=torch.float64)
     for k, logits in zip([3, 0, 2], stack(x, [3, 0, 2]).unbind(1)):
@@ -139,7 +139,7 @@ def test_stack_loss_equals_the_sum_of_each_heads_own_loss_and_drops_heads_past_t
     losses = [("ce", {}), ("focal", {"gamma": 2.0}), ("logit_adjusted", {"tau": 0.5}), ("ce", {"label_smoothing": 0.1}),
               ("balanced_softmax", {})]
     epochs = [3, 1, 2, 3, 1]
-    heads = [create_head("cosine" if k == 2 else "linear", num_classes=5, embed_dim=12) for k in range(5)]
+    heads = [create_head("cosine" if k == 2 else "linear", HeadInputs(5, 12)) for k in range(5)]
     stack = HeadStack(heads, list("abcde"), ["balanced_accuracy"] * 5, epochs).double()
     task = StackTask(losses, COUNTS, epochs)
     task.offsets = task.offsets.double()
@@ -189,13 +189,13 @@ def test_choose_best_takes_the_first_of_equal_scores_and_skips_failures():
 def test_points_that_cannot_share_batches_train_in_their_own_groups(features, tmp_path):
     base = {"features": str(features), "batch_size": 64, "device": "cpu"}
     grid = [("head", ["linear", "mlp"]), ("sampler", ["instance", "progressive"]), ("epochs", [2, 3])]
-    points = expand(base, grid, tmp_path, stage_one_config)
+    points = expand(base, grid, tmp_path)
     groups = [[p.options for p in g] for g in plan_groups(points)]
     linear = lambda s, e: {"head": "linear", "sampler": s, "epochs": e}  # noqa: E731
     assert [linear("instance", 2), linear("instance", 3)] in groups  # the sampler ignores the run's length
     assert [linear("progressive", 2)] in groups and [linear("progressive", 3)] in groups  # its schedule does not
     assert sum(1 for g in groups if g[0]["head"] == "mlp") == 4  # not a stackable head: each alone
-    clipped = expand({**base, "grad_clip": 1.0}, [("lr", [0.1, 0.2])], tmp_path, stage_one_config)
+    clipped = expand({**base, "grad_clip": 1.0}, [("lr", [0.1, 0.2])], tmp_path)
     assert len(plan_groups(clipped)) == 2  # clipping takes one norm over every head
 
 

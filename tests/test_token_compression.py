@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_MODEL
 from ltclip.cli import app
-from ltclip.data.feature_batches import FeatureInputs
+from ltclip.artifacts.feature_batches import FeatureInputs
 from ltclip.core.errors import LtclipError
 from ltclip.artifacts.store import (
     BlockWriter, FeatureCache, FeatureWriter, PcaFit, TokenCodec, TokenFormat, join_shards, shard_path, write_arrays,

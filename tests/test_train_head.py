@@ -15,7 +15,7 @@ from conftest import write_cache
 from ltclip.cli import app
 from ltclip.config import SecondStageConfig, TrainHeadConfig, from_flat
 from ltclip.data.gaussian import gaussian_lt, nearest_mean_logits
-from ltclip.data.feature_batches import FeatureInputs
+from ltclip.artifacts.feature_batches import FeatureInputs
 from ltclip.core.errors import LtclipError
 from ltclip.evaluation.metrics import average_views, evaluate
 from ltclip.engine import lr_factor
@@ -64,7 +64,7 @@ def train(root: Path, name: str, **kw) -> Path:
 @pytest.mark.slow
 def test_balanced_losses_and_crt_beat_cross_entropy_on_the_tail(gaussian, places_profile):
     root, bayes = gaussian
-    common = dict(head="linear", head_opts=("normalize=false",), epochs=10, lr=3e-2)
+    common = dict(head="linear", head_opts={"normalize": False}, epochs=10, lr=3e-2)
     ce = test_metrics(train(root, "ce", loss="ce", **common), root / "features", places_profile)
     results = {"ce": ce}
     for loss in ("balanced_softmax", "logit_adjusted"):
@@ -93,7 +93,7 @@ def test_streamed_tokens_train_exactly_like_tokens_in_ram(tmp_path, order):
     tokens = rng.standard_normal((len(y), 5, 16)).astype(np.float32) + y[:, None, None] * 0.3
     for split in ("train", "val"):
         write_cache(tmp_path / "features", split, tokens[:, 0], y, 4, tokens=tokens)
-    kw = dict(head="decoder", head_opts=("depth=1", "heads=2"), epochs=2, batch_size=8, loss="balanced_softmax", **order)
+    kw = dict(head="decoder", head_opts={"depth": 1, "heads": 2}, epochs=2, batch_size=8, loss="balanced_softmax", **order)
     in_ram = train(tmp_path, "ram", **kw)
     streamed = train(tmp_path, "stream", max_ram="6K", **kw)  # the cache: 8,160 bytes of tokens; a pool: 1,280
     assert json.loads((streamed / "run.json").read_text())["inputs_in_ram"] is False
@@ -130,11 +130,11 @@ def test_config_file_sets_options_and_the_saved_config_reruns(gaussian, tmp_path
     result = runner.invoke(app, ["train-head", "--config", str(cfg), "--features", str(root / "features"), "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "config.json").read_text())
-    assert saved["method"]["head"] == "cosine" and saved["method"]["loss"] == "ldam" and saved["method"]["loss_opts"] == ["drw_epoch=1"]
+    assert saved["method"]["head"] == "cosine" and saved["method"]["loss"] == "ldam" and saved["method"]["loss_opts"] == {"drw_epoch": 1}
     from ltclip.stages.train_head import load_train_config
 
     again = load_train_config(out / "config.json")
-    assert again.method.loss_opts == ("drw_epoch=1",) and again.optim.epochs == 2
+    assert again.method.loss_opts == {"drw_epoch": 1} and again.optim.epochs == 2  # parsed once, typed
     rerun = tmp_path / "rerun"
     result = runner.invoke(app, ["train-head", "--config", str(out / "config.json"), "--out", str(rerun)])
     assert result.exit_code == 0, result.output

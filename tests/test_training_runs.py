@@ -145,7 +145,7 @@ def test_saved_configs_rerun_their_stage(features, tmp_path):
         (["--two-stage", "ncm", "--sampler", "class-balanced"], "ncm does not train: --sampler"),
         (["--posthoc-la", "--epochs", "3"], "--posthoc-la alone trains nothing: --epochs"),
         (["--two-stage", "crt", "--head", "linear"], "--head: not an option of a second stage"),
-        (["--two-stage", "crt", "--head-opt", "depth=1"], "--head-opts: not an option of a second stage"),
+        (["--two-stage", "crt", "--head-opt", "depth=1"], "--head-opt: not an option of a second stage"),
         ([], "needs --two-stage METHOD and/or --posthoc-la"),
         (["--two-stage", "crt", "--batch-size", "10", "--accum", "3"], "must be a multiple of processes × --accum"),
     ],

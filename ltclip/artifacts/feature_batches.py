@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..core.errors import LtclipError
-from ..artifacts.store import EncodedTokens, FeatureCache
+from .store import EncodedTokens, FeatureCache
 
 INPUT_KINDS = ("embeds", "tokens")
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .atomic import save_json, save_torch
+from ..core.atomic import save_json, save_torch
 from ..config import provenance
-from ..data.feature_batches import FeatureInputs
+from .feature_batches import FeatureInputs
 from ..core.errors import LtclipError
 from .store import FeatureCache
 
@@ -86,7 +86,7 @@ def head_record(head) -> dict:
     """A head as ``model.pt`` stores it: name, config and state; a prompt head adds what finds its
     text tower again (``text_encoder``: the model's identity and the class names)."""
     record = {"name": head.name, "config": head.config, "state_dict": head.state_dict()}
-    if getattr(head, "requires_text_encoder", False):
+    if head.needs.text_encoder:
         record["text_encoder"] = head.text_encoder.record()
     return record
 
@@ -94,7 +94,7 @@ def head_record(head) -> dict:
 def build_head(record: dict, backbone=None):
     """The head :func:`head_record` stored; a prompt head's text tower is ``backbone``'s (a finetuned
     run's own encoder) or, without one, the recorded model's, loaded by name."""
-    from ..models.heads import create_head
+    from ..models.heads import rebuild_head
 
     tower = None
     if "text_encoder" in record:
@@ -103,7 +103,7 @@ def build_head(record: dict, backbone=None):
         names = record["text_encoder"]["classnames"]
         tower = (text_encoder(backbone, names) if backbone is not None
                  else load_text_encoder(record["text_encoder"], names, "the run's recorded model"))
-    head = create_head(record["name"], **record["config"], text_encoder=tower, from_checkpoint=True)
+    head = rebuild_head(record["name"], record["config"], tower)
     head.load_state_dict(record["state_dict"])
     return head
 
@@ -131,14 +131,14 @@ def build_model(payload: dict, class_counts) -> RunModel:
 
 def finetune_payload(cfg, backbone, model) -> dict:
     """``model.pt`` of a finetuned run: the head, and the base encoder's identity, tuning and trained entries."""
-    from ..models.tuning import TUNING, trainable_state
+    from ..models.tuning import trainable_state
 
     tuning = cfg.tuning
     return {
         "schema_version": RUN_SCHEMA_VERSION,
         "head": head_record(model.head),
         "encoder": {"model": cfg.model, "pretrained": cfg.pretrained, "preprocess_from": cfg.preprocess_from,
-                    "identity": backbone.identity, "tune": tuning.tune, "tune_opts": TUNING.parse(tuning.tune, tuning.tune_opts),
+                    "identity": backbone.identity, "tune": tuning.tune, "tune_opts": dict(tuning.tune_opts),
                     "state_dict": trainable_state(backbone.model)},
         "tau": None,
     }
@@ -189,8 +189,8 @@ def features_input(features: Path) -> dict:
 
 def method_record(method, tau: float | None = None) -> dict:
     """The ``method`` entry of a first-stage run's ``run.json`` (a ``MethodConfig``; ``tau``: post-hoc LA)."""
-    return {"head": method.head, "head_opts": list(method.head_opts), "loss": method.loss,
-            "loss_opts": list(method.loss_opts), "sampler": method.sampler, "two_stage": None, "posthoc_la": tau}
+    return {"head": method.head, "head_opts": dict(method.head_opts), "loss": method.loss,
+            "loss_opts": dict(method.loss_opts), "sampler": method.sampler, "two_stage": None, "posthoc_la": tau}
 
 
 def write_run(out: Path, kind: str, payload: dict, inputs: dict, counts, **info) -> dict:

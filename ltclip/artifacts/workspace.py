@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from .atomic import atomic_path
+from ..core.atomic import atomic_path
 from ..core.errors import LtclipError
 
 WORKSPACE_FILE = "ltclip.toml"

@@ -1,4 +1,4 @@
-"""What every command shares: the error guard, ``--config`` files, the data options, registry choices.
+"""What every command shares: the error guard, ``--config`` files, the data options, printed defaults.
 
 Heavy libraries (torch, open_clip) are imported inside commands, so ``--help``, ``--version``
 and argument errors answer at once.
@@ -6,30 +6,17 @@ and argument errors answer at once.
 
 from __future__ import annotations
 
-import difflib
 import functools
-import importlib
 import inspect
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
 from ..core.errors import LtclipError
-
-# `ltclip list KIND` and the option checks read these registries (module, attribute), imported lazily.
-REGISTRIES = {
-    "losses": ("ltclip.methods.losses", "LOSSES"),
-    "heads": ("ltclip.models.heads", "HEADS"),
-    "samplers": ("ltclip.data.samplers", "SAMPLERS"),
-    "two-stage": ("ltclip.methods.second_stage", "TWO_STAGE"),
-    "schedules": ("ltclip.engine.optim", "SCHEDULES"),
-    "tuning": ("ltclip.models.tuning", "TUNING"),
-}
-
 
 def guarded(fn):
     """Turn project errors into one line on stderr and a non-zero exit, never a traceback.
@@ -48,7 +35,7 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except LtclipError as err:
-            from ..artifacts.atomic import WriteError
+            from ..core.atomic import WriteError
 
             message = str(err)
             if isinstance(err, WriteError) and err.disk_full:
@@ -56,7 +43,7 @@ def guarded(fn):
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(err.exit_code) from None
         except OSError as err:
-            from ..artifacts.atomic import FULL_ERRNOS
+            from ..core.atomic import FULL_ERRNOS
 
             logging.getLogger(__name__).debug("I/O error", exc_info=True)
             out = kwargs.get("out")
@@ -114,20 +101,6 @@ def _how_to_continue(resumable: bool, kwargs: dict) -> str:
     return "rerun the same command with --resume to continue from the last checkpoint"
 
 
-def registry(kind: str):
-    module, attr = REGISTRIES[kind]
-    return getattr(importlib.import_module(module), attr)
-
-
-def check_choice(option: str, kind: str, value: str | None) -> None:
-    """``value`` must be a registered name of ``kind``: else a one-line error naming ``option``."""
-    names = registry(kind).names()
-    if value is not None and value not in names:
-        close = difflib.get_close_matches(value, names, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise LtclipError(f"{option} {value!r}: unknown{hint}; choose one of {', '.join(names)} (`ltclip list {kind}`)")
-
-
 def given(values: dict, *, drop: tuple[str, ...] = ()) -> dict:
     """The options a user set: None and empty lists mean "not given" (the config's default applies)."""
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()
@@ -162,22 +135,20 @@ def load_config(ctx: typer.Context, param, value: Optional[str]):
     return value
 
 
-ConfigFile = Annotated[Optional[str], typer.Option("--config", callback=load_config, is_eager=True,
-                                                   help="TOML, YAML or JSON file of option values (a run's config.json reruns it).")]
-# Options shared by every command that reads a dataset (DataConfig's fields).
-DatasetName = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Registered dataset (`ltclip datasets list`) or 'custom'.")]
-DataRoot = Annotated[Optional[str], typer.Option("--data-root", help="Folder the split files' image paths are relative to.")]
-ManifestDir = Annotated[Optional[str], typer.Option("--manifest-dir", help="Folder holding the split files (default: the data root).")]
-TrainList = Annotated[Optional[str], typer.Option("--train-list", help="Your own train split file ('relative/path label' lines).")]
-ValList = Annotated[Optional[str], typer.Option("--val-list", help="Your own val split file.")]
-TestList = Annotated[Optional[str], typer.Option("--test-list", help="Your own test split file.")]
-Classnames = Annotated[Optional[str], typer.Option("--classnames", help="Class-name file ('key name' or one name per line, or categories JSON).")]
-Templates = Annotated[Optional[str], typer.Option("--templates", help="Prompt templates: openai_imagenet, simple, synthetic, cifar, or a file.")]
-Imbalance = Annotated[Optional[float], typer.Option("--imbalance", help="CIFAR-100-LT imbalance ratio (10, 50, 100; default 100).")]
-Download = Annotated[Optional[bool], typer.Option("--download", help="Let torchvision download CIFAR-100 (needs internet).")]
-SubsetSeed = Annotated[Optional[int], typer.Option("--subset-seed", help="Which images CIFAR-100-LT keeps (default 0).")]
-ManyThreshold = Annotated[int, typer.Option("--many", help="Classes with more training images than this are 'many'.")]
-FewThreshold = Annotated[int, typer.Option("--few", help="Classes with fewer training images than this are 'few'.")]
+def config_file_option():
+    """``--config FILE``: a command's option values from a file (eager: they become its defaults)."""
+    from .generate import extra
+
+    return extra("config", Optional[str], ("--config",), "TOML, YAML or JSON file of option values (a run's config.json reruns it).",
+                 callback=load_config, is_eager=True)
+
+
+def data_options(skip: tuple[str, ...] = ()):
+    """The dataset options (``DataConfig``'s fields) as command parameters."""
+    from ..config import DataConfig
+    from .generate import config_options
+
+    return config_options(DataConfig, skip=skip)
 
 
 def data_config(values: dict):

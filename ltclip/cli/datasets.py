@@ -7,10 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .common import (
-    Classnames, DataRoot, Download, FewThreshold, Imbalance, ManifestDir, ManyThreshold, SubsetSeed, TestList, TrainList,
-    ValList, console, data_config, guarded,
-)
+from .common import console, data_config, data_options, guarded
+from .generate import argument, command, extra
 
 datasets_app = typer.Typer(help="Registered datasets: list, class profiles, image checks, the synthetic set.", no_args_is_help=True)
 cache_app = typer.Typer(help="Feature caches written by `ltclip extract`.", no_args_is_help=True)
@@ -38,29 +36,14 @@ def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JS
     typer.echo("Own data: --dataset custom --data-root R --train-list a.txt --test-list b.txt --classnames names.txt")
 
 
-@datasets_app.command("info")
-@guarded
-def datasets_info(
-    name: Annotated[str, typer.Argument(help="Dataset name, or 'custom'.")],
-    data_root: DataRoot = None,
-    manifest_dir: ManifestDir = None,
-    train_list: TrainList = None,
-    val_list: ValList = None,
-    test_list: TestList = None,
-    classnames: Classnames = None,
-    imbalance: Imbalance = None,
-    download: Download = None,
-    subset_seed: SubsetSeed = None,
-    many: ManyThreshold = 100,
-    few: FewThreshold = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-):
+def datasets_info(values: dict) -> None:
     """Class-count profile of the train split: max/min per class, imbalance ratio, many/medium/few.
 
     Only the train split is needed (for `custom`: --train-list; no class names, no val/test list).
     """
-    data = data_config({**locals(), "dataset": name})
-    from ..data.profile import class_profile
+    many, few, as_json = values["many"], values["few"], values["as_json"]
+    data = data_config({**values, "dataset": values["name"]})
+    from ..evaluation.profile import class_profile
     from ..data.registry import open_dataset
 
     ds = open_dataset(data, need_classnames=False)  # a profile / an image check needs no class names
@@ -87,24 +70,10 @@ def datasets_info(
     console().print(table)
 
 
-@datasets_app.command("check")
-@guarded
-def datasets_check(
-    name: Annotated[str, typer.Argument(help="Dataset name, or 'custom'.")],
-    data_root: DataRoot = None,
-    manifest_dir: ManifestDir = None,
-    train_list: TrainList = None,
-    val_list: ValList = None,
-    test_list: TestList = None,
-    classnames: Classnames = None,
-    imbalance: Imbalance = None,
-    download: Download = None,
-    subset_seed: SubsetSeed = None,
-    workers: Annotated[int, typer.Option("--workers", help="Parallel decoders.")] = 8,
-):
+def datasets_check(values: dict) -> None:
     """Every image of every split exists and decodes; lists bad files and exits 1 if any."""
-    data = data_config({**locals(), "dataset": name})
-    from ..data.profile import check_images
+    data = data_config({**values, "dataset": values["name"]})
+    from ..evaluation.profile import check_images
     from ..data.registry import open_dataset
     from ..core.progress import RichProgress
 
@@ -112,7 +81,7 @@ def datasets_check(
     total = sum(len(s) for s in ds.splits.values())
     progress = RichProgress()
     with progress.task(f"checking {ds.name}", total, "img") as advance:
-        bad = check_images(ds, workers, advance)
+        bad = check_images(ds, values["workers"], advance)
     for path, problem in bad:
         typer.echo(f"bad image: {path}: {problem}", err=True)
     if bad:
@@ -175,3 +144,18 @@ def cache_info(
     for key, value in info["provenance"].items():
         prov.add_row(key, str(value))
     screen.print(prov)
+
+
+def _register_data_commands() -> None:
+    """``datasets info`` and ``datasets check``: a dataset's options (DataConfig's fields) and their own."""
+    name = argument("name", str, "Dataset name, or 'custom'.", default=...)
+    data = data_options(skip=("dataset", "templates"))
+    as_json = extra("as_json", bool, ("--json",), "Print JSON instead of a table.", default=False)
+    info = [name, *data, extra("many", int, ("--many",), "Classes with more training images than this are 'many'.", default=100),
+            extra("few", int, ("--few",), "Classes with fewer training images than this are 'few'.", default=20), as_json]
+    datasets_app.command("info")(guarded(command("info", datasets_info.__doc__, info, datasets_info)))
+    check = [name, *data, extra("workers", int, ("--workers",), "Parallel decoders.", default=8)]
+    datasets_app.command("check")(guarded(command("check", datasets_check.__doc__, check, datasets_check)))
+
+
+_register_data_commands()

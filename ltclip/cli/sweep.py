@@ -3,8 +3,8 @@
 Every option besides the sweep's own is a train-head option (parsed by train-head's own command,
 ``--config`` included) and sets the base of every point; each
 ``--grid KEY=V1,V2`` value is parsed as that train-head option would be. A point's option values
-are the base's with its own, made into a config by :func:`~ltclip.cli.train.run_config` (stage 1,
-or a second stage when they name ``--from RUN``).
+are the base's with its own, made into a config as train-head would (stage 1, or a second stage when
+they name ``--from RUN``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,18 @@ import typer
 
 from ..core.errors import LtclipError
 from ..artifacts.workspace import WORKSPACE_FILE, default_run_dir, recorded_features
-from .common import check_choice, given, guarded, say_default
-from .train import run_config, train_head
+from ..config import SecondStageConfig, TrainHeadConfig, option_fields
+from ..recipes.choices import check_choice
+from .common import given, guarded, say_default
+from .generate import command
+from .train import train_head, train_head_parameters
 
 # Train-head options a sweep sets itself.
 NOT_SWEPT = {"out": "--out is the sweep's own folder, not a grid key", "resume": "--resume continues the sweep, not a grid key",
              "config": "--config sets the base of every point, not a grid key"}
-CHOICES = {"head": "heads", "loss": "losses", "sampler": "samplers", "schedule": "schedules", "two_stage": "two-stage"}
+# Options whose values are registered names (`ltclip list KIND`), as the configs declare them.
+CHOICES = {name: spec.choices for cls in (TrainHeadConfig, SecondStageConfig)
+           for name, (_, spec) in option_fields(cls).items() if spec.choices}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -59,12 +64,12 @@ def sweep(
     if out is None:
         out = str(default_run_dir("sweep", resume))
         say_default("--out", out)
-    run_sweep(base, axes, metric, Path(out), run_config, RichProgress(), resume=resume)
+    run_sweep(base, axes, metric, Path(out), RichProgress(), resume=resume)
 
 
 def _train_head_command():
     app = typer.Typer(add_completion=False)
-    app.command()(train_head)
+    app.command()(command("train-head", train_head.__doc__, train_head_parameters(), train_head))
     return typer.main.get_command(app)
 
 

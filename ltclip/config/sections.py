@@ -1,39 +1,33 @@
-"""Stage configs: frozen dataclasses that the CLI builds, a stage consumes and a run saves.
+"""The stage configs: frozen dataclasses that the CLI builds, a stage consumes and a run saves.
 
 Each stage's config is composed of shared sections (``DataConfig``, ``OptimConfig``,
-``MethodConfig``); every default is written once, here. The CLI's options carry the same names
-as the fields, so a saved config (``config.json``, ``extract.json``) reruns its stage with
-``--config``: :func:`flatten` turns a nested config into option values and :func:`from_flat` builds
-a config from them, refusing any option the stage does not use.
+``MethodConfig``, ``TuningConfig``). Every field is an option, declared once with :func:`option`:
+its default, help text, flag and choices; the commands of ``ltclip.cli`` are generated from these
+fields, and a saved config (``config.json``, ``extract.json``) reruns its stage with ``--config``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import platform
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import __version__
-from .core.errors import LtclipError
-
+from .fields import REQUIRED, Options, option
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset and where its files are."""
 
-    dataset: str = "synthetic"
-    data_root: str = "."
-    manifest_dir: str | None = None
-    train_list: str | None = None
-    val_list: str | None = None
-    test_list: str | None = None
-    classnames: str | None = None
-    templates: str | None = None
-    imbalance: float = 100.0
-    download: bool = False
-    subset_seed: int = 0  # which images CIFAR-100-LT keeps
+    dataset: str = option("synthetic", "Registered dataset (`ltclip datasets list`) or 'custom'.", short="-d")
+    data_root: str = option(".", "Folder the split files' image paths are relative to.")
+    manifest_dir: str | None = option(None, "Folder holding the split files.", default_text="the data root")
+    train_list: str | None = option(None, "Your own train split file ('relative/path label' lines).")
+    val_list: str | None = option(None, "Your own val split file.")
+    test_list: str | None = option(None, "Your own test split file.")
+    classnames: str | None = option(None, "Class-name file ('key name' or one name per line, or categories JSON).")
+    templates: str | None = option(None, "Prompt templates: openai_imagenet, simple, synthetic, cifar, or a file.",
+                                   default_text="the dataset's")
+    imbalance: float = option(100.0, "CIFAR-100-LT imbalance ratio (10, 50, 100).")
+    download: bool = option(False, "Let torchvision download CIFAR-100 (needs internet).")
+    subset_seed: int = option(0, "Which images CIFAR-100-LT keeps.")
 
     def split_files(self) -> dict[str, str]:
         lists = {"train": self.train_list, "val": self.val_list, "test": self.test_list}
@@ -44,25 +38,25 @@ class DataConfig:
 class OptimConfig:
     """How a model is optimised (the engine's settings); ``batch_size`` rows make one optimizer step."""
 
-    epochs: int = 10
-    steps: int | None = None  # total optimizer steps instead of epochs
-    batch_size: int = 256
-    accum: int = 1  # micro-batches per optimizer step
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    nesterov: bool = False
-    no_decay_1d: bool = False  # no weight decay on biases, norms and other 1-D parameters
-    schedule: str = "cosine"
-    warmup: float = 0.0  # epochs of linear warm-up
-    warmup_steps: int | None = None  # optimizer steps of linear warm-up instead of ``warmup`` epochs
-    grad_clip: float = 0.0
-    precision: str = "fp32"
-    seed: int = 0
-    eval_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)
-    checkpoint_every: int = 0  # steps between checkpoints besides each epoch's end
-    select: str = "balanced_accuracy"  # validation metric that picks the kept weights
+    epochs: int = option(10, "Epochs (one epoch draws as many rows as the train split has).")
+    steps: int | None = option(None, "Total optimizer steps instead of --epochs.")
+    batch_size: int = option(256, "Rows per optimizer step, over all processes.")
+    accum: int = option(1, "Micro-batches per optimizer step (gradient accumulation).")
+    optimizer: str = option("adamw", "adamw or sgd (timm's factory).")
+    lr: float = option(1e-3, "Peak learning rate.")
+    weight_decay: float = option(1e-4, "Weight decay.")
+    momentum: float = option(0.9, "SGD momentum.")
+    nesterov: bool = option(False, "Nesterov momentum for sgd.")
+    decay_1d: bool = option(True, "Weight decay also on biases, norms and other 1-D parameters.")
+    schedule: str = option("cosine", "Learning-rate schedule per step.", choices="schedules")
+    warmup: float = option(0.0, "Linear warm-up, in epochs.")
+    warmup_steps: int | None = option(None, "Linear warm-up in optimizer steps, instead of --warmup epochs.")
+    grad_clip: float = option(0.0, "Clip the gradient norm (0: off).")
+    precision: str = option("fp32", "fp32, bf16 or fp16 (autocast; fp16 on CUDA with a GradScaler).")
+    seed: int = option(0, "Seed of the initialisation, sampler and views.")
+    eval_every: int = option(0, "Also validate every N steps (0: at epoch ends only).")
+    checkpoint_every: int = option(0, "Also checkpoint every N steps (0: at epoch ends only).")
+    select: str = option("balanced_accuracy", "Validation metric that picks the kept weights (highest; lowest for nll and ece).")
 
 
 # A second stage retrains a small layer on fixed features: SGD with a large step, as in Kang et al.
@@ -70,256 +64,187 @@ SECOND_STAGE_OPTIM = OptimConfig(optimizer="sgd", lr=0.1, weight_decay=5e-4, bat
 
 
 # Fine-tuning an encoder: AdamW with warm-up, no decay on biases, norms and prompt tokens.
-FINETUNE_OPTIM = OptimConfig(batch_size=128, warmup=1.0, no_decay_1d=True)
+FINETUNE_OPTIM = OptimConfig(batch_size=128, warmup=1.0, decay_1d=False)
 
 
 @dataclass(frozen=True)
 class TuningConfig:
     """What of the image encoder trains (``ltclip list tuning``) and how."""
 
-    tune: str = "frozen"
-    tune_opts: tuple[str, ...] = ()
-    backbone_lr: float | None = None  # the encoder's peak lr; None: --lr
-    grad_checkpointing: bool = False
+    tune: str = option("frozen", "What of the encoder trains.", choices="tuning")
+    tune_opts: Options = option(Options(), "Tuning option key=value (repeatable), e.g. rank=8.", flag="--tune-opt", choices_of="tune")
+    backbone_lr: float | None = option(None, "Peak lr of the encoder's trained parameters.", default_text="--lr")
+    grad_checkpointing: bool = option(False, "Recompute encoder activations in the backward pass (less memory).")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """What is trained: the head, the loss, the sampler and their options (``key=value`` strings)."""
+    """What is trained: the head, the loss, the sampler and their options (parsed: :class:`Options`)."""
 
-    head: str = "decoder"
-    head_opts: tuple[str, ...] = ()
-    loss: str = "ce"
-    loss_opts: tuple[str, ...] = ()
-    sampler: str = "instance"
+    head: str = option("decoder", "Head.", choices="heads")
+    head_opts: Options = option(Options(), "Head option key=value (repeatable), e.g. depth=3.", flag="--head-opt", choices_of="head")
+    loss: str = option("ce", "Loss.", choices="losses")
+    loss_opts: Options = option(Options(), "Loss option key=value (repeatable), e.g. tau=1.", flag="--loss-opt", choices_of="loss")
+    sampler: str = option("instance", "Sampler.", choices="samplers")
+
+
+_DEVICE = "auto, cpu or cuda."
+_WORKERS = "DataLoader decode workers."
+_WORKERS_DEFAULT = "this process's share of the CPUs, at most 8"
+_OUT_RUN = "Run folder (never a finished run)."
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    out: str
+    """``ltclip extract``: the frozen encoder's embeddings (and tokens) of every split, cached."""
+
+    out: str = option(REQUIRED, "Output folder: train.h5, val.h5, test.h5, text.h5.", short="-o",
+                      default_text="features/DATASET-MODEL-PRETRAINED")
     data: DataConfig = DataConfig()
-    splits: tuple[str, ...] = ()  # empty: every split the dataset has
-    model: str = "ViT-B-16"
-    pretrained: str = "openai"
-    preprocess_from: str | None = None
-    tokens: bool = True
-    batch_size: int = 256
-    workers: int | None = None  # DataLoader decode workers; None: this process's share of the CPUs, at most 8
-    device: str = "auto"
-    precision: str = "fp32"
-    test_views: str = "center"
-    train_views: int = 0
-    bad_images: str = "fail"
-    block_size: int = 1024
-    seed: int = 0  # of the train views
-    from_run: str | None = None  # a finetuned run whose encoder extracts (instead of model/pretrained alone)
-    token_pool: int = 1  # k x k average pooling of the patch tokens (CLS kept); 1: none
-    token_dtype: str = "float16"  # float16, int8 or fp8 (e4m3)
-    token_scale: str | None = None  # int8/fp8: "token" (default) or "channel"
-    token_pca: int = 0  # stored token width after PCA (0: the model's width)
-    token_pca_sample: int = 1024  # train images whose tokens fit the PCA basis
+    splits: tuple[str, ...] = option((), "Splits to extract, comma-separated or repeated.", default_text="every split the dataset has")
+    model: str = option("ViT-B-16", "open_clip model name (or local-dir:/path).", short="-m")
+    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none' (random).", short="-p")
+    preprocess_from: str | None = option(None, "Tag whose preprocessing a checkpoint file needs.")
+    tokens: bool = option(True, "Also store the ViT token sequence (the decoder head needs it).")
+    batch_size: int = option(256, "Images per forward pass.")
+    workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT)
+    device: str = option("auto", _DEVICE)
+    precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).")
+    test_views: str = option("center", "center, flip, fivecrop or tencrop views of val/test images.")
+    train_views: int = option(0, "K seeded augmented views per training image (0: the model's preprocessing).")
+    bad_images: str = option("fail", "fail, or skip (logged; zero features).")
+    block_size: int = option(1024, "Rows written (and resumed) together.")
+    seed: int = option(0, "Seed of the train views.")
+    from_run: str | None = option(None, "A finetuned run: extract with its encoder (its model and weights).", flag="--from-run")
+    token_pool: int = option(1, "Average the patch tokens over K×K windows (CLS kept; 1: no pooling).")
+    token_dtype: str = option("float16", "Token storage: float16, int8 or fp8 (e4m3), the last two with a scale.")
+    token_scale: str | None = option(None, "int8/fp8 scale per 'token' or per 'channel'.", default_text="token")
+    token_pca: int = option(0, "Store tokens as W PCA coordinates (basis fitted on train tokens; 0: off).")
+    token_pca_sample: int = option(1024, "Train images whose tokens fit the PCA basis.")
 
 
 @dataclass(frozen=True)
 class TrainHeadConfig:
     """Stage 1: a head trained on a feature cache."""
 
-    features: str
-    out: str
+    features: str = option(REQUIRED, "Feature cache folder from `ltclip extract`.", short="-f",
+                           default_text="the one ./ltclip.toml names")
+    out: str = option(REQUIRED, _OUT_RUN, short="-o", default_text="runs/HEAD-LOSS-SAMPLER")
     method: MethodConfig = MethodConfig()
     optim: OptimConfig = OptimConfig()
-    val_split: str = "val"
-    max_ram: str | None = None
-    read_blocks: int = 0  # rows per contiguous block of a block-shuffled read order (0: the sampler's order)
-    shuffle_pool: int | None = None  # blocks shuffled together in that order (None: 16)
-    posthoc_la: bool = False
-    device: str = "auto"
-    tensorboard: bool = False
+    val_split: str = option("val", "Split for model selection.")
+    max_ram: str | None = option(None, "Stream token caches larger than this, e.g. 8G.",
+                                 default_text="half of the available memory, shared by the processes")
+    read_blocks: int = option(0, "Block-shuffled read order for caches streamed from slow disks: contiguous blocks "
+                                 "of this many rows, e.g. 1024 (0: the sampler's own order).")
+    shuffle_pool: int | None = option(None, "Blocks shuffled together in the --read-blocks order.", default_text="16")
+    posthoc_la: bool = option(False, "Post-hoc logit adjustment, tau chosen on val.")
+    device: str = option("auto", _DEVICE)
+    tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
+    min_steps: int = option(0, "Lengthen --epochs (at most 5×) until the run takes this many optimizer steps (0: off).",
+                            default_text="the head's, where no length is given")
 
 
 @dataclass(frozen=True)
 class SecondStageConfig:
     """A second stage on a finished stage-1 run; ``sampler``/``loss`` None mean the method's own."""
 
-    from_run: str
-    out: str
-    two_stage: str | None = None
-    two_stage_opts: tuple[str, ...] = ()
-    sampler: str | None = None
-    loss: str | None = None
-    loss_opts: tuple[str, ...] = ()
+    from_run: str = option(REQUIRED, "Finished first-stage run: train a second stage on it.", flag="--from")
+    out: str = option(REQUIRED, _OUT_RUN, short="-o", default_text="runs/STAGE1-METHOD")
+    two_stage: str | None = option(None, "Second-stage method, with --from.", choices="two-stage")
+    two_stage_opts: Options = option(Options(), "Second-stage option key=value (repeatable).", flag="--two-stage-opt",
+                                             choices_of="two_stage")
+    sampler: str | None = option(None, "Sampler.", choices="samplers", default_text="the method's")
+    loss: str | None = option(None, "Loss.", choices="losses", default_text="the method's")
+    loss_opts: Options = option(Options(), "Loss option key=value (repeatable), e.g. tau=1.", flag="--loss-opt", choices_of="loss")
     optim: OptimConfig = SECOND_STAGE_OPTIM
-    features: str | None = None  # the first stage's cache unless given (must be the same)
-    val_split: str = "val"
-    max_ram: str | None = None
-    posthoc_la: bool = False
-    device: str = "auto"
-    tensorboard: bool = False
+    features: str | None = option(None, "Feature cache folder (must be the first stage's).", short="-f",
+                                  default_text="the first stage's")
+    val_split: str = option("val", "Split for model selection.")
+    max_ram: str | None = option(None, "Stream token caches larger than this, e.g. 8G.",
+                                 default_text="half of the available memory, shared by the processes")
+    posthoc_la: bool = option(False, "Post-hoc logit adjustment, tau chosen on val.")
+    device: str = option("auto", _DEVICE)
+    tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """End-to-end training on images: an open_clip encoder (tuned as ``tuning`` says) and a head."""
 
-    out: str
+    out: str = option(REQUIRED, _OUT_RUN, short="-o", default_text="runs/finetune-TUNE-HEAD-LOSS-SAMPLER")
     data: DataConfig = DataConfig()
-    model: str = "ViT-B-16"
-    pretrained: str = "openai"
-    preprocess_from: str | None = None
+    model: str = option("ViT-B-16", "open_clip model name.", short="-m")
+    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none'.", short="-p")
+    preprocess_from: str | None = option(None, "Tag whose preprocessing a checkpoint file needs.")
     tuning: TuningConfig = TuningConfig()
     method: MethodConfig = MethodConfig()
     optim: OptimConfig = FINETUNE_OPTIM
-    augment: bool = True  # RandomResizedCrop + horizontal flip at every step
-    normalize: str = "model"  # the model's own mean/std, or "imagenet" (the seed code's)
-    workers: int | None = None
-    val_split: str = "val"
-    device: str = "auto"
-    tensorboard: bool = False
+    augment: bool = option(True, "RandomResizedCrop + horizontal flip at every step.")
+    normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's).")
+    workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT)
+    val_split: str = option("val", "Split for model selection.")
+    device: str = option("auto", _DEVICE)
+    tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    runs: tuple[str, ...] = ()
-    features: str | None = None  # for baselines without a run
-    split: str = "test"
-    zero_shot: bool = False
-    knn: int = 0
-    ncm: bool = False
-    retrieval_mix: float = 0.0
-    retrieval_k: int = 10
-    temperature: float = 0.07
-    views: str = "mean"
-    data_root: str | None = None  # images of a finetuned run (default: the run's own data root)
-    test_views: str = "center"  # views of each image for a finetuned run: center, flip, fivecrop, tencrop
-    workers: int | None = None
-    many: int = 100
-    few: int = 20
-    backend: str = "auto"
-    batch_size: int = 1024
-    device: str = "auto"
-    allow_mixed: bool = False
-    report: str | None = None
-    json: str | None = None
-    csv: str | None = None
-    plot: str | None = None
+    """``ltclip eval``: shot-group metrics of runs and baselines, and the reports."""
+
+    runs: tuple[str, ...] = ()  # the command's arguments
+    features: str | None = option(None, "Cache folder for the baselines.", short="-f", default_text="the one ./ltclip.toml names")
+    split: str = option("test", "Split of each run's cache to evaluate.")
+    zero_shot: bool = option(False, "Zero-shot CLIP with the cache's text embeddings.")
+    knn: int = option(0, "kNN baseline with K neighbours from the train cache (0: off).")
+    ncm: bool = option(False, "Nearest-class-mean baseline.")
+    retrieval_mix: float = option(0.0, "Blend each run with kNN votes: weight alpha in [0, 1].")
+    retrieval_k: int = option(10, "Neighbours for --retrieval-mix.")
+    temperature: float = option(0.07, "kNN vote temperature.")
+    views: str = option("mean", "Test views: mean (average logits) or first.")
+    data_root: str | None = option(None, "Images of finetuned runs.", default_text="the run's own data root")
+    test_views: str = option("center", "Views of each image for finetuned runs: center, flip, fivecrop or tencrop.")
+    workers: int | None = option(None, "Image decode workers for finetuned runs.", default_text=_WORKERS_DEFAULT)
+    many: int = option(100, "Classes with more training images than this are 'many'.")
+    few: int = option(20, "Classes with fewer training images than this are 'few'.")
+    backend: str = option("auto", "kNN search: auto, faiss or torch.")
+    batch_size: int = option(1024, "Rows per forward pass.")
+    device: str = option("auto", _DEVICE)
+    allow_mixed: bool = option(False, "Allow runs of different datasets in one report.")
+    report: str | None = option(None, "Markdown table to write.")
+    json: str | None = option(None, "JSON results to write.")
+    csv: str | None = option(None, "CSV results to write.")
+    plot: str | None = option(None, "PNG of accuracy by shot group per method; the per-class figure goes beside it "
+                                     "(NAME_per_class.png).")
 
 
-def _sections(cls) -> dict[str, type]:
-    """The fields of ``cls`` that are themselves config sections."""
-    return {f.name: type(f.default) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)}
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """What ``ltclip reproduce`` was asked for; ``None`` leaves a value to the recipe or the command.
 
-
-def option_names(cls) -> set[str]:
-    """Every option a config of ``cls`` takes, sections flattened (the CLI's parameter names)."""
-    names = set()
-    for f in dataclasses.fields(cls):
-        names |= {g.name for g in dataclasses.fields(f.default)} if dataclasses.is_dataclass(f.default) else {f.name}
-    return names
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def from_flat(cls, values: dict, *, owner: str):
-    """Build ``cls`` from flat option values (None: not given, the default applies).
-
-    An option ``cls`` does not take is refused with a one-line error naming it and ``owner``.
+    The dataset fields are the dataset options' (``DataConfig``); the others are ``reproduce``'s own.
     """
-    given = {k: v for k, v in values.items() if v is not None}
-    unknown = sorted(set(given) - option_names(cls))
-    if unknown:
-        raise LtclipError(f"{', '.join(flag(k) for k in unknown)}: not an option of {owner}; drop it")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in _sections(cls):
-            sub = {g.name: given[g.name] for g in dataclasses.fields(f.default) if g.name in given}
-            kwargs[f.name] = dataclasses.replace(f.default, **_typed(type(f.default), sub))
-        elif f.name in given:
-            kwargs[f.name] = _typed(cls, {f.name: given[f.name]})[f.name]
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required field is missing
-        raise LtclipError(f"{owner}: {err}") from None
 
-
-def _typed(cls, values: dict) -> dict:
-    """Lists (from JSON/TOML) as the tuples the frozen configs hold."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-
-
-def flatten(data: dict) -> dict:
-    """A saved config (nested sections; ``extract.json`` wraps it in ``config``) as flat option values."""
-    if "config" in data and isinstance(data["config"], dict):
-        data = data["config"]
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls, data: dict):
-    """Rebuild a config saved with :func:`to_dict`, refusing unknown keys."""
-    return from_flat(cls, flatten(data), owner=cls.__name__)
-
-
-def load_config_file(path: str | Path) -> dict:
-    """Read a TOML, YAML or JSON config file into flat option values (for ``--config``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LtclipError(f"--config {path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".toml":
-            data = _toml().loads(text)
-        else:
-            import yaml  # YAML is a superset of JSON
-
-            data = yaml.safe_load(text) or {}
-    except Exception as err:  # parse errors of either format
-        raise LtclipError(f"--config {path}: cannot parse ({err})".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise LtclipError(f"--config {path}: expected a table of option = value")
-    return {k.replace("-", "_"): v for k, v in flatten(data).items()}
-
-
-def _toml():
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    return tomllib
-
-
-def provenance() -> dict:
-    """Versions recorded in every artifact."""
-    import numpy
-    import torch
-
-    try:
-        import open_clip
-
-        oc = open_clip.__version__
-    except Exception:  # pragma: no cover - open_clip missing
-        oc = "absent"
-    return {
-        "ltclip": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": oc,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-    }
+    dataset: str
+    data_root: str
+    out: str = option(None, "Experiment folder: features/, runs/, the report.", short="-o",
+                      default_text="experiments/DATASET-MODEL-PRETRAINED")
+    model: str = option("ViT-L-14", "open_clip model name.", short="-m")
+    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none'.", short="-p")
+    recipe: str = option("imbalance-vlm", "Which table: imbalance-vlm (the paper's rows) or lift (LIFT's AdaptFormer row).")
+    manifest_dir: str | None = None
+    imbalance: float | None = None
+    download: bool = False
+    epochs: int | None = option(None, "Epochs of every training step.", default_text="the recipe's")
+    steps: int | None = option(None, "Optimizer steps of every training step instead of epochs (smoke tests, budgets).")
+    batch_size: int | None = option(None, "Batch of every training step.", default_text="the recipe's")
+    precision: str | None = option(None, "fp32, fp16 or bf16 for extraction and training.", default_text="the commands'")
+    device: str | None = option(None, "auto, cpu or cuda.", default_text="auto")
+    workers: int | None = option(None, "Image decode workers of extract, finetune and their eval.", default_text="the commands'")
+    launcher: str | None = option(None, "Run extract and training steps under this, e.g. 'torchrun --nproc_per_node=8'.")
 
 
 __all__ = [
     "DataConfig", "EvalConfig", "ExtractConfig", "FINETUNE_OPTIM", "FinetuneConfig", "MethodConfig", "OptimConfig",
-    "SECOND_STAGE_OPTIM", "SecondStageConfig", "TrainHeadConfig", "TuningConfig", "flatten", "from_dict", "from_flat", "load_config_file", "option_names", "provenance", "to_dict",
+    "ReproduceConfig", "SECOND_STAGE_OPTIM", "SecondStageConfig", "TrainHeadConfig", "TuningConfig",
 ]

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..core.errors import LtclipError
+from .errors import LtclipError
 
 # A write that more free space would let through (EFBIG: a file-size limit, as with RLIMIT_FSIZE).
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..artifacts.atomic import atomic_path
+from ..core.atomic import atomic_path
 from ..core.errors import LtclipError
 from .metrics import as_numpy
 

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..evaluation.metrics import shot_groups
-from .base import LTDataset
+from .metrics import shot_groups
+from ..data.base import LTDataset
 
 
 def class_profile(counts: np.ndarray, many_threshold: int = 100, few_threshold: int = 20) -> dict:

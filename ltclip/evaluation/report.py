@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ..artifacts.atomic import atomic_path
+from ..core.atomic import atomic_path
 from ..core.errors import LtclipError
 
 
@@ -176,7 +176,8 @@ def method_name(config: dict) -> str:
     """A short row label from a run's resolved config: ``head · loss · sampler [→ two_stage] [+ LA]``.
 
     Entries are registry names or dicts with a ``name``; missing or "none" parts are left out;
-    ``head_opts`` / ``loss_opts`` (``key=value`` strings) follow their part in brackets.
+    ``head_opts`` / ``loss_opts`` (a mapping, or ``key=value`` strings in runs of earlier versions)
+    follow their part in brackets.
     ``posthoc_la`` may be true, a tau, or a dict with ``tau``. Example: ``{"head": "decoder",
     "loss": "balanced_softmax", "sampler": "class-balanced", "two_stage": "crt"}`` →
     ``"decoder · balanced_softmax · class-balanced → crt"``.
@@ -184,6 +185,8 @@ def method_name(config: dict) -> str:
     parts = []
     for key in ("head", "loss", "sampler"):
         label, opts = _label(config.get(key)), config.get(f"{key}_opts") or ()
+        if isinstance(opts, dict):
+            opts = [f"{k}={v}" for k, v in opts.items()]
         if label:
             parts.append(f"{label}({', '.join(opts)})" if opts else label)
     name = " · ".join(parts)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts.atomic import save_json
-from ..data.feature_batches import FeatureInputs, default_max_ram, format_size, parse_size
+from ..core.atomic import save_json
+from ..artifacts.feature_batches import FeatureInputs, default_max_ram, format_size, parse_size
 from ..core.distributed import DistContext
 from ..engine import LAST_FILE, ValidationStats
 from ..core.errors import LtclipError

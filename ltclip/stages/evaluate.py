@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts.atomic import save_json
+from ..core.atomic import save_json
 from ..config import EvalConfig
-from ..data.feature_batches import FeatureInputs
+from ..artifacts.feature_batches import FeatureInputs
 from ..core.distributed import DistContext, resolve_device
 from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views, evaluate

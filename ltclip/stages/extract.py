@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..artifacts.atomic import save_json
+from ..core.atomic import save_json
 from ..config import ExtractConfig, provenance, to_dict
 from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
 from ..data.registry import open_dataset

@@ -13,16 +13,16 @@ from ..data.image_batches import NORMALIZATIONS, ImageSource, eval_transform, im
 from ..data.registry import open_dataset
 from ..data.views import CenterView
 from ..core.distributed import default_workers, setup
-from ..engine import Task, ValidationStats, check_optim, fit
+from ..engine import ParamGroups, RunEnv, ValidationStats, check_optim, fit
+from ..methods.task import Task
 from ..core.errors import LtclipError
-from ..methods.losses import LOSSES, parse_loss
 from ..evaluation.metrics import average_views
 from ..models.backbone import load_backbone
 from ..models.encoder_classifier import EncoderClassifier, image_logits
-from ..models.heads import HEADS, create_head
+from ..models.heads import HeadInputs, create_head, head_needs
 from ..models.text import text_classifier
 from ..models.text_prompts import text_encoder
-from ..models.tuning import TUNING, apply_tuning, count_trainable, no_weight_decay_names
+from ..models.tuning import apply_tuning, count_trainable, no_weight_decay_names
 from ..core.progress import Progress
 from ..artifacts.runs import finetune_payload, method_record, write_run
 from ..artifacts.store import shard_range
@@ -35,26 +35,21 @@ def new_encoder_classifier(cfg: FinetuneConfig, dataset, device):
     tower), seeded by ``cfg.optim.seed``."""
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
     torch.manual_seed(cfg.optim.seed)
-    apply_tuning(backbone.model, cfg.tuning.tune, TUNING.parse(cfg.tuning.tune, cfg.tuning.tune_opts))
+    apply_tuning(backbone.model, cfg.tuning.tune, dict(cfg.tuning.tune_opts))
     backbone.model.to(device)
     if cfg.tuning.grad_checkpointing:
         backbone.model.set_grad_checkpointing(True)
     embed_dim, token_shape = backbone.encode_dims()
     method = cfg.method
-    head_opts = HEADS.parse(method.head, method.head_opts)
-    entry, text = HEADS.get(method.head), None
-    if entry.wants_text(head_opts):
+    needs, text = head_needs(method.head, method.head_opts), None
+    if needs.text_embeds:
         text = torch.from_numpy(text_classifier(backbone, dataset.classnames, dataset.prompt_templates(), device=device))
-    tower = text_encoder(backbone, dataset.classnames) if getattr(entry, "requires_text_encoder", False) else None
-    head = create_head(method.head, num_classes=dataset.num_classes, embed_dim=embed_dim, token_shape=token_shape,
-                       text_embeds=text, text_encoder=tower, **head_opts)
+    tower = text_encoder(backbone, dataset.classnames) if needs.text_encoder else None
+    head = create_head(method.head, HeadInputs(dataset.num_classes, embed_dim, token_shape, text, tower), **method.head_opts)
     return backbone, EncoderClassifier(backbone, head).to(device)
 
 
 def check_options(cfg: FinetuneConfig) -> None:
-    TUNING.parse(cfg.tuning.tune, cfg.tuning.tune_opts)
-    HEADS.parse(cfg.method.head, cfg.method.head_opts)
-    parse_loss(cfg.method.loss, cfg.method.loss_opts)
     if cfg.normalize not in NORMALIZATIONS:
         raise LtclipError(f"--normalize {cfg.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
     if cfg.tuning.backbone_lr is not None and not cfg.tuning.backbone_lr > 0:
@@ -103,14 +98,14 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     if trainable:
         lrs["backbone"] = cfg.tuning.backbone_lr or cfg.optim.lr
     result = fit(
-        model, Task(cfg.method.loss, LOSSES.parse(cfg.method.loss, cfg.method.loss_opts), counts), source, cfg.optim,
-        sampler=cfg.method.sampler, num_classes=dataset.num_classes, device=device, out=out, resume=resume, ctx=ctx,
-        progress=progress, validate=validate if val_split else None, tensorboard=cfg.tensorboard, lrs=lrs,
-        no_decay=tuple(f"backbone.{n}" for n in no_weight_decay_names(backbone.model)),
+        model, Task(cfg.method.loss, cfg.method.loss_opts, counts), source, cfg.optim,
+        sampler=cfg.method.sampler, num_classes=dataset.num_classes, validate=validate if val_split else None,
+        groups=ParamGroups(lrs=lrs, no_decay=tuple(f"backbone.{n}" for n in no_weight_decay_names(backbone.model))),
+        env=RunEnv(out=out, resume=resume, device=device, ctx=ctx, progress=progress, tensorboard=cfg.tensorboard),
     )
     info = None
     if ctx.is_main:
-        method = {**method_record(cfg.method), "tune": cfg.tuning.tune, "tune_opts": list(cfg.tuning.tune_opts)}
+        method = {**method_record(cfg.method), "tune": cfg.tuning.tune, "tune_opts": dict(cfg.tuning.tune_opts)}
         info = write_run(out, "finetune", finetune_payload(cfg, backbone, model), {"backbone": backbone.identity,
                          "data": to_dict(cfg.data)}, np.asarray(counts), method=method, best=result.best,
                          dataset=dataset.name, epochs=result.epochs, steps=result.steps, processes=ctx.world_size,

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..artifacts.atomic import atomic_path
+from ..core.atomic import atomic_path
+from ..config import ReproduceConfig as Settings
 from ..core.errors import LtclipError
 from ..artifacts.runs import RUN_FILE
 from ..artifacts.store import FeatureCache
@@ -74,27 +75,6 @@ PAPER_ROWS = (
 LIFT_ROWS = (Row("LIFT (AdaptFormer)", "lift-adaptformer", (), stage="images"),)
 PLANS = {"imbalance-vlm": PAPER_ROWS, "lift": LIFT_ROWS}
 REPORT_NAMES = {"imbalance-vlm": "table", "lift": "table-lift"}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What ``ltclip reproduce`` was asked for; ``None`` leaves a value to the recipe or the command."""
-
-    dataset: str
-    data_root: str
-    out: str
-    model: str = "ViT-L-14"
-    pretrained: str = "openai"
-    recipe: str = "imbalance-vlm"
-    manifest_dir: str | None = None
-    imbalance: float | None = None
-    download: bool = False
-    epochs: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    precision: str | None = None
-    device: str | None = None
-    workers: int | None = None
 
 
 def default_out(dataset: str, model: str, pretrained: str) -> Path:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SECOND_STAGE_OPTIM, SecondStageConfig, flag, from_dict, to_dict
-from ..data.feature_batches import FeatureInputs
+from ..config import SECOND_STAGE_OPTIM, SecondStageConfig, flag, to_dict
+from ..recipes.resolve import saved_config
+from ..artifacts.feature_batches import FeatureInputs
 from ..core.distributed import setup
-from ..engine import check_optim
+from ..engine import RunEnv, check_optim
 from ..core.errors import LtclipError
-from ..methods.losses import LOSSES, parse_loss
 from ..core.progress import Progress
 from ..artifacts.runs import RunModel, features_input, load_run, model_payload, write_run
 from ..methods.second_stage import TWO_STAGE, fit_two_stage
@@ -35,16 +35,7 @@ def check_options(cfg: SecondStageConfig) -> None:
     """Every option is used: a method that does not train takes no training option."""
     if not cfg.two_stage and not cfg.posthoc_la:
         raise LtclipError("--from RUN needs --two-stage METHOD and/or --posthoc-la")
-    if cfg.two_stage:
-        TWO_STAGE.parse(cfg.two_stage, cfg.two_stage_opts)
-        trains = TWO_STAGE.get(cfg.two_stage).trains
-    else:
-        trains = False
-        if cfg.two_stage_opts:
-            raise LtclipError("--two-stage-opt needs --two-stage METHOD")
-    if trains:
-        if cfg.loss is not None:
-            parse_loss(cfg.loss, cfg.loss_opts)
+    if cfg.two_stage and TWO_STAGE.get(cfg.two_stage).trains:
         return
     what = f"{cfg.two_stage} does not train" if cfg.two_stage else "--posthoc-la alone trains nothing"
     unused = [f.name for f in dataclasses.fields(cfg.optim) if getattr(cfg.optim, f.name) != getattr(SECOND_STAGE_OPTIM, f.name)]
@@ -76,13 +67,12 @@ def run_second_stage(cfg: SecondStageConfig, progress: Progress | None = None, r
         train = FeatureInputs(open_split(features, "train"), head.input, max_ram, device)
         z_train, y_train = _features_of(model, train, eval_batch, device)
         z_val, y_val = _features_of(model, val, eval_batch, device) if val is not None else (None, None)
-        engine = {"out": out, "resume": resume, "ctx": ctx, "progress": progress, "tensorboard": cfg.tensorboard}
+        env = RunEnv(out=out, resume=resume, ctx=ctx, progress=progress, tensorboard=cfg.tensorboard)
         progress.log(f"{cfg.two_stage} on {len(y_train):,} cached features")
         calibrated = fit_two_stage(
             cfg.two_stage, classifier=head.classifier, z_train=z_train, y_train=y_train, class_counts=counts,
             z_val=z_val, y_val=y_val, optim=cfg.optim, sampler=cfg.sampler, loss=cfg.loss,
-            loss_opts=LOSSES.parse(cfg.loss or TWO_STAGE.get(cfg.two_stage).loss, cfg.loss_opts) or None,
-            device=device, engine=engine, **TWO_STAGE.parse(cfg.two_stage, cfg.two_stage_opts),
+            loss_opts=dict(cfg.loss_opts) or None, device=device, env=env, **cfg.two_stage_opts,
         )
         model = RunModel(head, calibrated, None, counts).to(device)
     tau, extra = None, {}
@@ -96,7 +86,7 @@ def run_second_stage(cfg: SecondStageConfig, progress: Progress | None = None, r
     info = None
     if ctx.is_main:
         summary = calibrated.summary if calibrated is not None else {}
-        method = {**stage1.info["method"], "two_stage": cfg.two_stage, "two_stage_opts": list(cfg.two_stage_opts),
+        method = {**stage1.info["method"], "two_stage": cfg.two_stage, "two_stage_opts": dict(cfg.two_stage_opts),
                   "two_stage_sampler": summary.get("sampler"), "two_stage_loss": summary.get("loss"), "posthoc_la": tau}
         info = write_run(out, "second_stage", model_payload(head, calibrated, tau), features_input(features), counts,
                          method=method, best=best, dataset=stage1.info.get("dataset"),
@@ -107,4 +97,4 @@ def run_second_stage(cfg: SecondStageConfig, progress: Progress | None = None, r
 
 def load_second_stage_config(path: str | Path) -> SecondStageConfig:
     """A second-stage run's saved ``config.json`` as a config."""
-    return from_dict(SecondStageConfig, json.loads(Path(path).read_text()))
+    return saved_config(SecondStageConfig, json.loads(Path(path).read_text()))

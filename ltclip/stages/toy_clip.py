@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..artifacts.atomic import atomic_path
-from ..config import OptimConfig
+from ..core.atomic import atomic_path
+from ..config import OptimConfig, option
 from ..data.manifests import file_sha256
 from ..data.synthetic import MAX_CLASSES, SPLITS, render_image, synthetic_classnames
 from ..core.errors import LtclipError
@@ -65,21 +65,21 @@ WARMUP_FRACTION = 0.1  # of the steps: linear warm-up, then a cosine decay
 class ToyClipSettings:
     """What a toy CLIP is trained with (every field is a ``pretrain-toy`` option and part of the cache key)."""
 
-    model: str = "ltclip-tiny-vit"
-    classes: int = MAX_CLASSES
-    images_per_class: int = 30
-    steps: int = 300
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    seed: int = 0
+    model: str = option("ltclip-tiny-vit", "open_clip architecture trained from scratch.", short="-m")
+    classes: int = option(MAX_CLASSES, f"Synthetic concepts pretrained on (the first N; all: {MAX_CLASSES}).")
+    images_per_class: int = option(30, "Images drawn per concept.")
+    steps: int = option(300, "Optimizer steps.")
+    batch_size: int = option(128, "Image–caption pairs per step.")
+    lr: float = option(2e-3, "Peak AdamW learning rate.")
+    weight_decay: float = option(0.1, "AdamW weight decay.")
+    seed: int = option(0, "Seed of the weights, images, captions and order.")
 
     def optim(self) -> OptimConfig:
         """The engine's settings: AdamW, no decay on biases/norms/logit scale, warm-up then cosine."""
         rows = self.classes * self.images_per_class
         warmup_epochs = WARMUP_FRACTION * self.steps / math.ceil(rows / self.batch_size)
         return OptimConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                           no_decay_1d=True, warmup=warmup_epochs, seed=self.seed)
+                           decay_1d=False, warmup=warmup_epochs, seed=self.seed)
 
 
 def check_settings(s: ToyClipSettings) -> None:
@@ -202,7 +202,7 @@ def pretrain_toy_clip(out: str | Path, settings: ToyClipSettings = ToyClipSettin
     """Train (or find in ``out``) the toy CLIP of ``settings``; returns its ``toy_clip.json`` plus ``cached``."""
     import torch
 
-    from ..engine import fit
+    from ..engine import RunEnv, fit
 
     out = Path(out)
     check_settings(settings)
@@ -214,7 +214,7 @@ def pretrain_toy_clip(out: str | Path, settings: ToyClipSettings = ToyClipSettin
     model, preprocess, tokenizer = build_model(settings.model, settings.seed)
     data = pretraining_data(settings, preprocess, tokenizer)
     model.train()
-    result = fit(model, ContrastiveTask(), data, settings.optim(), num_classes=settings.classes, progress=progress)
+    result = fit(model, ContrastiveTask(), data, settings.optim(), num_classes=settings.classes, env=RunEnv(progress=progress))
     model.eval()
     buffer = io.BytesIO()  # saved to a file, torch names the archive after the (temporary) file: bytes would differ
     torch.save(model.state_dict(), buffer)

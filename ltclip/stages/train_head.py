@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainHeadConfig, from_dict, to_dict
-from ..data.feature_batches import FeatureInputs
+from ..config import TrainHeadConfig, to_dict
+from ..recipes.resolve import lengthened, saved_config
+from ..artifacts.feature_batches import FeatureInputs
 from ..core.distributed import setup
-from ..engine import Task, check_optim, fit
-from ..methods.losses import parse_loss
-from ..models.heads import HEADS, create_head
+from ..engine import RunEnv, check_optim, fit
+from ..methods.task import Task
+from ..models.heads import HeadInputs, create_head, head_needs
 from ..models.text_prompts import load_text_encoder
 from ..core.progress import Progress
 from ..artifacts.runs import RunModel, features_input, method_record, model_payload, write_run
@@ -20,29 +21,34 @@ from .common import (CacheSource, block_order, check_pool_fits, open_split, post
                      start_run, text_embeds, validate_on_cache)
 
 
-def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resume: bool = False) -> dict:
-    """Train (or resume) a head; on several processes (torchrun) each trains on its share of every batch."""
+def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resume: bool = False, say=None) -> dict:
+    """Train (or resume) a head; on several processes (torchrun) each trains on its share of every batch.
+
+    A ``cfg.min_steps`` lengthens the epochs for this cache's rows first (``say("--epochs", why)``
+    hears it); the run's ``config.json`` holds the epochs trained.
+    """
     progress = progress or Progress()
+    if cfg.min_steps:
+        with open_split(Path(cfg.features), "train") as cache:
+            cfg, why = lengthened(cfg, cache.num_rows)
+        if why and say is not None:
+            say("--epochs", why)
     method, optim = cfg.method, cfg.optim
     out, features = Path(cfg.out), Path(cfg.features)
-    loss_opts = parse_loss(method.loss, method.loss_opts)
-    head_opts = HEADS.parse(method.head, method.head_opts)
     ctx, device = setup(cfg.device)
     check_optim(optim, ctx.world_size)
     blocks = block_order(cfg.read_blocks, cfg.shuffle_pool)
     train_cache = open_split(features, "train")
     val_cache = open_split(features, cfg.val_split, required=False)
     counts = train_cache.class_counts()
-    entry = HEADS.get(method.head)
+    needs = head_needs(method.head, method.head_opts)
     text = None
-    if getattr(entry, "requires_text_encoder", False):  # the text tower of the model the cache was extracted with
+    if needs.text_encoder:  # the text tower of the model the cache was extracted with
         text = load_text_encoder(train_cache.attrs, train_cache.classnames, f"--features {features / 'train.h5'}")
     torch.manual_seed(optim.seed)
-    head = create_head(
-        method.head, num_classes=train_cache.num_classes, embed_dim=train_cache.embed_dim, token_shape=train_cache.token_shape,
-        text_embeds=text_embeds(features, train_cache.num_classes) if entry.wants_text(head_opts) else None,
-        text_encoder=text, **head_opts,
-    ).to(device)
+    inputs = HeadInputs(train_cache.num_classes, train_cache.embed_dim, train_cache.token_shape,
+                        text_embeds(features, train_cache.num_classes) if needs.text_embeds else None, text)
+    head = create_head(method.head, inputs, **method.head_opts).to(device)
     max_ram = ram_budget(cfg.max_ram, ctx)
     train = FeatureInputs(train_cache, head.input, max_ram, device)
     val = FeatureInputs(val_cache, head.input, max_ram, device) if val_cache is not None else None
@@ -54,10 +60,10 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     eval_batch = optim.batch_size * 2
     source = CacheSource(train, optim.seed, read_ahead(blocks, optim.batch_size // optim.accum))
     result = fit(
-        head, Task(method.loss, loss_opts, counts), source, optim, sampler=method.sampler, block_order=blocks,
-        num_classes=train_cache.num_classes, device=device, out=out, resume=resume, ctx=ctx, progress=progress,
+        head, Task(method.loss, method.loss_opts, counts), source, optim, sampler=method.sampler, num_classes=train_cache.num_classes,
         validate=(lambda _: validate_on_cache(model, val, counts, eval_batch, device, ctx)) if val is not None else None,
-        tensorboard=cfg.tensorboard,
+        env=RunEnv(out=out, resume=resume, device=device, ctx=ctx, progress=progress, tensorboard=cfg.tensorboard,
+                   block_order=blocks),
     )
     tau, extra = None, {}
     if cfg.posthoc_la:
@@ -77,4 +83,4 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
 
 def load_train_config(path: str | Path) -> TrainHeadConfig:
     """A stage-1 run's saved ``config.json`` as a config (the same file reruns the same experiment)."""
-    return from_dict(TrainHeadConfig, json.loads(Path(path).read_text()))
+    return saved_config(TrainHeadConfig, json.loads(Path(path).read_text()))

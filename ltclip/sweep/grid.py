@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..config import SecondStageConfig, TrainHeadConfig
+from ..recipes.resolve import lengthened, run_config
+from ..core.errors import LtclipError
 from ..data.samplers import class_probabilities
 from ..engine import run_length, steps_per_epoch
 from ..stages.common import open_split
@@ -31,7 +32,7 @@ class Point:
     cfg: TrainHeadConfig | SecondStageConfig  # its single-run config (out: SWEEPDIR/points/NAME)
 
 
-def expand(base: dict, grid: list[tuple[str, list]], out: Path, configure: Callable[[dict], TrainHeadConfig | SecondStageConfig]) -> list[Point]:
+def expand(base: dict, grid: list[tuple[str, list]], out: Path) -> list[Point]:
     """Every combination of the grid's values (the last key varying fastest), each over ``base``."""
     keys = [k for k, _ in grid]
     points = []
@@ -39,8 +40,22 @@ def expand(base: dict, grid: list[tuple[str, list]], out: Path, configure: Calla
         options = dict(zip(keys, combo))
         name = slug(f"{i:02d}-" + "-".join(f"{k}={_short(v)}" for k, v in options.items()))
         values = {**base, **options}
-        points.append(Point(name, options, values, configure({**values, "out": str(out / POINTS_DIR / name)})))
+        try:
+            cfg = point_config({**values, "out": str(out / POINTS_DIR / name)})
+        except LtclipError as err:
+            raise LtclipError(f"sweep point {name}: {err}") from None
+        points.append(Point(name, options, values, cfg))
     return points
+
+
+def point_config(values: dict) -> TrainHeadConfig | SecondStageConfig:
+    """The config a train-head run of option ``values`` would train with (a stage-1 head's
+    ``min_steps`` spent on its cache's rows, as :func:`~ltclip.stages.train_head.run_train_head` does)."""
+    cfg = run_config(values)
+    if isinstance(cfg, TrainHeadConfig) and cfg.min_steps:
+        with open_split(Path(cfg.features), "train") as cache:
+            cfg, _ = lengthened(cfg, cache.num_rows)
+    return cfg
 
 
 def _short(value) -> str:

@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts.atomic import save_json
+from ..core.atomic import save_json
 from ..config import to_dict
-from ..data.feature_batches import FeatureInputs
+from ..artifacts.feature_batches import FeatureInputs
 from ..core.distributed import setup
-from ..engine import LAST_FILE, LOG_FILE, SUMMARY_KEYS, ValidationStats, fit, run_length, steps_per_epoch
+from ..engine import LAST_FILE, LOG_FILE, SUMMARY_KEYS, ParamGroups, RunEnv, ValidationStats, fit, run_length, steps_per_epoch
 from ..core.errors import LtclipError
-from ..methods.losses import LOSSES
 from ..evaluation.metrics import average_views
-from ..models.heads import HEADS, create_head
+from ..models.heads import HeadInputs, create_head, head_needs
 from ..core.progress import Progress
 from ..artifacts.runs import CONFIG_FILE, RunModel, method_record, model_payload, write_run
 from ..stages.common import CacheSource, block_order, open_split, posthoc_tau, ram_budget, text_embeds
@@ -46,30 +45,28 @@ def train_group(points: list[Point], folder: Path, features_record: dict, progre
     counts, num_classes = train_cache.class_counts(), train_cache.num_classes
     heads = []
     for cfg in cfgs:
-        opts = HEADS.parse(cfg.method.head, cfg.method.head_opts)
+        opts = cfg.method.head_opts
         torch.manual_seed(cfg.optim.seed)  # each head starts as it would alone
-        heads.append(create_head(
-            cfg.method.head, num_classes=num_classes, embed_dim=train_cache.embed_dim, token_shape=train_cache.token_shape,
-            text_embeds=text_embeds(features, num_classes) if HEADS.get(cfg.method.head).wants_text(opts) else None, **opts,
-        ))
+        text = text_embeds(features, num_classes) if head_needs(cfg.method.head, opts).text_embeds else None
+        heads.append(create_head(cfg.method.head, HeadInputs(num_classes, train_cache.embed_dim, train_cache.token_shape, text), **opts))
     max_ram = ram_budget(first.max_ram, ctx)
     train, val = FeatureInputs(train_cache, "embeds", max_ram), FeatureInputs(val_cache, "embeds", max_ram)
     per_epoch = steps_per_epoch(first.optim, train_cache.num_rows)
     lengths = [run_length(cfg.optim, per_epoch) for cfg in cfgs]
     names = [p.name for p in points]
     stack = HeadStack(heads, names, [cfg.optim.select for cfg in cfgs], [epochs for _, epochs in lengths]).to(device)
-    task = StackTask([(cfg.method.loss, LOSSES.parse(cfg.method.loss, cfg.method.loss_opts)) for cfg in cfgs], counts,
+    task = StackTask([(cfg.method.loss, dict(cfg.method.loss_opts)) for cfg in cfgs], counts,
                      [epochs for _, epochs in lengths])
     resume = _start_group(folder, points)
     progress.log(f"training {len(points)} heads together on the same batches: {', '.join(names)}")
     eval_batch = first.optim.batch_size * 2
     result = fit(
         stack, task, CacheSource(train, first.optim.seed), _loop_optim(first.optim), sampler=first.method.sampler,
-        block_order=block_order(first.read_blocks, first.shuffle_pool),
-        num_classes=num_classes, device=device, out=folder, resume=resume, progress=progress,
-        validate=lambda model: _validate_stack(model, val, counts, eval_batch, device), on_record=stack.keep_best,
-        tensorboard=first.tensorboard, parts={f"heads.{k}": cfg.optim for k, cfg in enumerate(cfgs)},
-        epoch_checkpoint_s=EPOCH_CHECKPOINT_S,
+        num_classes=num_classes, validate=lambda model: _validate_stack(model, val, counts, eval_batch, device),
+        groups=ParamGroups(parts={f"heads.{k}": cfg.optim for k, cfg in enumerate(cfgs)}),
+        env=RunEnv(out=folder, resume=resume, device=device, progress=progress, on_record=stack.keep_best,
+                   tensorboard=first.tensorboard, epoch_checkpoint_s=EPOCH_CHECKPOINT_S,
+                   block_order=block_order(first.read_blocks, first.shuffle_pool)),
     )
     for k, (point, (steps, epochs)) in enumerate(zip(points, lengths)):
         model = RunModel(stack.best[k], class_counts=counts).to(device)

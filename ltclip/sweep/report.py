@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from ..artifacts.atomic import atomic_path, save_json
+from ..core.atomic import atomic_path, save_json
 from ..evaluation.metrics import LOWER_IS_BETTER
 
 SWEEP_FILE = "sweep.json"

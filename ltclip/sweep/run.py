@@ -11,18 +11,16 @@ and a point trained alone from its own ``last.pt``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
-from ..artifacts.atomic import WriteError, save_json
-from ..config import SecondStageConfig, TrainHeadConfig, to_dict
+from ..core.atomic import WriteError, save_json
+from ..config import SecondStageConfig, to_dict
 from ..engine import BEST_FILE, LAST_FILE, SUMMARY_KEYS, check_optim
 from ..core.errors import LtclipError
-from ..methods.losses import parse_loss
-from ..models.heads import HEADS
 from ..core.progress import Progress
 from ..artifacts.runs import CONFIG_FILE, RUN_FILE, features_input, read_run_info
 from ..stages.second_stage import check_options, run_second_stage
@@ -35,17 +33,17 @@ GROUPS_DIR = "groups"
 BEST_DIR = "best"
 
 
-def run_sweep(base: dict, grid: list[tuple[str, list]], metric: str, out: Path,
-              configure: Callable[[dict], TrainHeadConfig | SecondStageConfig], progress: Progress | None = None,
+def run_sweep(base: dict, grid: list[tuple[str, list]], metric: str, out: Path, progress: Progress | None = None,
               resume: bool = False) -> dict:
-    """Train every point of ``grid`` over the option values ``base`` (``configure`` turns option values
-    into a stage-1 or second-stage config), keep the best by val ``metric``; returns the sweep record."""
+    """Train every point of ``grid`` over the train-head option values ``base`` (each point a stage-1
+    or second-stage config: :func:`~.grid.point_config`), keep the best by val ``metric``; returns the
+    sweep record."""
     progress = progress or Progress()
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise LtclipError("ltclip sweep runs in one process; start it without torchrun")
     if metric not in SUMMARY_KEYS:
         raise LtclipError(f"--metric {metric!r}: choose one of {', '.join(SUMMARY_KEYS)}")
-    points = expand(base, grid, out, configure)
+    points = expand(base, grid, out)
     for point in points:
         _check(point)
     groups = {f"g{i:02d}": members for i, members in enumerate(plan_groups(points))}
@@ -78,7 +76,7 @@ def run_sweep(base: dict, grid: list[tuple[str, list]], metric: str, out: Path,
     best = report.choose_best(record)
     if best is None:
         raise LtclipError(f"no point of the sweep finished with a val {metric}; see {out / report.SWEEP_MD}", exit_code=1)
-    _keep_best(out, next(p for p in points if p.name == best["name"]), configure)
+    _keep_best(out, next(p for p in points if p.name == best["name"]))
     record["best"] = {"point": best["name"], "run": BEST_DIR, "val": best["val"], "options": best["options"]}
     report.save(out, record)
     progress.log(f"sweep: {out}, best {best['name']} (val {metric} {best['val']:.4g}), kept as {out / BEST_DIR}")
@@ -96,8 +94,6 @@ def _check(point: Point) -> None:
             stage1 = read_run_info(cfg.from_run)  # a finished run
             features = cfg.features or stage1["inputs"]["features"]["dir"]
         else:
-            parse_loss(cfg.method.loss, cfg.method.loss_opts)
-            HEADS.parse(cfg.method.head, cfg.method.head_opts)
             features = cfg.features
         check_optim(cfg.optim)
     except LtclipError as err:
@@ -157,11 +153,11 @@ def _train_alone(point: Point, entry: dict, progress: Progress) -> None:
         report.set_failed(entry, str(err))
 
 
-def _keep_best(out: Path, point: Point, configure: Callable[[dict], TrainHeadConfig | SecondStageConfig]) -> None:
+def _keep_best(out: Path, point: Point) -> None:
     """``out/best``: the best point's run (without its checkpoints), its config that of a run in ``out/best``."""
     dest, partial = out / BEST_DIR, out / f"{BEST_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(point.cfg.out, partial, ignore=shutil.ignore_patterns(LAST_FILE, BEST_FILE, "tensorboard"))
-    save_json(partial / CONFIG_FILE, to_dict(configure({**point.values, "out": str(dest)})))
+    save_json(partial / CONFIG_FILE, to_dict(dataclasses.replace(point.cfg, out=str(dest))))
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(partial, dest)

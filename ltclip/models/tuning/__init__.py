@@ -14,6 +14,7 @@ from .core import (
     no_weight_decay_names,
     trainable_state,
 )
+from .counts import trainable_counts
 
 __all__ = [
     "TUNING",
@@ -21,5 +22,6 @@ __all__ = [
     "count_trainable",
     "load_trainable_state",
     "no_weight_decay_names",
+    "trainable_counts",
     "trainable_state",
 ]
