@@ -53,6 +53,7 @@ def balanced_accuracy(root: Path, out: Path, counts, values: dict) -> float:
         return evaluate(logits, cache.labels, counts)["balanced_accuracy"]
 
 
+@pytest.mark.slow  # 2.5-3 s: seven short runs
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_the_default_reaches_90_percent_of_the_best_of_a_grid(lt_cache, tmp_path, head):
     root, counts = lt_cache

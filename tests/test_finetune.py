@@ -126,6 +126,7 @@ def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_pa
         assert len(cache.attrs["finetuned_run_sha256"]) == 64
 
 
+@pytest.mark.slow  # ~1.7 s
 def test_prompt_head_finetunes_on_the_backbones_text_tower_and_reloads(synthetic_root, tmp_path):
     from test_text_prompts import naive_features
 

@@ -180,3 +180,19 @@ def test_graph_reads_relative_absolute_and_lazy_imports(tmp_path):
 
 def test_the_package_has_no_import_cycle():
     assert cycles(import_graph()) == []
+
+
+# The package's folders, lowest first (docs/architecture.md draws them).
+LAYERS = ["core", "config", "data", "models", "evaluation", "engine", "methods", "artifacts", "recipes", "stages", "sweep", "cli"]
+
+
+def test_each_folder_imports_only_folders_below_it():
+    def layer(module: str) -> int | None:
+        parts = module.split(".")
+        return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+    graph = import_graph()
+    assert {m.split(".")[1] for m in graph if m.count(".")} - {"__main__"} == set(LAYERS)  # every folder has its place
+    upward = sorted(f"{a} -> {b}" for a, imported in graph.items() for b in imported
+                    if layer(a) is not None and layer(b) is not None and layer(b) > layer(a))
+    assert upward == []

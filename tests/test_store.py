@@ -422,6 +422,7 @@ def test_disk_full_then_rerun_completes(tmp_path, monkeypatch):
     assert same_file(path, reference)
 
 
+@pytest.mark.slow  # ~1.8 s: a child process
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
 def test_real_write_failure_is_reported_and_resumable(tmp_path):
     """A real failing write() (file size limit): the error surfaces at once, the process exits
@@ -448,6 +449,7 @@ def test_real_write_failure_is_reported_and_resumable(tmp_path):
     assert same_file(path, reference)
 
 
+@pytest.mark.slow  # ~1.6 s: a child process
 def test_file_being_written_is_refused_elsewhere(tmp_path):
     path = tmp_path / "train.h5"
     with spec_writer(path):

@@ -42,6 +42,7 @@ def clip_loss_on_pairs(model, tokenizer, preprocess, classes: int, per_class: in
         return ClipLoss()(*model.eval()(images, tokens)[:3]).item()
 
 
+@pytest.mark.slow  # the first test of the toy_clip fixture pretrains the toy CLIP (~5 s)
 def test_pretraining_lowers_the_contrastive_loss(toy_clip):
     info = json.loads((toy_clip.parent / INFO_FILE).read_text())
     assert info["settings"] == {**ToyClipSettings().__dict__, **TOY_CLIP} and info["steps"] == TOY_CLIP["steps"]
@@ -54,6 +55,7 @@ def test_pretraining_lowers_the_contrastive_loss(toy_clip):
     assert info["loss_per_epoch"][-1] < 0.6 * info["loss_per_epoch"][0]
 
 
+@pytest.mark.slow  # uses the pretrained toy (run alone, its fixture pretrains it)
 def test_checkpoint_loads_through_the_backbone_loader_with_identical_outputs(toy_clip):
     backbone = load_backbone(TINY_MODEL, str(toy_clip))
     info = json.loads((toy_clip.parent / INFO_FILE).read_text())
@@ -70,6 +72,7 @@ def test_checkpoint_loads_through_the_backbone_loader_with_identical_outputs(toy
         assert not torch.equal(build_model(TINY_MODEL, seed=123)[0].eval().encode_image(x), model.encode_image(x))
 
 
+@pytest.mark.slow  # uses the pretrained toy (run alone, its fixture pretrains it)
 def test_zero_shot_through_extract_and_eval_is_far_above_chance(toy_clip, synthetic_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # extract records its cache in ./ltclip.toml: not in the other tests' folder
     features, report = tmp_path / "features", tmp_path / "zero_shot.json"

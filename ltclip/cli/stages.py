@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..artifacts.workspace import RUNS_DIR, WORKSPACE_FILE, finished_runs, record_features, recorded_features
+from ..artifacts.workspace import record_features
 from ..config import EvalConfig, ExtractConfig
 from ..recipes.choices import KINDS
 from ..core.errors import LtclipError
@@ -36,22 +36,11 @@ def extract(values: dict) -> None:
 
 def evaluate(values: dict) -> None:
     """Shot-group metrics (many/medium/few/all) for runs and zero-shot / kNN / NCM baselines."""
-    from ..config import from_flat
     from ..evaluation.report import markdown_table
+    from ..recipes.resolve import eval_config
     from ..stages.evaluate import run_eval
 
-    values = given(values, drop=("config",))
-    baselines = values.get("zero_shot") or values.get("knn") or values.get("ncm")
-    if not values.get("runs") and not baselines:
-        values["runs"] = tuple(str(r) for r in finished_runs())
-        if not values["runs"]:
-            raise LtclipError(f"nothing to evaluate: no run folders given and no finished run under {RUNS_DIR}/")
-        say_default("runs", f"the {len(values['runs'])} finished runs under {RUNS_DIR}/")
-    if values.get("features") is None and baselines and recorded_features() is not None:
-        values["features"] = str(recorded_features())
-        say_default("--features", f"{values['features']}, named by ./{WORKSPACE_FILE}")
-    cfg = from_flat(EvalConfig, values, owner="eval")
-    typer.echo(markdown_table(run_eval(cfg)))
+    typer.echo(markdown_table(run_eval(eval_config(given(values, drop=("config",)), say=say_default))))
 
 
 def list_registered(

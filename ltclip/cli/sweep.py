@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..core.errors import LtclipError
-from ..artifacts.workspace import WORKSPACE_FILE, default_run_dir, recorded_features
+from ..artifacts.workspace import default_run_dir
 from ..config import SecondStageConfig, TrainHeadConfig, option_fields
 from ..recipes.choices import check_choice
 from .common import given, guarded, say_default
@@ -47,6 +47,7 @@ def sweep(
     Linear and cosine heads that share the batch stream train together in one pass.
     """
     from ..core.progress import RichProgress
+    from ..recipes.resolve import workspace_features
     from ..sweep import run_sweep
 
     command = _train_head_command()
@@ -54,13 +55,8 @@ def sweep(
     if not grid:
         raise LtclipError("--grid KEY=V1,V2 is required (e.g. --grid lr=1e-3,1e-2 --grid epochs=10,30)")
     axes = _parse_grid(command, grid, base)
-    second_stage = "from_run" in base or "from_run" in dict(axes)  # the features are the runs'
-    if "features" not in base and "features" not in dict(axes) and not second_stage:
-        found = recorded_features()
-        if found is None:
-            raise LtclipError(f"--features DIR is required (no ./{WORKSPACE_FILE} from `ltclip extract` here)")
-        base["features"] = str(found)
-        say_default("--features", f"{found}, named by ./{WORKSPACE_FILE}")
+    if "features" not in dict(axes) and "from_run" not in dict(axes):  # a grid over them gives each point its own
+        base = workspace_features(base, say=say_default)
     if out is None:
         out = str(default_run_dir("sweep", resume))
         say_default("--out", out)

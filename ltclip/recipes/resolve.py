@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts.workspace import WORKSPACE_FILE, default_features_dir, default_run_dir, recorded_features
+from ..artifacts.workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, default_run_dir, finished_runs, recorded_features
 from ..core.errors import LtclipError
 from . import load_recipe, merge_opts
-from ..config import ExtractConfig, FinetuneConfig, MethodConfig, Options, SecondStageConfig, TrainHeadConfig, option_fields
+from ..config import EvalConfig, ExtractConfig, FinetuneConfig, MethodConfig, Options, SecondStageConfig, TrainHeadConfig, option_fields
 from ..config.files import as_arguments, flag, flatten, from_flat
 from .choices import check_choice, check_choices
 
@@ -37,10 +37,7 @@ MAX_LENGTHENING = 5
 def train_head_config(values: dict, *, say: Say | None = None, resume: bool = False):
     """``ltclip train-head``'s config: a second stage with ``--from RUN``, else stage 1 (with the
     workspace's cache and a new run folder where not given)."""
-    values = dict(values)
-    if not values.get("from_run") and values.get("features") is None:
-        values["features"] = str(_recorded_features())
-        _tell(say, "--features", f"{values['features']}, named by ./{WORKSPACE_FILE}")
+    values = workspace_features(values, say=say)
     if values.get("out") is None:
         values["out"] = str(default_run_dir(_run_name(values), resume))
         _tell(say, "--out", values["out"])
@@ -102,6 +99,31 @@ def extract_config(values: dict, *, say: Say | None = None) -> ExtractConfig:
         values["out"] = str(default_features_dir(values.get("dataset", defaults.data.dataset), *weights))
         _tell(say, "--out", values["out"])
     return from_flat(ExtractConfig, values, owner="extract")
+
+
+def eval_config(values: dict, *, say: Say | None = None) -> EvalConfig:
+    """``ltclip eval``'s config: with no run given and no baseline asked for, the finished runs under
+    ``runs/``; the workspace's cache for the baselines where ``--features`` is not given."""
+    values = dict(values)
+    baselines = values.get("zero_shot") or values.get("knn") or values.get("ncm")
+    if not values.get("runs") and not baselines:
+        values["runs"] = tuple(str(r) for r in finished_runs())
+        if not values["runs"]:
+            raise LtclipError(f"nothing to evaluate: no run folders given and no finished run under {RUNS_DIR}/")
+        _tell(say, "runs", f"the {len(values['runs'])} finished runs under {RUNS_DIR}/")
+    if values.get("features") is None and baselines and recorded_features() is not None:
+        values["features"] = str(recorded_features())
+        _tell(say, "--features", f"{values['features']}, named by ./{WORKSPACE_FILE}")
+    return from_flat(EvalConfig, values, owner="eval")
+
+
+def workspace_features(values: dict, *, say: Say | None = None) -> dict:
+    """``values`` with ``--features`` from ``./ltclip.toml`` where neither it nor ``--from RUN`` is given."""
+    if values.get("from_run") or values.get("features") is not None:
+        return values
+    found = _recorded_features()
+    _tell(say, "--features", f"{found}, named by ./{WORKSPACE_FILE}")
+    return {**values, "features": str(found)}
 
 
 def saved_config(cls, data: dict):
@@ -249,5 +271,5 @@ def _shown(value) -> str:
     return " ".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-__all__ = ["MAX_LENGTHENING", "extract_config", "finetune_config", "head_defaults", "layer_options", "lengthened",
-           "parse_method_options", "run_config", "saved_config", "second_stage_config", "stage_one_config", "train_head_config"]
+__all__ = ["MAX_LENGTHENING", "eval_config", "extract_config", "finetune_config", "head_defaults", "layer_options", "lengthened",
+           "parse_method_options", "run_config", "saved_config", "second_stage_config", "stage_one_config", "train_head_config", "workspace_features"]
