@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	bash scripts/demo.sh $(VENV)/bin/ltclip demo
 
+# One pytest worker per core (pytest-xdist), each test file on one worker: its module fixtures
+# are built once. The tests are single-threaded (torch.set_num_threads(1) in conftest.py).
+PYTEST := $(PY) -m pytest -n auto --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST)
 
 # Everything but the tests marked slow (subprocess, SIGKILL and torchrun runs).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
