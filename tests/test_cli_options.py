@@ -100,3 +100,52 @@ def test_a_new_field_is_a_new_option_with_its_help_and_default():
 def test_reproduce_takes_the_dataset_options_and_its_own():
     params = {p.name for p in click_command("reproduce").params}
     assert set(option_fields(ReproduceConfig)) <= params and {"dataset", "data_root", "manifest_dir"} <= params
+
+
+def test_a_config_saved_by_an_earlier_version_still_reruns(tmp_path):
+    """config.json of earlier versions: method options as key=value strings, ``no_decay_1d`` (now
+    ``decay_1d``, named positively): read by ``--config`` and by the stages' saved-config reader alike."""
+    import json
+
+    from ltclip.config import TrainHeadConfig, load_config_file
+    from ltclip.recipes.resolve import saved_config
+
+    old = {"features": "f", "out": "o", "method": {"head": "decoder", "head_opts": ["depth=1", "final_norm=false"], "loss": "ldam",
+                                                   "loss_opts": ["drw_epoch=1"], "sampler": "instance"},
+           "optim": {"epochs": 2, "no_decay_1d": True, "lr": 0.01}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    cfg = saved_config(TrainHeadConfig, old)
+    assert cfg.method.head_opts == {"depth": 1, "final_norm": False} and cfg.method.loss_opts == {"drw_epoch": 1}
+    assert cfg.optim.decay_1d is False and cfg.optim.epochs == 2
+    values = load_config_file(path)
+    assert values["decay_1d"] is False and values["head_opts"] == ["depth=1", "final_norm=false"]
+    new = {**old, "method": {**old["method"], "head_opts": {"depth": 1, "final_norm": False}, "loss_opts": {"drw_epoch": 1}}}
+    assert load_config_file(_write(tmp_path / "new.json", new))["head_opts"] == ["depth=1", "final_norm=False"]
+    assert saved_config(TrainHeadConfig, new) == cfg  # the current format reads back to the same config
+
+
+def _write(path, data):
+    import json
+
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_method_options_are_parsed_once_when_the_config_is_built():
+    from ltclip.core.errors import LtclipError
+    from ltclip.recipes.resolve import finetune_config, second_stage_config, stage_one_config
+
+    cfg = stage_one_config({"features": "f", "out": "o", "head": "mlp", "head_opts": ("hidden=8", "dropout=0.5"),
+                            "loss": "focal", "loss_opts": ("gamma=0.5",)})
+    assert cfg.method.head_opts == {"hidden": 8, "dropout": 0.5} and cfg.method.loss_opts == {"gamma": 0.5}
+    assert type(cfg.method.head_opts["hidden"]) is int  # typed as the option's default
+    with pytest.raises(LtclipError, match="gamma must be >= 0"):  # a value the loss refuses, before anything runs
+        stage_one_config({"features": "f", "out": "o", "loss": "focal", "loss_opts": ("gamma=-1",)})
+    with pytest.raises(LtclipError, match="--head-opt 'width' is not an option of head 'mlp'"):
+        stage_one_config({"features": "f", "out": "o", "head": "mlp", "head_opts": ("width=3",)})
+    second = second_stage_config({"from_run": "r", "out": "o", "two_stage": "crt", "loss_opts": ("tau=2",), "loss": "logit_adjusted"})
+    assert second.loss_opts == {"tau": 2.0}
+    with pytest.raises(LtclipError, match="--two-stage-opt needs --two-stage METHOD"):
+        second_stage_config({"from_run": "r", "out": "o", "posthoc_la": True, "two_stage_opts": ("x=1",)})
+    assert finetune_config({"out": "o", "tune": "lora", "tune_opts": ("rank=4",)}).tuning.tune_opts == {"rank": 4}
