@@ -149,3 +149,13 @@ def test_method_options_are_parsed_once_when_the_config_is_built():
     with pytest.raises(LtclipError, match="--two-stage-opt needs --two-stage METHOD"):
         second_stage_config({"from_run": "r", "out": "o", "posthoc_la": True, "two_stage_opts": ("x=1",)})
     assert finetune_config({"out": "o", "tune": "lora", "tune_opts": ("rank=4",)}).tuning.tune_opts == {"rank": 4}
+
+
+def test_finetune_names_its_run_folder_after_what_the_recipe_chose(tmp_path, monkeypatch):
+    from ltclip.recipes.resolve import finetune_config
+
+    monkeypatch.chdir(tmp_path)
+    heard = []
+    cfg = finetune_config({"recipe": "lift"}, say=lambda option, text: heard.append((option, text)))
+    assert cfg.out == "runs/finetune-adaptformer-cosine-logit_adjusted-instance" and cfg.method.head_opts["text_init"] is True
+    assert ("--out", cfg.out) in heard

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts.workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, default_run_dir, finished_runs, recorded_features
-from ..core.errors import LtclipError
-from . import load_recipe, merge_opts
 from ..config import EvalConfig, ExtractConfig, FinetuneConfig, MethodConfig, Options, SecondStageConfig, TrainHeadConfig, option_fields
 from ..config.files import as_arguments, flag, flatten, from_flat
+from ..core.errors import LtclipError
+from . import load_recipe, merge_opts
 from .choices import check_choice, check_choices
 
 Say = Callable[[str, str], None]
@@ -80,8 +80,9 @@ def finetune_config(values: dict, *, say: Say | None = None, resume: bool = Fals
     check_choices(FinetuneConfig, values)
     if values.get("out") is None:
         _single_process_out()
-        cfg = from_flat(FinetuneConfig, layer_options("finetune", {**values, "out": ""}), owner="finetune")
-        values["out"] = str(default_run_dir(f"finetune-{cfg.tuning.tune}-{cfg.method.head}-{cfg.method.loss}-{cfg.method.sampler}", resume))
+        chosen, default = layer_options("finetune", values), FinetuneConfig(out="")
+        parts = [chosen.get("tune", default.tuning.tune), *(chosen.get(k, getattr(default.method, k)) for k in ("head", "loss", "sampler"))]
+        values["out"] = str(default_run_dir("-".join(["finetune", *parts]), resume))
         _tell(say, "--out", values["out"])
     resolved = layer_options("finetune", values, say=say)
     check_choices(FinetuneConfig, resolved)
