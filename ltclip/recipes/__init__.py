@@ -4,8 +4,9 @@ defaults by :mod:`.resolve` (the registries whose names options take: :mod:`.cho
 
 A recipe file has a ``summary``, a ``source``, one table per stage it is for (``[train-head]``,
 ``[finetune]``) of option values named as the stage's options, optional per-head options
-(``[STAGE.head_opts]``, keyed by head name) and per-loss options (``[loss_opts]``, keyed by loss
-name, for every stage). Head and loss options apply when that head or loss is the one trained.
+(``[STAGE.head_opts]``, keyed by head name), per-dataset values (``[STAGE.dataset.NAME]``, e.g.
+iNaturalist's longer training) and per-loss options (``[loss_opts]``, keyed by loss name, for every
+stage). Head, dataset and loss entries apply when that head, dataset or loss is the one trained.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class Recipe:
     stages: dict  # stage -> {option: value}
     head_opts: dict  # stage -> {head: ("key=value", ...)}
     loss_opts: dict  # loss -> ("key=value", ...)
+    datasets: dict  # stage -> {dataset: {option: value}}: a dataset's own values (iNaturalist's epochs)
+
+    def options(self, stage: str, dataset: str) -> dict:
+        """The recipe's option values for ``stage`` on ``dataset``: the stage's, under the dataset's own."""
+        return {**self.stages[stage], **self.datasets[stage].get(dataset, {})}
 
 
 def list_recipes() -> list[str]:
@@ -49,16 +55,21 @@ def load_recipe(name: str) -> Recipe:
     unknown = sorted(set(data) - {"summary", "source", "loss_opts", *STAGES})
     if unknown or not any(s in data for s in STAGES):
         raise LtclipError(f"recipe {path}: keys are summary, source, loss_opts and stage tables ({', '.join(STAGES)}); got {', '.join(unknown) or 'no stage'}")
-    stages, head_opts = {}, {}
+    stages, head_opts, datasets = {}, {}, {}
     for stage in STAGES:
         if stage in data:
             options = dict(data[stage])
             head_opts[stage] = {head: tuple(opts) for head, opts in options.pop("head_opts", {}).items()}
-            stages[stage] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+            datasets[stage] = {name: _values(values) for name, values in options.pop("dataset", {}).items()}
+            stages[stage] = _values(options)
     recipe = Recipe(name, data.get("summary", ""), data.get("source", ""), stages, head_opts,
-                    {loss: tuple(opts) for loss, opts in data.get("loss_opts", {}).items()})
+                    {loss: tuple(opts) for loss, opts in data.get("loss_opts", {}).items()}, datasets)
     _check(recipe)
     return recipe
+
+
+def _values(options: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
 def _check(recipe: Recipe) -> None:
@@ -67,6 +78,8 @@ def _check(recipe: Recipe) -> None:
     from ..models.heads import HEADS
 
     for stage, options in recipe.stages.items():
+        for dataset in recipe.datasets[stage].values():
+            options = {**options, **dataset}
         unknown = sorted(set(options) - stage_options(stage) | ({"head_opts", "loss_opts"} & set(options)))
         if unknown:
             raise LtclipError(f"recipe {recipe.name}: {', '.join(flag(k) for k in unknown)}: not an option of {stage} "

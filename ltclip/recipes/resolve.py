@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts.workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, default_run_dir, finished_runs, recorded_features
-from ..config import EvalConfig, ExtractConfig, FinetuneConfig, MethodConfig, Options, SecondStageConfig, TrainHeadConfig, option_fields
+from ..config import DataConfig, EvalConfig, ExtractConfig, FinetuneConfig, MethodConfig, Options, SecondStageConfig, TrainHeadConfig, option_fields
 from ..config.files import as_arguments, flag, flatten, from_flat
 from ..core.errors import LtclipError
 from . import load_recipe, merge_opts
@@ -190,7 +190,8 @@ def layer_options(stage: str, values: dict, *, head_defaults: Callable[[str], di
         if stage not in recipe.stages:
             raise LtclipError(f"--recipe {name}: a recipe for {', '.join(recipe.stages)}; {stage} cannot use it "
                               f"(`ltclip list recipes`)")
-        layers.append((recipe.stages[stage], f"from --recipe {name}"))
+        dataset = values.get("dataset", DataConfig.dataset)
+        layers.append((recipe.options(stage, dataset), f"from --recipe {name}"))
     head = given.get("head", (layers[0][0] if layers else {}).get("head", MethodConfig.head))
     if head_defaults is not None:
         layers.append((head_defaults(head), f"for --head {head}"))

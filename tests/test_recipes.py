@@ -1,0 +1,25 @@
+"""Recipes as data: per-dataset values, checked like the stage's own."""
+
+from __future__ import annotations
+
+import pytest
+
+from ltclip.core.errors import LtclipError
+from ltclip.recipes import RECIPE_DIR, load_recipe
+from ltclip.recipes.resolve import finetune_config
+
+
+def test_a_recipes_dataset_table_applies_to_that_dataset_only():
+    heard = []
+    inat = finetune_config({"out": "o", "recipe": "lift", "dataset": "inat18"}, say=lambda option, text: heard.append((option, text)))
+    assert inat.optim.epochs == 20 and ("--epochs", "20 from --recipe lift") in heard
+    assert finetune_config({"out": "o", "recipe": "lift", "dataset": "places_lt"}).optim.epochs == 10
+    assert finetune_config({"out": "o", "recipe": "lift", "dataset": "inat18", "epochs": 3}).optim.epochs == 3  # given wins
+
+
+def test_a_dataset_table_is_checked_like_the_stage(monkeypatch, tmp_path):
+    (tmp_path / "bad.toml").write_text('summary = "x"\n[finetune]\nlr = 0.1\n[finetune.dataset.inat18]\nlearning_rate = 1\n')
+    monkeypatch.setattr("ltclip.recipes.RECIPE_DIR", tmp_path)
+    with pytest.raises(LtclipError, match="--learning-rate: not an option of finetune"):
+        load_recipe("bad")
+    assert RECIPE_DIR.name == "recipes"
