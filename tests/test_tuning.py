@@ -1,5 +1,6 @@
 """Tuning modes on the tiny ViT: trainable parameters against hand counts, start equal to the base,
-a falling loss with gradient checkpointing, and the trained-state round trip."""
+a falling loss with gradient checkpointing, and the trained-state round trip. LIFT's counts on
+ViT-B/16 and the adapters' placement: test_tuning_lift.py."""
 
 from __future__ import annotations
 
@@ -41,12 +42,16 @@ def H(base):
     return base.model.visual.transformer.resblocks[0].mlp.c_fc.out_features  # 4·W
 
 
+NUM_CLASSES = 40  # bottleneck=auto / rank=auto on the tiny ViT: 2 ** int(log2(40 / (2·L))) = 2 ** 3
+R = 8
+
+
 def fresh(base, name=None, seed=0, **options):
     """A copy of the frozen base backbone with mode ``name`` applied (new parameters from ``seed``)."""
     bb = dataclasses.replace(base, model=copy.deepcopy(base.model))
     if name is not None:
         torch.manual_seed(seed)
-        apply_tuning(bb.model, name, options)
+        apply_tuning(bb.model, name, options, num_classes=NUM_CLASSES)
     return bb
 
 
@@ -72,41 +77,46 @@ def lora_factors(*in_out, r):
     return sum(r * i + o * r for i, o in in_out)
 
 
+def bottleneck(b):
+    """One adapter: its LayerNorm (2W), down W→b and up b→W with biases."""
+    return 2 * W + (W * b + b) + (b * W + W)
+
+
 STEM_COUNT = 3 * P * P * W + W + (N + 1) * W + 2 * W  # conv1 (no bias), CLS, positions, ln_pre
-# (mode, options, trainable count, trainable names) — H is the MLP hidden width
+ADAPTER = [f"{m}.{f}" for m in ("norm", "down", "up") for f in ("weight", "bias")]
+IN_PROJ_AB = [f"attn.parametrizations.in_proj_weight.0.{f}" for f in "AB"]
+# (mode, options, trainable count, trainable names) — H is the MLP hidden width. What trains lies in the
+# blocks (LIFT); widths are R = 8 at NUM_CLASSES unless given.
 CASES = {
     "frozen": ("frozen", {}, lambda H: 0, lambda H: set()),
-    "full": ("full", {}, lambda H: STEM_COUNT + L * block_count(H) + 2 * W + W * D,
-             lambda H: visual(*STEM, "ln_post.weight", "ln_post.bias", "proj") | blocks(*BLOCK)),
-    "last-1": ("last-k", {"k": 1}, lambda H: W * D, lambda H: visual("proj")),
-    "last-2": ("last-k", {"k": 2}, lambda H: W * D + 2 * W + block_count(H),
-               lambda H: visual("proj", "ln_post.weight", "ln_post.bias") | block(1, *BLOCK)),
-    "last-3": ("last-k", {"k": 3}, lambda H: W * D + 2 * W + 2 * block_count(H),
-               lambda H: visual("proj", "ln_post.weight", "ln_post.bias") | blocks(*BLOCK)),
-    "last-4": ("last-k", {"k": 4}, lambda H: STEM_COUNT + L * block_count(H) + 2 * W + W * D,
-               lambda H: visual(*STEM, "ln_post.weight", "ln_post.bias", "proj") | blocks(*BLOCK)),
-    # biases: ln_pre, ln_post; per block ln_1, in_proj (3W), out_proj, ln_2, c_fc (H), c_proj
-    "bitfit": ("bitfit", {}, lambda H: 2 * W + L * (W + 3 * W + W + W + H + W),
-               lambda H: visual("ln_pre.bias", "ln_post.bias") | blocks(*[s for s in BLOCK if s.endswith("bias")])),
-    # LayerNorms: ln_pre, ln_post and two per block, each weight + bias
-    "ln": ("ln", {}, lambda H: (2 + 2 * L) * 2 * W,
-           lambda H: visual("ln_pre.weight", "ln_pre.bias", "ln_post.weight", "ln_post.bias")
-           | blocks("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")),
-    # q, k, v and out with rank 8: L · 4 · (8W + W·8)
-    "lora": ("lora", {}, lambda H: L * lora_factors(*[(W, W)] * 4, r=8),
-             lambda H: blocks(*[f"attn.parametrizations.in_proj_weight.0.{f}" for f in "AB"],
-                              *[f"attn.out_proj.parametrizations.weight.0.{f}" for f in "AB"])),
-    "lora-qv": ("lora", {"rank": 4, "targets": "q,v"}, lambda H: L * lora_factors((W, W), (W, W), r=4),
-                lambda H: blocks(*[f"attn.parametrizations.in_proj_weight.0.{f}" for f in "AB"])),
+    "full": ("full", {}, lambda H: L * block_count(H), lambda H: blocks(*BLOCK)),
+    "full-tower": ("full", {"tower": True}, lambda H: STEM_COUNT + L * block_count(H) + 2 * W + W * D,
+                   lambda H: visual(*STEM, "ln_post.weight", "ln_post.bias", "proj") | blocks(*BLOCK)),
+    "last-1": ("last-k", {"k": 1}, lambda H: block_count(H), lambda H: block(1, *BLOCK)),
+    "last-2": ("last-k", {"k": 2}, lambda H: 2 * block_count(H), lambda H: blocks(*BLOCK)),
+    # biases per block: ln_1, in_proj (3W), out_proj, ln_2, c_fc (H), c_proj
+    "bitfit": ("bitfit", {}, lambda H: L * (W + 3 * W + W + W + H + W),
+               lambda H: blocks(*[s for s in BLOCK if s.endswith("bias")])),
+    # LayerNorms: ln_1 and ln_2 per block, each weight + bias
+    "ln": ("ln", {}, lambda H: L * 2 * 2 * W, lambda H: blocks("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")),
+    # q and v, rank R: L · 2 · (R·W + W·R)
+    "lora": ("lora", {}, lambda H: L * lora_factors((W, W), (W, W), r=R), lambda H: blocks(*IN_PROJ_AB)),
+    "lora-qkvo": ("lora", {"rank": 4, "targets": "q,k,v,out", "alpha": 16.0}, lambda H: L * lora_factors(*[(W, W)] * 4, r=4),
+                  lambda H: blocks(*IN_PROJ_AB, *[f"attn.out_proj.parametrizations.weight.0.{f}" for f in "AB"])),
     "lora-mlp": ("lora", {"rank": 2, "targets": "fc,proj"}, lambda H: L * lora_factors((W, H), (H, W), r=2),
                  lambda H: blocks(*[f"mlp.{m}.parametrizations.weight.0.{f}" for m in ("c_fc", "c_proj") for f in "AB"])),
-    # down W→b and up b→W with biases, per block
-    "adapter": ("adapter", {"bottleneck": 16}, lambda H: L * (W * 16 + 16 + 16 * W + W),
-                lambda H: blocks(*[f"mlp.adapter.{m}.{f}" for m in ("down", "up") for f in ("weight", "bias")])),
-    "adaptformer": ("adaptformer", {}, lambda H: L * (W * 64 + 64 + 64 * W + W),
-                    lambda H: blocks(*[f"mlp.adaptformer.{m}.{f}" for m in ("down", "up") for f in ("weight", "bias")])),
+    "lora-last": ("lora", {"blocks": 1}, lambda H: lora_factors((W, W), (W, W), r=R), lambda H: block(1, *IN_PROJ_AB)),
+    "adapter": ("adapter", {}, lambda H: L * bottleneck(R), lambda H: blocks(*[f"mlp.adapter.{n}" for n in ADAPTER])),
+    "adapter-16": ("adapter", {"bottleneck": 16}, lambda H: L * bottleneck(16),
+                   lambda H: blocks(*[f"mlp.adapter.{n}" for n in ADAPTER])),
+    # plus the learned scale
+    "adaptformer": ("adaptformer", {}, lambda H: L * (bottleneck(R) + 1),
+                    lambda H: blocks(*[f"adaptformer.{n}" for n in ADAPTER], "adaptformer.scale")),
+    "adaptformer-fixed": ("adaptformer", {"scale": 0.5, "learn_scale": False, "blocks": 1}, lambda H: bottleneck(R),
+                          lambda H: block(1, *[f"adaptformer.{n}" for n in ADAPTER])),
     "vpt-shallow": ("vpt-shallow", {"tokens": 5}, lambda H: 5 * W, lambda H: block(0, "vpt.prompt")),
     "vpt-deep": ("vpt-deep", {}, lambda H: L * 10 * W, lambda H: blocks("vpt.prompt")),
+    "vpt-deep-last": ("vpt-deep", {"blocks": 1}, lambda H: 10 * W, lambda H: block(1, "vpt.prompt")),
 }
 PROMPTS = {"vpt-shallow": 5, "vpt-deep": 10}  # prompt tokens of the cases above
 
@@ -181,7 +191,7 @@ def test_loss_falls_with_checkpointing_and_only_trainable_parameters_move(base, 
         assert torch.equal(p, before[n]) != p.requires_grad, n  # trainable ones moved, frozen ones did not
 
 
-@pytest.mark.parametrize("case", ["full", "lora", "adapter", "adaptformer", "vpt-deep"])
+@pytest.mark.parametrize("case", ["full", "lora", "adapter", "adaptformer", "vpt-deep", "vpt-deep-last"])
 def test_gradient_checkpointing_gives_the_same_gradients(base, case):
     name, options, *_ = CASES[case]
     grads = []
@@ -230,11 +240,16 @@ def test_trained_state_refuses_missing_unexpected_and_misshapen_entries(base):
     ("lora", {"rnak": 4}, "rnak"),
     ("frozen", {"k": 1}, "k"),
     ("last-k", {"k": 0}, "k=0"),
-    ("last-k", {"k": 5}, "k=5"),
+    ("last-k", {"k": 3}, "k=3"),
     ("lora", {"targets": "q,w"}, "targets='q,w'"),
     ("lora", {"rank": 0}, "rank=0"),
+    ("lora", {"rank": "big"}, "rank='big'"),
+    ("lora", {"blocks": 3}, "blocks=3"),
     ("adapter", {"bottleneck": 0}, "bottleneck=0"),
+    ("adaptformer", {"bottleneck": "2.5"}, "bottleneck='2.5'"),
+    ("adaptformer", {"blocks": "0"}, "blocks='0'"),
     ("vpt-deep", {"tokens": 0}, "tokens=0"),
+    ("vpt-deep", {"blocks": "last"}, "blocks='last'"),
 ])
 def test_bad_options_are_one_line_tune_opt_errors(base, name, options, key):
     with pytest.raises(LtclipError, match="--tune-opt") as err:
@@ -243,15 +258,32 @@ def test_bad_options_are_one_line_tune_opt_errors(base, name, options, key):
 
 
 def test_options_parse_from_the_cli():
-    assert TUNING.parse("lora", ["rank=4", "targets=q,v"]) == {"rank": 4, "targets": "q,v"}
-    assert TUNING.options("adaptformer") == {"bottleneck": 64, "scale": 0.1}
-    with pytest.raises(LtclipError, match="--tune-opt 'tokens' is not an option"):
-        TUNING.parse("lora", ["tokens=3"])
+    assert TUNING.parse("lora", ["rank=4", "targets=q,v", "blocks=6"]) == {"rank": 4, "targets": "q,v", "blocks": 6}  # typed once
+    assert TUNING.options("adaptformer") == {"bottleneck": "auto", "scale": 1.0, "learn_scale": True, "blocks": "all"}
+    assert TUNING.parse("adaptformer", ["scale=0.1", "learn_scale=false"]) == {"scale": 0.1, "learn_scale": False}
+    for bad in ("tokens=3", "num_classes=5"):  # the class count is the stage's, never an option
+        with pytest.raises(LtclipError, match=f"--tune-opt '{bad[:-2]}' is not an option"):
+            TUNING.parse("lora", [bad])
+
+
+def test_widths_parsed_from_the_cli_equal_integer_ones(base):
+    parsed = TUNING.parse("adapter", ["bottleneck=16", "blocks=1"])
+    assert count_trainable(fresh(base, "adapter", **parsed).model) == bottleneck(16)
+    assert count_trainable(fresh(base, "adapter", bottleneck=16, blocks=1).model) == bottleneck(16)
+
+
+def test_auto_width_needs_the_class_count(base):
+    with pytest.raises(LtclipError, match="--tune-opt rank='auto': needs the class count"):
+        apply_tuning(copy.deepcopy(base.model), "lora", {})
+    apply_tuning(model := copy.deepcopy(base.model), "lora", {"rank": 2})  # an integer width needs none
+    assert count_trainable(model) == L * lora_factors((W, W), (W, W), r=2)
 
 
 def test_no_weight_decay_names(base):
-    assert no_weight_decay_names(fresh(base, "vpt-deep").model) == blocks("vpt.prompt")
-    assert no_weight_decay_names(fresh(base, "full").model) == visual("class_embedding", "positional_embedding")
+    """Prompts and adapters decay like LIFT's tuner; only the tower's own embeddings are exempt, when trained."""
+    assert no_weight_decay_names(fresh(base, "vpt-deep").model) == set()
+    assert no_weight_decay_names(fresh(base, "full", tower=True).model) == visual("class_embedding", "positional_embedding")
+    assert no_weight_decay_names(fresh(base, "full").model) == set()
     assert no_weight_decay_names(fresh(base, "lora").model) == set()
 
 
@@ -262,7 +294,9 @@ def test_modes_that_insert_modules_need_an_open_clip_vit():
             self.visual = torch.nn.Linear(2, 2)
 
     with pytest.raises(LtclipError, match="needs an open_clip ViT"):
-        apply_tuning(NotViT(), "lora", {})
+        apply_tuning(NotViT(), "lora", {"rank": 2})
+    with pytest.raises(LtclipError, match="needs an open_clip ViT"):
+        apply_tuning(NotViT(), "bitfit", {})
     model = NotViT()
-    apply_tuning(model, "bitfit", {})
-    assert count_trainable(model) == 2
+    apply_tuning(model, "full", {"tower": True})
+    assert count_trainable(model) == 6

@@ -129,8 +129,9 @@ def build_model(payload: dict, class_counts) -> RunModel:
     return RunModel(head, two_stage, payload.get("tau"), class_counts).eval()
 
 
-def finetune_payload(cfg, backbone, model) -> dict:
-    """``model.pt`` of a finetuned run: the head, and the base encoder's identity, tuning and trained entries."""
+def finetune_payload(cfg, backbone, model, num_classes: int) -> dict:
+    """``model.pt`` of a finetuned run: the head, and the base encoder's identity, tuning (with the class count
+    that sets its width) and trained entries."""
     from ..models.tuning import trainable_state
 
     tuning = cfg.tuning
@@ -138,7 +139,7 @@ def finetune_payload(cfg, backbone, model) -> dict:
         "schema_version": RUN_SCHEMA_VERSION,
         "head": head_record(model.head),
         "encoder": {"model": cfg.model, "pretrained": cfg.pretrained, "preprocess_from": cfg.preprocess_from,
-                    "identity": backbone.identity, "tune": tuning.tune, "tune_opts": dict(tuning.tune_opts),
+                    "identity": backbone.identity, "tune": tuning.tune, "tune_opts": dict(tuning.tune_opts), "num_classes": num_classes,
                     "state_dict": trainable_state(backbone.model)},
         "tau": None,
     }
@@ -152,12 +153,15 @@ def build_encoder_classifier(payload: dict, device="cpu"):
     from ..models.tuning import apply_tuning, load_trainable_state
 
     enc = payload["encoder"]
+    if "num_classes" not in enc and enc["tune"] != "frozen":
+        raise LtclipError(f"this run tuned its encoder with --tune {enc['tune']} as ltclip defined the modes before it took "
+                          "LIFT's definitions (docs/methods.md); retrain it with this version")
     backbone = load_backbone(enc["model"], enc["pretrained"], device=device, preprocess_from=enc["preprocess_from"])
     changed = sorted(k for k in set(enc["identity"]) | set(backbone.identity) if enc["identity"].get(k) != backbone.identity.get(k))
     if changed:
         raise LtclipError(f"the base model {enc['model']} / {enc['pretrained']} is not the one the run was trained on "
                           f"({', '.join(changed)} differ); restore that model or retrain")
-    apply_tuning(backbone.model, enc["tune"], dict(enc["tune_opts"]))
+    apply_tuning(backbone.model, enc["tune"], dict(enc["tune_opts"]), num_classes=enc.get("num_classes"))
     load_trainable_state(backbone.model, enc["state_dict"])
     head = build_head(payload["head"], backbone)
     return backbone, EncoderClassifier(backbone, head).to(device).eval()

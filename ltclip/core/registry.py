@@ -153,7 +153,9 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 def _convert(text: str, default):
     """``text`` as the type of ``default`` (bool accepts true/false, yes/no, on/off, 1/0; a tuple
-    takes comma-separated numbers)."""
+    takes comma-separated numbers; a word default such as ``auto`` or ``all`` also takes an integer)."""
+    if isinstance(default, str) and text.lstrip("-").isdigit():
+        return int(text)
     if isinstance(default, tuple):
         return tuple(float(v) for v in text.split(","))
     if isinstance(default, bool):

@@ -2,6 +2,7 @@
 
 ``partial`` (frozen, full, last-k, bitfit, ln) selects the tower's own parameters; ``lora``,
 ``adapters`` (adapter, adaptformer) and ``prompts`` (vpt-shallow, vpt-deep) insert new modules.
+Every mode's defaults are LIFT's definition (github.com/shijxcs/LIFT; each file cites its source).
 ``ltclip list tuning`` and ``--tune`` / ``--tune-opt`` read :data:`TUNING`.
 """
 

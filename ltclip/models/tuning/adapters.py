@@ -1,83 +1,103 @@
-"""Bottleneck adapters in each block's MLP: serial (Houlsby-style) and parallel (AdaptFormer).
+"""Bottleneck adapters in the transformer blocks, as LIFT defines them: serial (adapter) and parallel
+(AdaptFormer).
 
-Both are ``scale · up(relu(down(·)))`` with ``down`` [bottleneck, W] initialised like
-``nn.Linear`` and ``up`` (weight and bias) zero, so the tuned model starts equal to the base. They
-live inside ``block.mlp`` (an ``nn.Sequential``), so the base parameters keep their names and
-every forward path (gradient checkpointing included) runs them.
+Both follow LIFT's ``models/peft_modules.py`` (``Adapter``, ``AdaptFormer``) and their placement
+its ``models/peft_vit.py`` (``Peft_ViT.forward``): the branch is ``up(relu(down(norm(·))))`` with
+its own LayerNorm ``norm`` (weight 1, bias 0, trained), ``down`` [b, W] Kaiming-normal (a=√5) with
+a zero bias and ``up`` (weight and bias) zero, so the tuned model starts equal to the base.
 
-LIFT (shijxcs/LIFT, ``models/peft_modules.py``) differs in details: its AdaptFormer branch reads
-the block's residual stream through a LayerNorm of its own — the same family of functions as
-reading the MLP's input ``ln_2(x)`` (an affine map of the normalised stream) — and multiplies by a
-learnable scalar initialised to 1 (``scale=1.0`` starts the same); its serial adapter also
-normalises its input. LIFT sets the bottleneck from the class count, ``2 ** floor(log2(C / 2L))``
-(32 for ImageNet-LT on ViT-B/16); pass it as ``bottleneck=``.
+* adapter: serial on the MLP's output ``h``: ``h + branch(h)``, appended to ``block.mlp``.
+* adaptformer: parallel, reading the block's residual stream ``x`` (the MLP sub-layer's input
+  before ``ln_2``): ``x + mlp(ln_2(x)) + scale · branch(x)``, ``scale`` a learned scalar from 1.
+  The block's class becomes :class:`AdaptFormerBlock` (same parameters and names, one child more).
+
+The bottleneck ``b`` defaults to LIFT's class-count rule (``bottleneck=auto``, :func:`~.core.lift_width`);
+``blocks=k`` puts adapters in the last k blocks only (LIFT's ``partial``).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
 
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from .core import TUNING, Inserted, placed, require, require_vit
+from ...core.errors import LtclipError
+from .core import ALL, AUTO, TUNING, Inserted, last_blocks, placed, require_vit, width
 
 
 class Bottleneck(Inserted):
-    """``scale · up(relu(down(x)))``, zero at initialisation."""
+    """``up(relu(down(norm(x))))``: zero at initialisation."""
 
-    def __init__(self, width: int, bottleneck: int, scale: float):
+    def __init__(self, width: int, bottleneck: int):
         super().__init__()
+        self.norm = nn.LayerNorm(width)
         self.down = nn.Linear(width, bottleneck)
         self.up = nn.Linear(bottleneck, width)
+        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.scale = scale
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale:g}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(torch.relu(self.down(x)))
+        return self.up(torch.relu(self.down(self.norm(x))))
 
 
 class SerialAdapter(Bottleneck):
-    """``h + scale · up(relu(down(h)))`` on the MLP's output ``h`` (appended to the MLP)."""
+    """``h + up(relu(down(norm(h))))`` on the MLP's output ``h`` (appended to the MLP)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + super().forward(h)
 
 
-class ParallelMLP(nn.Sequential):
-    """The block's MLP plus a branch beside it: ``mlp(x) + adaptformer(x)`` on the MLP's input."""
+class ScaledBottleneck(Bottleneck):
+    """``scale · up(relu(down(norm(x))))``; ``scale`` a parameter when learned, else a constant."""
+
+    def __init__(self, width: int, bottleneck: int, scale: float, learn_scale: bool):
+        super().__init__(width, bottleneck)
+        self.scale = nn.Parameter(torch.full((1,), float(scale))) if learn_scale else float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for name, layer in self.named_children():
-            if name != "adaptformer":
-                h = layer(h)
-        return h + self.adaptformer(x)
+        return self.scale * super().forward(x)
 
 
-def _check(bottleneck: int) -> None:
-    require(bottleneck >= 1, "bottleneck", bottleneck, "must be >= 1")
+class AdaptFormerBlock(ResidualAttentionBlock):
+    """open_clip's residual block with an AdaptFormer branch beside its MLP sub-layer, reading the
+    residual stream ``x`` rather than ``ln_2(x)`` (LIFT, ``models/peft_vit.py``)."""
+
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+        return x + self.ls_2(self.mlp(self.ln_2(x))) + self.adaptformer(x)
+
+
+def _blocks_and_width(visual, mode: str, bottleneck, blocks, num_classes) -> tuple[list[nn.Module], int]:
+    chosen = last_blocks(visual, mode, blocks)
+    return chosen, width("bottleneck", bottleneck, num_classes, len(require_vit(visual, mode)))
 
 
 @TUNING.register("adapter")
-def adapter(visual, *, bottleneck: int = 64, scale: float = 1.0) -> None:
-    """A serial bottleneck adapter after each block's MLP: h + scale·up(relu(down(h)))."""
-    _check(bottleneck)
-    for block in require_vit(visual, "adapter"):
-        width = block.mlp.c_proj.out_features
-        block.mlp.add_module("adapter", placed(SerialAdapter(width, bottleneck, scale), block.mlp.c_proj.weight))
+def adapter(visual, *, bottleneck: str = AUTO, blocks: str = ALL, num_classes: int | None = None) -> None:
+    """A serial bottleneck adapter after each block's MLP (LIFT's adapter): h + up(relu(down(norm(h))))."""
+    chosen, b = _blocks_and_width(visual, "adapter", bottleneck, blocks, num_classes)
+    for block in chosen:
+        channels = block.mlp.c_proj.out_features
+        block.mlp.add_module("adapter", placed(SerialAdapter(channels, b), block.mlp.c_proj.weight))
 
 
 @TUNING.register("adaptformer")
-def adaptformer(visual, *, bottleneck: int = 64, scale: float = 0.1) -> None:
-    """A parallel bottleneck beside each block's MLP (AdaptFormer, LIFT's default): mlp(x) + scale·up(relu(down(x)))."""
-    _check(bottleneck)
-    for block in require_vit(visual, "adaptformer"):
-        mlp = ParallelMLP(OrderedDict(block.mlp.named_children()))
-        width = mlp.c_fc.in_features
-        mlp.adaptformer = placed(Bottleneck(width, bottleneck, scale), mlp.c_fc.weight)
-        block.mlp = mlp
+def adaptformer(visual, *, bottleneck: str = AUTO, scale: float = 1.0, learn_scale: bool = True, blocks: str = ALL,
+                num_classes: int | None = None) -> None:
+    """A parallel bottleneck beside each block's MLP on the residual stream (AdaptFormer, LIFT's default).
+
+    ``scale`` is the branch's factor, learned from that value unless ``learn_scale=false``
+    (``scale=0.1 learn_scale=false`` is AdaptFormer's original fixed factor).
+    """
+    chosen, b = _blocks_and_width(visual, "adaptformer", bottleneck, blocks, num_classes)
+    for block in chosen:
+        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+            raise LtclipError(f"tuning mode 'adaptformer' needs open_clip's self-attention ResidualAttentionBlock, "
+                              f"not {type(block).__name__}")
+        block.adaptformer = placed(ScaledBottleneck(block.ln_2.normalized_shape[0], b, scale, learn_scale),
+                                   block.mlp.c_fc.weight)
+        block.__class__ = AdaptFormerBlock

@@ -3,10 +3,18 @@
 A mode is a function ``mode(visual, *, <options>)`` registered with ``@TUNING.register(name)``: it
 receives the frozen image tower ``model.visual`` and makes its own parameters trainable or inserts
 new modules (subclasses of :class:`Inserted`) into it. Its keyword-only parameters are its options
-(``--tune-opt key=value``); its docstring's first line says what it trains.
+(``--tune-opt key=value``), except ``num_classes``, which :func:`apply_tuning` passes to the modes
+that declare it; its docstring's first line says what it trains.
+
+The modes follow LIFT (Shi et al. 2024, github.com/shijxcs/LIFT, ``models/peft_vit.py``): what a
+mode trains lies inside the transformer blocks, and the adapters' and LoRA's width defaults to
+LIFT's class-count rule (:func:`lift_width`).
 """
 
 from __future__ import annotations
+
+import inspect
+import math
 
 import torch
 from torch import nn
@@ -14,16 +22,13 @@ from torch import nn
 from ...core.errors import LtclipError
 from ...core.registry import Registry
 
-TUNING: Registry = Registry("tuning mode", flag="--tune-opt")
+TUNING: Registry = Registry("tuning mode", flag="--tune-opt", exclude=("num_classes",))
+AUTO = "auto"
+ALL = "all"
 
 
 class Inserted(nn.Module):
-    """A module a tuning mode adds to the image tower; its parameters train, its buffers are stored.
-
-    ``no_decay`` names its own parameters that must not be weight-decayed (beyond 1-D ones).
-    """
-
-    no_decay: tuple[str, ...] = ()
+    """A module a tuning mode adds to the image tower; its parameters train, its buffers are stored."""
 
 
 def require(ok: bool, option: str, value, requirement: str) -> None:
@@ -46,14 +51,56 @@ def placed(module: nn.Module, like: torch.Tensor) -> nn.Module:
     return module.to(device=like.device, dtype=like.dtype)
 
 
-def apply_tuning(model, name: str, options: dict) -> None:
+def lift_width(num_classes: int, num_blocks: int) -> int:
+    """LIFT's adapter / LoRA width: ``2 ** max(0, int(log2(C / 2L)))`` (``models/peft_vit.py``, ViT_Tuner);
+    32, 8 and 256 for ImageNet-LT, Places-LT and iNat18 on a 12-block ViT."""
+    return 2 ** max(0, int(math.log2(num_classes / (2 * num_blocks))))
+
+
+def _integer(option: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    require(number is not None and number == float(value), option, value, "must be an integer")
+    return number
+
+
+def width(option: str, value, num_classes: int | None, num_blocks: int) -> int:
+    """A bottleneck / rank option: an integer >= 1, or ``auto`` for :func:`lift_width` of the class count."""
+    if value == AUTO:
+        require(num_classes is not None, option, value, "needs the class count; pass an integer")
+        return lift_width(num_classes, num_blocks)
+    number = _integer(option, value)
+    require(number >= 1, option, value, "must be >= 1 (or auto)")
+    return number
+
+
+def last_blocks(visual, mode: str, blocks) -> list[nn.Module]:
+    """The last ``blocks`` residual blocks of ``visual`` (LIFT's ``partial``); ``all``: every block."""
+    resblocks = list(require_vit(visual, mode))
+    if blocks == ALL:
+        return resblocks
+    k, count = _integer("blocks", blocks), len(resblocks)
+    require(1 <= k <= count, "blocks", blocks, f"the image tower has {count} blocks; choose 1 … {count} or all")
+    return resblocks[count - k:]
+
+
+def tune_visual(visual, name: str, options: dict, num_classes: int | None = None) -> None:
+    """Apply mode ``name`` to a frozen image tower; ``num_classes`` goes to the modes that take it."""
+    extra = {"num_classes": num_classes} if "num_classes" in inspect.signature(TUNING.get(name)).parameters else {}
+    TUNING.create(name, visual, **options, **extra)
+
+
+def apply_tuning(model, name: str, options: dict, num_classes: int | None = None) -> None:
     """On an open_clip CLIP whose parameters are all frozen: make mode ``name``'s parameters of the
     IMAGE tower trainable and insert any new modules (LoRA, adapters, prompts) into ``model.visual``.
 
-    New parameters come from the global torch RNG (callers seed it). The text tower stays frozen.
+    ``num_classes`` sets the width of ``bottleneck=auto`` / ``rank=auto``. New parameters come from
+    the global torch RNG (callers seed it). The text tower stays frozen.
     """
     model.requires_grad_(False)
-    TUNING.create(name, model.visual, **options)
+    tune_visual(model.visual, name, options, num_classes)
 
 
 def _inserted(model) -> list[tuple[str, Inserted]]:
@@ -87,12 +134,10 @@ def load_trainable_state(model, state: dict) -> None:
 
 
 def no_weight_decay_names(model) -> set[str]:
-    """Trainable parameter names that must not be weight-decayed besides 1-D ones: VPT prompt tokens
-    and the image tower's own exemptions (open_clip's ``visual.no_weight_decay()``: the class and
-    positional embeddings)."""
+    """Trainable parameter names that must not be weight-decayed besides 1-D ones: the image tower's
+    own exemptions (open_clip's ``visual.no_weight_decay()``: the class and positional embeddings,
+    trained by ``full tower=true`` only). Inserted modules are decayed like LIFT's tuner."""
     names = {f"visual.{n}" for n in getattr(model.visual, "no_weight_decay", lambda: set())()}
-    for prefix, module in _inserted(model):
-        names.update(f"{prefix}.{n}" for n in module.no_decay)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     return names & trainable
 

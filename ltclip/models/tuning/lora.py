@@ -10,13 +10,16 @@ transformers and accelerate along.
 Here each update is a ``torch.nn.utils.parametrize`` parametrization of the weight, so every
 forward path — ``encode_image``, ``Backbone.encode``, open_clip's fast path, gradient
 checkpointing, DDP — sees ``W + ΔW`` with no patching. The fused ``in_proj_weight`` [3W, W] gets
-SEPARATE factors for each targeted one of q, k and v (as in the LoRA paper and LIFT): ``A`` [r, W]
-and ``B`` [W, r] per projection, zero rows for the untargeted ones. ``B`` starts at zero, so the
-tuned model starts equal to the base; ``A`` is initialised like ``nn.Linear`` (Kaiming-uniform).
-A weight-space update cannot drop its input, so there is no LoRA dropout. The base weight moves to
-``<module>.parametrizations.<name>.original`` in the state dict; the factors are
-``….parametrizations.<name>.0.A`` / ``.B``. LIFT's LoRA is ``targets=q,v`` with ``alpha=1`` and
-its class-count rank.
+SEPARATE factors for each targeted one of q, k and v: ``A`` [r, W] and ``B`` [W, r] per
+projection, zero rows for the untargeted ones. A weight-space update cannot drop its input, so
+there is no LoRA dropout. The base weight moves to ``<module>.parametrizations.<name>.original`` in
+the state dict; the factors are ``….parametrizations.<name>.0.A`` / ``.B``.
+
+The defaults are LIFT's LoRA (``models/peft_modules.py`` ``LoRA``, placed in ``models/peft_vit.py``
+``Peft_ViT.forward``): q and v of every block, rank from the class count (``rank=auto``,
+:func:`~.core.lift_width`), scaling ``alpha / rank`` = 1/r, ``B`` zero (the tuned model starts
+equal to the base) and ``A`` uniform in ±1/sqrt(r) — LIFT's Kaiming-uniform (a=√5) of its [W, r]
+factor ``x @ A``, whose fan-in as torch computes it is r. ``blocks=k``: the last k blocks only.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .core import TUNING, Inserted, placed, require, require_vit
+from .core import ALL, AUTO, TUNING, Inserted, last_blocks, placed, require, require_vit, width
 
 # target → (submodule of a block, weight name, which of its equal row blocks; None: the whole weight)
 TARGETS = {
@@ -47,10 +50,8 @@ class LoRADelta(Inserted):
         super().__init__()
         self.out, self.fan_in = shape[0] // parts, shape[1]
         self.rows, self.parts, self.scaling = rows, parts, alpha / rank
-        A = torch.empty(len(rows), rank, self.fan_in)
-        for a in A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.A = nn.Parameter(A)
+        bound = 1 / math.sqrt(rank)
+        self.A = nn.Parameter(torch.empty(len(rows), rank, self.fan_in).uniform_(-bound, bound))
         self.B = nn.Parameter(torch.zeros(len(rows), self.out, rank))
 
     def extra_repr(self) -> str:
@@ -67,25 +68,26 @@ class LoRADelta(Inserted):
 
 
 @TUNING.register("lora")
-def lora(visual, *, rank: int = 8, alpha: float = 16.0, targets: str = "q,k,v,out") -> None:
-    """Low-rank updates (alpha/rank)·B A of each block's attention (and optionally MLP) weights.
+def lora(visual, *, rank: str = AUTO, alpha: float = 1.0, targets: str = "q,v", blocks: str = ALL,
+         num_classes: int | None = None) -> None:
+    """Low-rank updates (alpha/rank)·B A of each block's attention (and optionally MLP) weights (LIFT: q, v).
 
     ``targets``: comma-separated among q, k, v (separate factors for each part of the fused
     in_proj), out (attn.out_proj), fc and proj (mlp.c_fc, mlp.c_proj).
     """
-    blocks = require_vit(visual, "lora")
+    chosen_blocks = last_blocks(visual, "lora", blocks)
     chosen = [t.strip() for t in targets.split(",") if t.strip()]
     unknown = [t for t in chosen if t not in TARGETS]
     require(chosen and not unknown, "targets", targets, f"choose among {', '.join(TARGETS)} (comma-separated)")
-    require(rank >= 1, "rank", rank, "must be >= 1")
+    r = width("rank", rank, num_classes, len(require_vit(visual, "lora")))
     weights: dict[tuple[str, str], list[int | None]] = {}
     for t in dict.fromkeys(chosen):
         path, name, row = TARGETS[t]
         weights.setdefault((path, name), []).append(row)
-    for block in blocks:
+    for block in chosen_blocks:
         for (path, name), rows in weights.items():
             module = block.get_submodule(path)
             weight = getattr(module, name)
             fused = rows != [None]
-            delta = LoRADelta(weight.shape, rank, alpha, tuple(sorted(rows)) if fused else (0,), 3 if fused else 1)
+            delta = LoRADelta(weight.shape, r, alpha, tuple(sorted(rows)) if fused else (0,), 3 if fused else 1)
             parametrize.register_parametrization(module, name, placed(delta, weight))

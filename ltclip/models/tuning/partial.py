@@ -1,4 +1,9 @@
-"""Modes that train a subset of the image tower's own parameters and add nothing."""
+"""Modes that train a subset of the image tower's own parameters and add nothing.
+
+As in LIFT (``models/peft_vit.py``, ViT_Tuner: ``block_tuned``, ``bias_tuned``, ``ln_tuned``) they
+select parameters of the transformer blocks only; the stem (conv1, class and positional
+embeddings, ln_pre), ln_post and the projection stay frozen (``full tower=true`` trains them too).
+"""
 
 from __future__ import annotations
 
@@ -13,36 +18,30 @@ def frozen(visual) -> None:
 
 
 @TUNING.register("full")
-def full(visual) -> None:
-    """Every parameter of the image tower."""
-    visual.requires_grad_(True)
+def full(visual, *, tower: bool = False) -> None:
+    """Every parameter of the transformer blocks (LIFT's full_tuning); tower=true: the whole image tower."""
+    (visual if tower else require_vit(visual, "full")).requires_grad_(True)
 
 
 @TUNING.register("last-k")
 def last_k(visual, *, k: int = 1) -> None:
-    """The last k parameter groups of the ViT, as open_clip's ``lock_image_tower(unlocked_groups=k)``.
-
-    open_clip splits a ViT with L blocks into L + 2 groups, first to last: (1) the stem — conv1,
-    class and positional embeddings, ln_pre; (2 … L) blocks 0 … L-2; (L+1) the last block together
-    with ln_post; (L+2) the projection ``proj``. So k=1 trains ``proj`` only, k=2 adds the last
-    block and ln_post, and k=L+2 trains everything. (An attentional pooler is in no group.)
-    """
-    groups = len(require_vit(visual, "last-k")) + 2
-    require(1 <= k <= groups, "k", k, f"the image tower has {groups} groups; choose 1 … {groups} (or --tune full)")
-    visual.lock(unlocked_groups=k)
+    """Every parameter of the last k transformer blocks (LIFT's full_tuning with partial=k)."""
+    blocks = require_vit(visual, "last-k")
+    require(1 <= k <= len(blocks), "k", k, f"the image tower has {len(blocks)} blocks; choose 1 … {len(blocks)}")
+    blocks[len(blocks) - k:].requires_grad_(True)
 
 
 @TUNING.register("bitfit")
 def bitfit(visual) -> None:
-    """Every bias of the image tower (BitFit): attention, MLP and LayerNorm biases."""
-    for name, p in visual.named_parameters():
+    """Every bias in the transformer blocks (BitFit): attention, MLP and LayerNorm biases."""
+    for name, p in require_vit(visual, "bitfit").named_parameters():
         if name.endswith("bias"):
             p.requires_grad_(True)
 
 
 @TUNING.register("ln")
 def layer_norm(visual) -> None:
-    """The weights and biases of every LayerNorm of the image tower (ln_pre, ln_1/ln_2 of each block, ln_post)."""
-    for m in visual.modules():
+    """The weights and biases of the LayerNorms in the transformer blocks (ln_1 and ln_2 of each)."""
+    for m in require_vit(visual, "ln").modules():
         if isinstance(m, nn.LayerNorm):
             m.requires_grad_(True)

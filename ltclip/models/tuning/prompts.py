@@ -5,10 +5,13 @@ The prompts sit right after CLS: ``[CLS, P_1 … P_T, patches]``, so the encoder
 Each prompted block holds a :class:`Prompts` child (``resblocks.<i>.vpt.prompt``) that a forward
 pre-hook applies to the block's input, so ``encode_image``, ``Backbone.encode`` and gradient
 checkpointing all see them and the base parameters keep their names. Shallow VPT inserts one set
-before block 0 (after ``ln_pre``); deep VPT then replaces them with a fresh set before every later
-block. Prompts are initialised as in VPT (and LIFT): uniform in ±sqrt(6 / (patch_dim + W)),
-``patch_dim = 3·p·p``. LIFT appends its prompts after the patches instead (the same model up to
-token order).
+before block 0 (after ``ln_pre``); deep VPT inserts one before the first prompted block and
+replaces it with a fresh set before every later one.
+
+As in LIFT (``models/peft_modules.py`` ``VPT``, ``models/peft_vit.py`` ViT_Tuner): 10 tokens, uniform
+in ±sqrt(6 / (patch_dim + W)) with ``patch_dim = 3·p·p``, weight-decayed like every tuned
+parameter, and ``blocks=k`` prompts the last k blocks only (LIFT's ``partial``). LIFT appends its
+prompts after the patches instead (the same model up to token order).
 """
 
 from __future__ import annotations
@@ -18,13 +21,11 @@ import math
 import torch
 from torch import nn
 
-from .core import TUNING, Inserted, placed, require, require_vit
+from .core import ALL, TUNING, Inserted, last_blocks, placed, require
 
 
 class Prompts(Inserted):
     """``tokens`` learnable [T, W] prompts put after CLS: inserted (``insert``) or replacing the previous ones."""
-
-    no_decay = ("prompt",)
 
     def __init__(self, tokens: int, width: int, patch_dim: int, insert: bool):
         super().__init__()
@@ -46,11 +47,10 @@ def _prompt_block_input(block: nn.Module, args: tuple) -> tuple:
     return (block.vpt(args[0]), *args[1:])
 
 
-def _add_prompts(visual, mode: str, tokens: int, deep: bool) -> None:
-    blocks = require_vit(visual, mode)
+def _add_prompts(visual, tokens: int, blocks: list[nn.Module]) -> None:
     require(tokens >= 1, "tokens", tokens, "must be >= 1")
     width, patch_dim = visual.conv1.out_channels, visual.conv1.weight[0].numel()
-    for i, block in enumerate(blocks if deep else blocks[:1]):
+    for i, block in enumerate(blocks):
         block.vpt = placed(Prompts(tokens, width, patch_dim, insert=i == 0), visual.conv1.weight)
         block.register_forward_pre_hook(_prompt_block_input)
 
@@ -58,10 +58,10 @@ def _add_prompts(visual, mode: str, tokens: int, deep: bool) -> None:
 @TUNING.register("vpt-shallow")
 def vpt_shallow(visual, *, tokens: int = 10) -> None:
     """Prompt tokens inserted after CLS before the first block (shallow VPT); nothing else trains."""
-    _add_prompts(visual, "vpt-shallow", tokens, deep=False)
+    _add_prompts(visual, tokens, last_blocks(visual, "vpt-shallow", ALL)[:1])
 
 
 @TUNING.register("vpt-deep")
-def vpt_deep(visual, *, tokens: int = 10) -> None:
+def vpt_deep(visual, *, tokens: int = 10, blocks: str = ALL) -> None:
     """A fresh set of prompt tokens before every block, replacing the previous block's (deep VPT)."""
-    _add_prompts(visual, "vpt-deep", tokens, deep=True)
+    _add_prompts(visual, tokens, last_blocks(visual, "vpt-deep", blocks))
