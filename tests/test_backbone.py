@@ -8,7 +8,7 @@ import torch
 
 from ltclip.core.errors import LtclipError
 from ltclip.models.backbone import load_backbone, resolve_weights
-from ltclip.models.text import text_classifier
+from ltclip.models.text import text_classifier, to_pooled_space
 
 from conftest import TINY_MODEL
 
@@ -30,6 +30,30 @@ def test_one_pass_gives_open_clip_embedding_and_pre_norm_tokens(tiny):
     torch.testing.assert_close(embeds, reference)
     torch.testing.assert_close(from_cls, reference)
     assert tiny.encode_dims() == (32, (17, 64))
+
+
+def test_pooled_feature_is_ln_post_of_cls_before_the_projection(tiny):
+    x = torch.randn(4, 3, 32, 32)
+    v = tiny.model.visual
+    with torch.inference_mode():
+        pooled = tiny.encode_pooled(x)
+        _, tokens = tiny.encode(x, tokens=True)
+        cls = tokens[:, 0]
+        by_hand = (cls - cls.mean(-1, keepdim=True)) / (cls.var(-1, unbiased=False, keepdim=True) + v.ln_post.eps).sqrt()
+        by_hand = by_hand * v.ln_post.weight + v.ln_post.bias
+        reference = tiny.model.encode_image(x)
+    assert pooled.shape == (4, 64) and tiny.pooled_dim == 64
+    torch.testing.assert_close(pooled, by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled @ v.proj, reference)
+
+
+def test_to_pooled_space_maps_normalised_text_back_through_the_projection(tiny):
+    text = torch.randn(6, 32)
+    proj = tiny.model.visual.proj.detach()
+    t = text / text.norm(dim=1, keepdim=True)
+    expected = t @ proj.T
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(to_pooled_space(text, proj), expected)
 
 
 def test_checkpoint_file_loads_its_weights_and_records_sha256(tiny, tmp_path):

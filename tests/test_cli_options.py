@@ -157,5 +157,5 @@ def test_finetune_names_its_run_folder_after_what_the_recipe_chose(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     heard = []
     cfg = finetune_config({"recipe": "lift"}, say=lambda option, text: heard.append((option, text)))
-    assert cfg.out == "runs/finetune-adaptformer-cosine-logit_adjusted-instance" and cfg.method.head_opts["text_init"] is True
+    assert cfg.out == "runs/finetune-adaptformer-cosine-logit_adjusted-instance" and cfg.method.head_opts["init"] == "text"
     assert ("--out", cfg.out) in heard

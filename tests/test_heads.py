@@ -251,13 +251,82 @@ def test_cosine_head_with_text_init_starts_as_scaled_zero_shot():
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
     x = torch.randn(7, 8)
-    head = create_head("cosine", HeadInputs(5, 8, text_embeds=text), text_init=True, init_scale=20.0)
+    head = create_head("cosine", HeadInputs(5, 8, text_embeds=text), init="text", init_scale=20.0)
     expected = 20.0 * torch.nn.functional.normalize(x, dim=1) @ text.T
     torch.testing.assert_close(head(x), expected)
-    assert head_needs("cosine", {"text_init": True}).text_embeds and not head_needs("cosine").text_embeds
+    assert head_needs("cosine", {"init": "text"}).text_embeds and not head_needs("cosine").text_embeds
     with pytest.raises(LtclipError, match="--head cosine starts from the class text embeddings"):
-        create_head("cosine", HeadInputs(5, 8), text_init=True)
-    assert create_head("cosine", HeadInputs(5, 8)).config["text_init"] is False  # no text needed without text_init
+        create_head("cosine", HeadInputs(5, 8), init="text")
+    assert create_head("cosine", HeadInputs(5, 8)).config["init"] == "random"  # no text needed without init=text
+    saved = {"num_classes": 5, "embed_dim": 8, "token_shape": None, "init_scale": 30.0, "learn_scale": False,
+             "text_init": True}  # a run saved before `init`
+    rebuilt = rebuild_head("cosine", saved)
+    assert rebuilt.config["init"] == "text" and "text_init" not in rebuilt.config and rebuilt.classifier.weight.shape == (5, 8)
+    assert rebuild_head("cosine", {**saved, "text_init": False}).config["init"] == "random"
+
+
+def test_lift_cosine_head_is_25_cos_on_the_pooled_feature_with_a_fixed_scale():
+    torch.manual_seed(0)
+    text = F.normalize(torch.randn(5, 12), dim=1)  # already in the pooled space (finetune maps it)
+    inputs = HeadInputs(5, 8, pooled_dim=12, text_embeds=text, text_templates="single")
+    head = create_head("cosine", inputs, input="pooled", init="text", templates="single", init_scale=25.0,
+                       learn_scale=False)
+    assert head.input == "pooled" and head.feature_dim == 12 and head.config["pooled_dim"] == 12
+    x = torch.randn(7, 12)
+    cos = (x / x.norm(dim=1, keepdim=True)) @ (text / text.norm(dim=1, keepdim=True)).T
+    logits = head(x)
+    torch.testing.assert_close(logits, 25.0 * cos)
+    logits.sum().backward()
+    assert head.classifier.weight.grad is not None and head.classifier.scale.grad is None
+    assert [n for n, _ in head.named_parameters()] == ["classifier.weight"]
+    rebuilt = rebuild_head("cosine", json.loads(json.dumps(head.config)))
+    rebuilt.load_state_dict(head.state_dict())
+    assert rebuilt.input == "pooled" and torch.equal(rebuilt(x), logits)
+
+
+def test_cosine_head_starts_from_class_means_as_lift_does():
+    g = torch.Generator().manual_seed(3)
+    feats, labels = torch.randn(20, 6, generator=g) * 3 + 1, torch.tensor([0, 1, 1, 3] * 5)
+    head = create_head("cosine", HeadInputs(4, 6, train_features=(feats, labels)), init="class_mean")
+    for c in range(4):  # class 2 has no image: a zero row
+        rows = [feats[i] for i in range(20) if labels[i] == c]
+        mean = sum(rows) / len(rows) if rows else torch.zeros(6)
+        expected = mean / mean.norm() if rows else mean
+        torch.testing.assert_close(head.classifier.weight[c], expected, rtol=1e-5, atol=1e-6)
+    assert head_needs("cosine", {"init": "linear_probe"}).train_features
+    rebuilt = rebuild_head("cosine", head.config)  # no features needed to rebuild
+    assert rebuilt.config["init"] == "class_mean"
+
+
+def test_cosine_head_linear_probe_is_the_balanced_logistic_regression():
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([0] * 12 + [1] * 5 + [2] * 3)
+    feats = torch.randn(20, 4, generator=g) + 2.0 * F.one_hot(labels, 4).float()
+    head = create_head("cosine", HeadInputs(3, 4, train_features=(feats, labels)), init="linear_probe")
+    # scikit-learn's objective, by hand in numpy: balanced weights n / (K n_y), CE, 0.5 |W|^2; gradient descent
+    x, y = feats.double().numpy(), labels.numpy()
+    s = 20 / (3 * np.bincount(y))[y]
+    w, b = np.zeros((3, 4)), np.zeros(3)
+    for _ in range(20000):
+        z = x @ w.T + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        r = s[:, None] * (p - np.eye(3)[y])
+        w -= 0.05 * (r.T @ x + w) / s.sum()
+        b -= 0.05 * r.sum(0) / s.sum()
+    expected = w / np.linalg.norm(w, axis=1, keepdims=True)
+    np.testing.assert_allclose(head.classifier.weight.detach().numpy(), expected, atol=2e-3)
+
+
+def test_cosine_starts_the_cache_cannot_give_are_refused():
+    with pytest.raises(LtclipError, match="input=pooled reads the feature before the projection"):
+        create_head("cosine", HeadInputs(C, D), input="pooled")
+    with pytest.raises(LtclipError, match="starts from the training images' features"):
+        create_head("cosine", HeadInputs(C, D), init="class_mean")
+    with pytest.raises(LtclipError, match="starts from single-template text embeddings"):
+        create_head("cosine", HeadInputs(C, D, text_embeds=TEXT), init="text", templates="single")
+    with pytest.raises(LtclipError, match="--head-opt init='mean': must be one of random, text"):
+        create_head("cosine", HeadInputs(C, D), init="mean")
 
 
 def test_decoder_without_final_norm_feeds_the_last_cls_token_to_the_classifier():

@@ -74,14 +74,27 @@ class Backbone:
         """
         if not tokens:
             return self.model.encode_image(images), None
+        pooled, seq = self._pooled(images, "--tokens", "use --no-tokens")
+        v = self.model.visual
+        return (pooled @ v.proj if v.proj is not None else pooled), seq
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """The size of :meth:`encode_pooled`'s feature (the ViT's width); None for a model without one."""
+        return int(self.model.visual.ln_post.weight.shape[0]) if self.has_tokens else None
+
+    def encode_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """The ViT's pooled feature before the projection, ``ln_post(CLS)`` [B, W]: what ``proj`` maps to
+        the embedding, and what LIFT's classifier reads (its models/peft_vit.py)."""
+        return self._pooled(images, "--head-opt input=pooled", "use input=embeds")[0]
+
+    def _pooled(self, images: torch.Tensor, flag: str, instead: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-projection pooled feature, final token sequence before ``ln_post``) of an open_clip ViT."""
         if not self.has_tokens:
-            raise LtclipError(f"--tokens: model {self.identity['model']} is not an open_clip ViT; use --no-tokens")
+            raise LtclipError(f"{flag}: model {self.identity['model']} is not an open_clip ViT; {instead}")
         v = self.model.visual
         seq = v.transformer(v._embeds(images))
-        pooled, _ = v._pool(seq)
-        if v.proj is not None:
-            pooled = pooled @ v.proj
-        return pooled, seq
+        return v._pool(seq)[0], seq
 
 
 class _RandomWeightsNote(logging.Filter):

@@ -2,8 +2,10 @@
 
 The head reads the encoder's pooled embedding or its token sequence (``head.input``), exactly what
 a feature cache would hold for the same image, so ``--tune frozen`` with a float32 cache of the same
-images trains like ``train-head``. Encoder parameters the head never reaches (``ln_post`` and
-``proj`` when it reads tokens) are frozen, so DDP finds no unused trainable parameter.
+images trains like ``train-head``; or the pooled feature before the projection (``pooled``, LIFT's
+classifier input), which no cache holds. Encoder parameters the head never reaches (``ln_post`` and
+``proj`` when it reads tokens, ``proj`` when it reads the pooled feature) are frozen, so DDP finds no
+unused trainable parameter.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ class EncoderClassifier(nn.Module):
         self.backbone = backbone.model  # the open_clip CLIP (its text tower runs only for a prompt head)
         self.encode = backbone.encode
         self.preprocess, self.preprocess_cfg = backbone.preprocess, backbone.preprocess_cfg
+        self.encode_pooled = backbone.encode_pooled
         self.head = head
         self.tokens = head.input == "tokens"
-        if self.tokens:
-            visual = backbone.model.visual
-            for p in [*visual.ln_post.parameters(), *([visual.proj] if visual.proj is not None else [])]:
-                p.requires_grad_(False)
+        visual = backbone.model.visual
+        unreached = [*visual.ln_post.parameters()] if self.tokens else []
+        if head.input in ("tokens", "pooled") and visual.proj is not None:
+            unreached.append(visual.proj)
+        for p in unreached:
+            p.requires_grad_(False)
 
     @property
     def encoder_trains(self) -> bool:
@@ -33,8 +38,12 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trains):
-            embeds, tokens = self.encode(images, tokens=self.tokens)
-        return self.head(tokens if self.tokens else embeds)
+            if self.head.input == "pooled":
+                x = self.encode_pooled(images)
+            else:
+                embeds, tokens = self.encode(images, tokens=self.tokens)
+                x = tokens if self.tokens else embeds
+        return self.head(x)
 
     def training_state_dict(self) -> dict:
         """The head's state and the encoder's trained entries only (a run never copies the base model)."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+SINGLE_TEMPLATE = "a photo of a {}."  # LIFT's one prompt (its trainer.py, prompt "default")
 
 
 def text_classifier(
@@ -37,3 +40,9 @@ def text_classifier(
                 progress(len(chunk))
     out = np.concatenate(rows, axis=0) if rows else out
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def to_pooled_space(text: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Class text embeddings ``[C, D]`` mapped back into the ViT's pre-projection space ``[C, W]``:
+    ``normalise(normalise(text) @ proj.T)``, as LIFT starts its classifier (trainer.py, init_head_text_feat)."""
+    return F.normalize(F.normalize(text.float(), dim=-1) @ proj.detach().float().T.to(text.device), dim=-1)

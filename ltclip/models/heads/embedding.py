@@ -1,5 +1,5 @@
-"""Heads on the pooled image embedding [B, D]: linear, cosine, MLP and the zero-shot-initialised
-linear head (text-init)."""
+"""Heads on the pooled image embedding [B, D]: linear, cosine (also on the pre-projection pooled
+feature), MLP and the zero-shot-initialised linear head (text-init)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .base import Head, HeadInputs, HeadNeeds, check_dropout, require
 from .factory import HEADS, HeadDefaults, without_prior
+from .starts import class_means, linear_probe
 
 
 class CosineClassifier(nn.Module):
@@ -56,24 +57,53 @@ class LinearHead(Head):
         return _maybe_normalize(x, self.normalize)
 
 
+COSINE_INITS = ("random", "text", "class_mean", "linear_probe")
+
+
 @HEADS.register("cosine", defaults=HeadDefaults({"optimizer": "adamw", "lr": 0.03, "epochs": 10}, min_steps=500))
 class CosineHead(Head):
-    """Cosine classifier on the normalised embedding, scale learned from ``init_scale``.
+    """Cosine classifier on the normalised input, scale ``init_scale`` (learned unless ``learn_scale=false``).
 
-    With ``text_init`` the class rows start as the class text embeddings (LIFT's classifier), so
-    before training the logits are ``init_scale`` × CLIP's zero-shot cosines.
+    ``init`` picks the starting class rows: random, the class text embeddings (``text``: before
+    training the logits are ``init_scale`` × CLIP's zero-shot cosines; ``templates`` = ensemble | single,
+    ``a photo of a {}.``), or, in finetune, the training images' features (``class_mean``,
+    ``linear_probe``: :mod:`.starts`). ``input=pooled`` (finetune) reads the feature before the
+    projection, where text rows arrive mapped back through it. LIFT's classifier is
+    ``input=pooled init=text templates=single init_scale=25 learn_scale=false`` (the lift recipe).
     """
 
-    needs = HeadNeeds(text_embeds="text_init")
-
-    def __init__(self, inputs: HeadInputs, *, init_scale: float = 16.0, learn_scale: bool = True, text_init: bool = False):
+    def __init__(self, inputs: HeadInputs, *, init_scale: float = 16.0, learn_scale: bool = True, init: str = "random",
+                 input: str = "embeds", templates: str = "ensemble"):
         super().__init__(inputs)
         require(init_scale > 0, "init_scale", init_scale, "must be positive (e.g. init_scale=16)")
-        self.feature_dim = inputs.embed_dim
-        self.classifier = CosineClassifier(inputs.embed_dim, inputs.num_classes, init_scale, learn_scale)
-        if text_init:
+        self.feature_dim = inputs.vector_dim(input)
+        self.classifier = CosineClassifier(self.feature_dim, inputs.num_classes, init_scale, learn_scale)
+        rows = None
+        if init == "text":
+            rows = inputs.text_embeds
+        elif init != "random":
+            fit = class_means if init == "class_mean" else linear_probe
+            rows = fit(*inputs.train_features, inputs.num_classes)
+        if rows is not None:
             with torch.no_grad():
-                self.classifier.weight.copy_(inputs.text_embeds)
+                self.classifier.weight.copy_(F.normalize(rows, dim=-1))
+
+    @classmethod
+    def needs_for(cls, options):
+        init, input, templates = options["init"], options["input"], options["templates"]
+        require(init in COSINE_INITS, "init", init, f"must be one of {', '.join(COSINE_INITS)}")
+        require(input in ("embeds", "pooled"), "input", input, "must be embeds or pooled (finetune only)")
+        require(templates in ("ensemble", "single"), "templates", templates, "must be ensemble or single")
+        return HeadNeeds(input=input, text_embeds=init == "text", templates=templates,
+                         train_features=init in ("class_mean", "linear_probe"))
+
+    @classmethod
+    def saved_options(cls, options):
+        """Runs saved before ``init`` recorded ``text_init`` (a bool): ``text_init=true`` is ``init=text``."""
+        options = dict(options)
+        if options.pop("text_init", False):
+            options["init"] = "text"
+        return options
 
     def features(self, x):
         return F.normalize(x, dim=-1)

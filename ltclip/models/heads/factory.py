@@ -16,7 +16,7 @@ from ...core.registry import Registry
 from .base import Head, HeadInputs, HeadNeeds
 
 HEADS: Registry[type[Head]] = Registry("head", flag="--head-opt")
-SIZES = ("num_classes", "embed_dim", "token_shape")  # the keys of head.config that are not options
+SIZES = ("num_classes", "embed_dim", "token_shape", "pooled_dim")  # the keys of head.config that are not options
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def training_defaults(name: str) -> HeadDefaults:
 
 def head_needs(name: str, options: dict | None = None) -> HeadNeeds:
     """What head ``name`` built with ``options`` (parsed; defaults fill the rest) needs of its inputs."""
-    return HEADS.get(name).needs.for_options({**HEADS.options(name), **(options or {})})
+    return HEADS.get(name).needs_for({**HEADS.options(name), **(options or {})})
 
 
 def create_head(name: str, inputs: HeadInputs, **options) -> Head:
@@ -57,44 +57,60 @@ def create_head(name: str, inputs: HeadInputs, **options) -> Head:
     defaults included (JSON-serialisable, no text embeddings): what :func:`rebuild_head` reads."""
     HEADS.check(name, options)
     options = {**HEADS.options(name), **options}
-    head = HEADS.get(name)(_checked(name, head_needs(name, options), inputs), **options)
-    head.config = {**inputs.sizes(), **options}
+    needs = head_needs(name, options)
+    head = HEADS.get(name)(_checked(name, needs, inputs), **options)
+    head.input = needs.input
+    head.config = {**inputs.sizes(needs.input), **options}
     return head
 
 
 def rebuild_head(name: str, config: dict, text_encoder=None) -> Head:
-    """The head whose ``head.config`` is ``config``, for ``load_state_dict``: text embeddings it starts
-    from are zeros here (its state holds the trained weights); a head that runs the text tower takes
-    ``text_encoder``."""
-    sizes = {k: config[k] for k in SIZES}
-    zeros = torch.zeros(sizes["num_classes"], sizes["embed_dim"])
-    inputs = HeadInputs(**sizes, text_embeds=zeros, text_encoder=text_encoder)
-    return create_head(name, inputs, **{k: v for k, v in config.items() if k not in SIZES})
+    """The head whose ``head.config`` is ``config``, for ``load_state_dict``: what it starts from (text
+    embeddings, training features) is zeros here (its state holds the trained weights); a head that
+    runs the text tower takes ``text_encoder``."""
+    sizes = {k: config.get(k) for k in SIZES}
+    options = HEADS.get(name).saved_options({k: v for k, v in config.items() if k not in SIZES})
+    needs = head_needs(name, options)
+    c, d = sizes["num_classes"], HeadInputs(**sizes).vector_dim(needs.input)
+    start = (torch.zeros(c, d), torch.arange(c)) if needs.train_features else None
+    inputs = HeadInputs(**sizes, text_embeds=torch.zeros(c, d), text_encoder=text_encoder,
+                        text_templates=needs.templates, train_features=start)
+    return create_head(name, inputs, **options)
 
 
 def _checked(name: str, needs: HeadNeeds, inputs: HeadInputs) -> HeadInputs:
     """``inputs`` holding what ``needs`` asks for (text embeddings as float32); LtclipError otherwise."""
     if needs.input == "tokens" and inputs.token_shape is None:
         raise LtclipError(f"--head {name} needs token sequences; re-extract with --tokens")
+    if needs.input == "pooled" and inputs.pooled_dim is None:
+        raise LtclipError(f"--head {name} input=pooled reads the feature before the projection, which only finetune's "
+                          "encoder gives (a cache holds the projected embedding); use input=embeds")
+    if needs.train_features and inputs.train_features is None:
+        raise LtclipError(f"--head {name} starts from the training images' features, which only finetune computes "
+                          "(one pass of the frozen encoder); choose another initialisation")
     if needs.text_encoder:
         _check_text_encoder(name, inputs)
     if needs.text_embeds:
-        return dataclasses.replace(inputs, text_embeds=_checked_text(name, inputs))
+        return dataclasses.replace(inputs, text_embeds=_checked_text(name, needs, inputs))
     return inputs
 
 
-def _checked_text(name: str, inputs: HeadInputs) -> Tensor:
-    """The class text embeddings a head starts from, as float32 [C, D]."""
+def _checked_text(name: str, needs: HeadNeeds, inputs: HeadInputs) -> Tensor:
+    """The class text embeddings a head starts from, as float32 [C, D] (D the size of its input)."""
     if inputs.text_embeds is None:
         raise LtclipError(
             f"--head {name} starts from the class text embeddings (text.h5, written by extract beside the cache); "
             "rerun extract or choose another --head"
         )
+    if inputs.text_templates != needs.templates:
+        raise LtclipError(f"--head {name} starts from {needs.templates}-template text embeddings; only finetune "
+                          f"makes those (a cache's text.h5 holds {inputs.text_templates}-template ones)")
     text = torch.as_tensor(inputs.text_embeds, dtype=torch.float32)
-    if tuple(text.shape) != (inputs.num_classes, inputs.embed_dim):
+    dim = inputs.vector_dim(needs.input)
+    if tuple(text.shape) != (inputs.num_classes, dim):
         raise LtclipError(
             f"--head {name}: text embeddings have shape {tuple(text.shape)}, expected "
-            f"({inputs.num_classes}, {inputs.embed_dim}); use the text.h5 extracted with this cache"
+            f"({inputs.num_classes}, {dim}); use the text.h5 extracted with this cache"
         )
     return text
 
