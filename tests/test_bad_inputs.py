@@ -585,7 +585,9 @@ def interrupt(proc: subprocess.Popen, marker, changes: int = 1, settle: float = 
     assert proc.poll() is None, "the process finished before it could be interrupted: give it more work"
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = finish(proc)
-    assert proc.returncode == 130, stderr
+    # 130, or (rarely, about 1 run in 30 on 2 cores) killed by the
+    # SIGINT itself after the message, as the interpreter shuts down: a shell reports both as 130.
+    assert proc.returncode in (130, -signal.SIGINT), stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     last = stderr.rstrip().splitlines()[-1]
     assert last.startswith("interrupted; ") and stderr.count("interrupted") == 1, stderr
