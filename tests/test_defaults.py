@@ -156,7 +156,8 @@ def test_imbalance_vlm_applies_under_the_options_given():
 def test_lift_is_a_finetune_recipe():
     cfg = finetune_config({"out": "o", "recipe": "lift"})
     assert (cfg.tuning.tune, cfg.method.head, cfg.method.loss) == ("adaptformer", "cosine", "logit_adjusted")
-    assert cfg.method.head_opts == {"text_init": True, "init_scale": 30.0, "learn_scale": False}
+    assert cfg.method.head_opts == {"input": "pooled", "init": "text", "templates": "single", "init_scale": 25.0,
+                                    "learn_scale": False}  # LIFT's CosineClassifier and its text start
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.warmup) == ("sgd", 0.01, 10, 128, 0.0)
     with pytest.raises(LtclipError, match="a recipe for finetune; train-head cannot use it"):
         stage_one_config({"features": "f", "out": "o", "recipe": "lift"})
@@ -196,3 +197,15 @@ def test_truncated_cosine_and_step_warmup_match_the_closed_form():
     assert lr_factor(total, total, warm, "truncated-cosine") == pytest.approx(0.19509, abs=1e-5)  # cos(7π/16)
     assert [lr_factor(s, total, warm, "truncated-cosine") for s in (0, 255, 511)] == pytest.approx([1 / 512, 0.5, 1.0])
     assert warmup_steps(OptimConfig(warmup=2.0), 30) == 60 and warmup_steps(OptimConfig(warmup=2.0, warmup_steps=512), 30) == 512
+
+
+def test_lifts_options_are_off_by_default():
+    """The options LIFT's recipes select leave today's training and views unless given."""
+    from ltclip.config import EvalConfig, ExtractConfig, FinetuneConfig
+
+    o = OptimConfig()
+    assert (o.schedule_unit, o.select) == ("step", "balanced_accuracy")
+    f = FinetuneConfig(out="x")
+    assert (f.interpolation, f.eval_resize, f.train_crop, f.optim.schedule_unit) == (None, None, "random", "step")
+    assert (EvalConfig().eval_resize, EvalConfig().interpolation) == (None, None)
+    assert (ExtractConfig(out="x").eval_resize, ExtractConfig(out="x").interpolation) == (None, None)

@@ -279,6 +279,32 @@ def test_steps_stop_after_exactly_that_many_optimizer_steps(used_lrs, steps, epo
     assert used_lrs == pytest.approx([hand_lr(s, steps, 2, "cosine", cfg.lr) for s in range(steps)], rel=1e-12)
 
 
+def test_cosine_per_epoch_is_lifts_learning_rate_of_each_epoch(used_lrs):
+    # LIFT: SGD + CosineAnnealingLR(T_max=epochs) stepped after each epoch: lr_e = peak (1 + cos(pi e / E)) / 2
+    cfg = cfg_of(schedule="cosine", schedule_unit="epoch", epochs=5, lr=0.02)  # 4 steps per epoch
+    train(cfg)
+    hand = [0.02 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]
+    assert used_lrs == pytest.approx([lr for lr in hand for _ in range(4)], rel=1e-12)
+    # the same numbers from torch's own scheduler, stepped once per epoch
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.02)
+    torch_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    by_torch = []
+    for _ in range(5):
+        by_torch += [opt.param_groups[0]["lr"]] * 4
+        opt.step()
+        torch_sched.step()
+    assert used_lrs == pytest.approx(by_torch, rel=1e-12)
+
+
+def test_per_epoch_schedule_after_warmup_steps_at_epoch_starts(used_lrs):
+    # 5 epochs of 4 steps, warm-up 1.5 epochs = 6 steps (per step); then the value of the epoch's first
+    # step after warm-up: steps 6-7 take t = 0, epoch e >= 2 takes t = (4e - 6) / 14
+    train(cfg_of(schedule="cosine", schedule_unit="epoch", warmup=1.5, epochs=5, lr=1.0))
+    epoch_starts = [6, 6, 8, 8, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16]
+    want = [(s + 1) / 6 for s in range(6)] + [hand_lr(s, 20, 6, "cosine", 1.0) for s in epoch_starts]
+    assert used_lrs == pytest.approx(want, rel=1e-12)
+
+
 # ---------------------------------------------------------------- 4. resume at step granularity
 
 
@@ -431,6 +457,17 @@ def test_resume_of_a_finished_run_changes_nothing(resume_reference, tmp_path):
     assert result.best == ref.best and result.steps == 28
 
 
+@pytest.mark.parametrize("kill", [20, 45], ids=["mid epoch 2, mid step", "last epoch, mid step"])
+def test_resume_with_a_per_epoch_schedule_ends_bit_identical(tmp_path, kill):
+    cfg = cfg_of(**{**RESUME_CFG, "select": "last"}, schedule_unit="epoch", checkpoint_every=3)
+    reference, ref = resume_run(cfg, tmp_path / "ref", val_summary)
+    with pytest.raises(KeyboardInterrupt):
+        resume_run(cfg, tmp_path / "run", val_summary, kill=kill)
+    model, result = resume_run(cfg, tmp_path / "run", val_summary, resume=True)
+    assert_same_weights(model.state_dict(), reference.state_dict())
+    assert result.history == ref.history and result.best == ref.best
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     cfg = cfg_of(**RESUME_CFG, checkpoint_every=0)
     validate = closeness_validate(new_head("mlp", hidden=16).state_dict())
@@ -501,7 +538,7 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 @pytest.mark.parametrize("option, value", [
     ("precision", "fp8"), ("optimizer", "lamb"), ("schedule", "linear"), ("lr", 0.0), ("weight_decay", -1.0),
     ("warmup", -0.5), ("grad_clip", -1.0), ("batch_size", 0), ("accum", 0), ("epochs", 0), ("steps", 0),
-    ("eval_every", -1), ("checkpoint_every", -1),
+    ("eval_every", -1), ("checkpoint_every", -1), ("schedule_unit", "iteration"),
 ])
 def test_bad_options_are_refused_before_training(tmp_path, monkeypatch, option, value):
     cfg = dataclasses.replace(cfg_of(), **{option: value})
@@ -515,6 +552,15 @@ def test_bad_options_are_refused_before_training(tmp_path, monkeypatch, option, 
     with pytest.raises(LtclipError):
         train(cfg, out=tmp_path)
     assert not calls and not any(tmp_path.iterdir())
+
+
+def test_unknown_select_is_refused_before_training():
+    with pytest.raises(LtclipError) as err:
+        check_optim(cfg_of(select="bogus"))
+    message = one_line(err)
+    assert "--select 'bogus'" in message and "balanced_accuracy" in message and "last" in message
+    for select in (*SUMMARY_KEYS, "last"):
+        check_optim(cfg_of(select=select))
 
 
 # ---------------------------------------------------------------- 7. the optimizer factory
@@ -653,6 +699,18 @@ def test_mid_epoch_validation_takes_part_in_selection():
     assert steps == [3, 4, 6, 8, 9, 12]  # step 12 is the end of the run: validated once
     assert result.best == {"epoch": 1, "step": 6, "val_balanced_accuracy": 50.0, "val_many": None}
     assert_same_weights(model.state_dict(), validate.seen[2])
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_select_last_keeps_the_last_epoch_and_logs_validation(tmp_path, with_out):
+    validate = Scripted(balanced_accuracy=[10, 30, 20])
+    model, result = train(cfg_of(select="last"), validate=validate, out=tmp_path if with_out else None)
+    assert_same_weights(model.state_dict(), validate.seen[2])
+    assert result.best == {"epoch": 2, "step": 12, "val_balanced_accuracy": 20.0, "val_many": None}
+    assert [r["val_balanced_accuracy"] for r in epoch_records(result.history)] == [10, 30, 20]
+    if with_out:
+        assert not (tmp_path / BEST_FILE).exists()
+        assert_same_weights(load_checkpoint(tmp_path / LAST_FILE)["model"], validate.seen[2])
 
 
 def test_without_validate_the_last_weights_are_kept():

@@ -99,6 +99,12 @@ def test_every_tuning_mode_trains_saves_reloads_and_evaluates(synthetic_root, tm
     evaluated = json.loads((tmp_path / "e.json").read_text())
     # the reloaded run predicts exactly what the trained model did on val when it was selected
     assert evaluated["results"][0]["balanced_accuracy"] == pytest.approx(info["best"]["val_balanced_accuracy"])
+    if mode == "adaptformer":  # a run saved before the modes took LIFT's definitions (no class count recorded)
+        del payload["encoder"]["num_classes"]
+        torch.save(payload, run / "model.pt")
+        result = runner.invoke(app, ["eval", str(run), "--split", "val"])
+        assert result.exit_code != 0 and "before it took LIFT's definitions" in result.output
+        assert "retrain it" in result.output.strip().splitlines()[-1]
 
 
 def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_path):
@@ -201,8 +207,8 @@ def test_torchrun_two_processes_finetune_the_same_model_as_one(synthetic_root, t
 def test_list_tuning_counts_trainable_parameters_on_a_model():
     result = ok("list", "tuning", "--model", TINY_MODEL)
     counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in result.output.strip().splitlines()}
-    visual = sum(p.numel() for p in load_backbone(TINY_MODEL, "none").model.visual.parameters())
-    assert set(counts) == set(TUNING.names()) and counts["frozen"] == 0 and counts["full"] == visual
+    blocks = sum(p.numel() for p in load_backbone(TINY_MODEL, "none").model.visual.transformer.resblocks.parameters())
+    assert set(counts) == set(TUNING.names()) and counts["frozen"] == 0 and counts["full"] == blocks  # LIFT: blocks only
     assert runner.invoke(app, ["list", "losses", "--model", TINY_MODEL]).exit_code == 2
 
 
@@ -220,3 +226,62 @@ def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_finetune(sy
     for part in ("head", "encoder"):
         assert all(torch.equal(v, b[part]["state_dict"][k]) for k, v in a[part]["state_dict"].items()), part
     assert records(reference) == records(killed)
+
+
+def lift_head_model(root: Path, *opts: str):
+    """``new_encoder_classifier`` for a cosine head on the pooled feature with ``opts`` (tiny model, frozen)."""
+    from ltclip.recipes.resolve import finetune_config
+    from ltclip.stages.finetune import new_encoder_classifier
+
+    cfg = finetune_config({"out": "o", "dataset": "synthetic", "data_root": str(root), "model": TINY_MODEL,
+                           "pretrained": "none", "head": "cosine", "head_opts": ("input=pooled", *opts),
+                           "device": "cpu", "workers": 0, "batch_size": 16})
+    return new_encoder_classifier(cfg, load_dataset("synthetic", root), torch.device("cpu"))
+
+
+def test_lift_text_start_is_the_single_template_mapped_back_through_the_projection(synthetic_root):
+    backbone, model = lift_head_model(synthetic_root, "init=text", "templates=single", "init_scale=25", "learn_scale=false")
+    dataset = load_dataset("synthetic", synthetic_root)
+    with torch.no_grad():
+        text = backbone.model.encode_text(backbone.tokenizer([f"a photo of a {c}." for c in dataset.classnames]))
+        text = text / text.norm(dim=1, keepdim=True)
+        rows = text @ backbone.model.visual.proj.T
+        rows = rows / rows.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(model.head.classifier.weight.detach(), rows, rtol=1e-5, atol=1e-5)
+    assert model.head.input == "pooled" and model.head.classifier.weight.shape == (dataset.num_classes, 64)
+    assert not model.backbone.visual.proj.requires_grad
+    x = torch.stack([backbone.preprocess(dataset.open_image("val", i)) for i in range(4)])
+    with torch.no_grad():
+        pooled = F.normalize(backbone.encode_pooled(x), dim=-1)
+        torch.testing.assert_close(model(x), 25.0 * pooled @ rows.T, rtol=1e-4, atol=1e-4)
+
+
+def test_class_mean_start_is_the_frozen_encoders_per_class_mean(synthetic_root):
+    backbone, model = lift_head_model(synthetic_root, "init=class_mean")
+    dataset = load_dataset("synthetic", synthetic_root)
+    rows = dataset.split("train")
+    x = torch.stack([backbone.preprocess(dataset.open_image("train", i)) for i in range(len(rows))])
+    with torch.no_grad():
+        feats = backbone.encode_pooled(x)
+    labels = torch.as_tensor(rows.labels)
+    means = torch.stack([feats[labels == c].mean(0) for c in range(dataset.num_classes)])
+    torch.testing.assert_close(model.head.classifier.weight.detach(), F.normalize(means, dim=-1), rtol=1e-4, atol=1e-5)
+
+
+def test_lift_recipe_head_finetunes_saves_and_reloads(synthetic_root, tmp_path):
+    from ltclip.artifacts.runs import load_run
+
+    run = tmp_path / "lift"
+    ok("finetune", *data_args(synthetic_root), "--recipe", "lift", "--tune", "frozen", "--epochs", "2", "--batch-size",
+       "32", "--workers", "0", "--device", "cpu", "--out", run)
+    payload = torch.load(run / "model.pt", weights_only=True)
+    config = payload["head"]["config"]
+    assert (config["input"], config["init"], config["templates"], config["init_scale"], config["learn_scale"]) == (
+        "pooled", "text", "single", 25.0, False)
+    model = load_run(run).model
+    dataset = load_dataset("synthetic", synthetic_root)
+    x = torch.stack([model.preprocess(dataset.open_image("test", i)) for i in range(4)])
+    with torch.no_grad():
+        w = payload["head"]["state_dict"]["classifier.weight"]
+        expected = 25.0 * F.normalize(model.encode_pooled(x), dim=-1) @ F.normalize(w, dim=-1).T
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)

@@ -49,6 +49,8 @@ class OptimConfig:
     nesterov: bool = option(False, "Nesterov momentum for sgd.")
     decay_1d: bool = option(True, "Weight decay also on biases, norms and other 1-D parameters.")
     schedule: str = option("cosine", "Learning-rate schedule per step.", choices="schedules")
+    schedule_unit: str = option("step", "step (the schedule advances every optimizer step) or epoch (the lr is constant "
+                                        "within an epoch, as LIFT's CosineAnnealingLR stepped per epoch).")
     warmup: float = option(0.0, "Linear warm-up, in epochs.")
     warmup_steps: int | None = option(None, "Linear warm-up in optimizer steps, instead of --warmup epochs.")
     grad_clip: float = option(0.0, "Clip the gradient norm (0: off).")
@@ -56,7 +58,8 @@ class OptimConfig:
     seed: int = option(0, "Seed of the initialisation, sampler and views.")
     eval_every: int = option(0, "Also validate every N steps (0: at epoch ends only).")
     checkpoint_every: int = option(0, "Also checkpoint every N steps (0: at epoch ends only).")
-    select: str = option("balanced_accuracy", "Validation metric that picks the kept weights (highest; lowest for nll and ece).")
+    select: str = option("balanced_accuracy", "Validation metric that picks the kept weights (highest; lowest for nll and ece), "
+                                              "or last: the last epoch's weights (validation only logged).")
 
 
 # A second stage retrains a small layer on fixed features: SGD with a large step, as in Kang et al.
@@ -112,6 +115,11 @@ class ExtractConfig:
     precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).")
     test_views: str = option("center", "center, flip, fivecrop or tencrop views of val/test images.")
     train_views: int = option(0, "K seeded augmented views per training image (0: the model's preprocessing).")
+    eval_resize: int | None = option(None, "Resize the short side of val/test images to this before cropping, "
+                                           "e.g. 256 (LIFT's center crop) or 248 (LIFT's fivecrop).",
+                                     default_text="the model's preprocessing; ×256/224 for five and ten crops")
+    interpolation: str | None = option(None, "bilinear or bicubic resampling of the train views and the --eval-resize views.",
+                                       default_text="the model's (bicubic for CLIP)")
     bad_images: str = option("fail", "fail, or skip (logged; zero features).")
     block_size: int = option(1024, "Rows written (and resumed) together.")
     seed: int = option(0, "Seed of the train views.")
@@ -181,6 +189,13 @@ class FinetuneConfig:
     method: MethodConfig = MethodConfig()
     optim: OptimConfig = FINETUNE_OPTIM
     augment: bool = option(True, "RandomResizedCrop + horizontal flip at every step.")
+    train_crop: str = option("random", "random (RandomResizedCrop + horizontal flip) or mda (LIFT+'s: square crops, no flip, "
+                                       "the smallest crop area growing per epoch from 0.08 to 1).")
+    interpolation: str | None = option(None, "bilinear or bicubic resampling of the training crops and the "
+                                             "--eval-resize validation views.",
+                                       default_text="the model's (bicubic for CLIP)")
+    eval_resize: int | None = option(None, "Validation images: resize the short side to this, then center-crop, "
+                                           "e.g. 256 (LIFT's).", default_text="the model's preprocessing")
     normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's).")
     workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT)
     val_split: str = option("val", "Split for model selection.")
@@ -204,6 +219,11 @@ class EvalConfig:
     views: str = option("mean", "Test views: mean (average logits) or first.")
     data_root: str | None = option(None, "Images of finetuned runs.", default_text="the run's own data root")
     test_views: str = option("center", "Views of each image for finetuned runs: center, flip, fivecrop or tencrop.")
+    eval_resize: int | None = option(None, "Finetuned runs: resize the short side to this before cropping the "
+                                           "views, e.g. 248 with fivecrop (LIFT's tables).",
+                                     default_text="the run's --eval-resize, else the model's preprocessing")
+    interpolation: str | None = option(None, "Finetuned runs: bilinear or bicubic resampling of the --eval-resize views.",
+                                       default_text="the run's --interpolation, else the model's")
     workers: int | None = option(None, "Image decode workers for finetuned runs.", default_text=_WORKERS_DEFAULT)
     many: int = option(100, "Classes with more training images than this are 'many'.")
     few: int = option(20, "Classes with fewer training images than this are 'few'.")

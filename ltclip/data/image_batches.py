@@ -1,24 +1,28 @@
 """Batches of images for training on images (``ltclip finetune``) and for scoring image runs.
 
-Training views are RandomResizedCrop + horizontal flip (or the model's own preprocessing with
-``augment=False``), drawn from a seed of ``(seed, epoch, position in the epoch's order)``: the same
-on any number of processes or DataLoader workers, and again after a resume.
+Training views are RandomResizedCrop + horizontal flip, or LIFT+'s growing square crops (``mda``),
+or the model's own preprocessing with ``augment=False``, drawn from a seed of ``(seed, epoch, position
+in the epoch's order)``: the same on any number of processes or DataLoader workers, and again after a resume.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from .base import LTDataset
+from ..core.errors import LtclipError
 from .images import ImageSplit, apply_bad_image_policy
 from .views import Views, _interpolation, _size
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("model", "imagenet")
+TRAIN_CROPS = ("random", "mda")
 
 
 def mean_std(preprocess_cfg: dict, normalize: str) -> tuple:
@@ -34,15 +38,51 @@ def eval_transform(preprocess, preprocess_cfg: dict, normalize: str):
     return T.Compose([*steps, T.Normalize(*mean_std(preprocess_cfg, normalize))])
 
 
-def train_transform(preprocess, preprocess_cfg: dict, normalize: str, augment: bool):
+class GrowingSquareCrop:
+    """LIFT+'s minimalist data augmentation (MDA): a random square crop resized to ``size``, no flip.
+
+    Its area is a uniform fraction of the image's in ``[min_area(), 1]`` (both capped at the largest
+    square); the smallest fraction grows over the ``epochs`` on a convex curve, from ``smallest`` to 1:
+    ``smallest + (1 - smallest)(1 - sqrt(1 - t²))`` at ``t = epoch / (epochs - 1)`` (0 for one epoch).
+    """
+
+    def __init__(self, size: int, epochs: int, interpolation: T.InterpolationMode, smallest: float = 0.08):
+        self.size, self.epochs, self.interpolation, self.smallest, self.epoch = size, epochs, interpolation, smallest, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def min_area(self) -> float:
+        t = self.epoch / (self.epochs - 1) if self.epochs > 1 else 0.0
+        return self.smallest + (1 - self.smallest) * (1 - math.sqrt(1 - t * t))
+
+    def __call__(self, image):
+        _, height, width = F.get_dimensions(image)
+        square = min(height, width) ** 2 / (height * width)
+        area = height * width * torch.empty(1).uniform_(min(self.min_area(), square), square).item()
+        side = int(round(math.sqrt(area)))
+        top = int(torch.randint(0, height - side + 1, (1,)))
+        left = int(torch.randint(0, width - side + 1, (1,)))
+        return F.resized_crop(image, top, left, side, side, [self.size, self.size], self.interpolation)
+
+    def __repr__(self) -> str:
+        return (f"GrowingSquareCrop(size={self.size}, epochs={self.epochs}, smallest={self.smallest}, "
+                f"{self.interpolation.value})")
+
+
+def train_transform(preprocess, preprocess_cfg: dict, normalize: str, augment: bool, interpolation: str | None = None,
+                    crop: str = "random", epochs: int = 1):
+    """The training crop (resampled with ``interpolation``, None: the model's), or without ``augment``
+    the evaluation preprocessing. ``crop``: ``random`` (RandomResizedCrop + flip) or ``mda``
+    (:class:`GrowingSquareCrop` over ``epochs``)."""
     if not augment:
         return eval_transform(preprocess, preprocess_cfg, normalize)
-    return T.Compose([
-        T.RandomResizedCrop(_size(preprocess_cfg), interpolation=_interpolation(preprocess_cfg)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(*mean_std(preprocess_cfg, normalize)),
-    ])
+    if crop not in TRAIN_CROPS:
+        raise LtclipError(f"--train-crop {crop!r}: choose one of {', '.join(TRAIN_CROPS)}")
+    size, interp = _size(preprocess_cfg), _interpolation(preprocess_cfg, interpolation)
+    steps = ([T.RandomResizedCrop(size, interpolation=interp), T.RandomHorizontalFlip()] if crop == "random"
+             else [GrowingSquareCrop(size, epochs, interp)])
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(*mean_std(preprocess_cfg, normalize))])
 
 
 def _seed(*parts) -> int:
@@ -78,10 +118,13 @@ class ImageSource:
 
     def __init__(self, dataset: LTDataset, split: str, transform, *, seed: int, workers: int, pin_memory: bool = False):
         self.images = ImageSplit(dataset, split, _OneView(transform))
+        self.per_epoch = [t for t in getattr(transform, "transforms", [transform]) if hasattr(t, "set_epoch")]
         self.labels = self.images.split.labels
         self.seed, self.workers, self.pin_memory = seed, workers, pin_memory
 
     def batches(self, order, batch_size, epoch, positions):
+        for step in self.per_epoch:  # before the loader copies the transform into its workers
+            step.set_epoch(epoch)
         loader = DataLoader(_Drawn(self.images, order, positions, self.seed, epoch), batch_size=batch_size,
                             num_workers=self.workers, pin_memory=self.pin_memory, shuffle=False)
         for x, y, problems in loader:

@@ -10,6 +10,7 @@ from torchvision import transforms as T
 from ..core.errors import LtclipError
 
 TEST_VIEWS = ("center", "flip", "fivecrop", "tencrop")
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 class Views:
@@ -48,30 +49,38 @@ class FlipViews(Views):
 
 
 class CropViews(Views):
-    """Five or ten crops at the model's resolution after resizing the short side by 256/224."""
+    """Crops at the model's resolution after resizing the short side to ``resize`` (default: the
+    resolution × 256/224): the center one (``flip``: and its mirror), five or ten."""
 
-    def __init__(self, cfg: dict, ten: bool):
+    def __init__(self, cfg: dict, kind: str, resize: int | None = None, interpolation: str | None = None):
         size = _size(cfg)
-        interp = _interpolation(cfg)
-        crop = T.TenCrop(size) if ten else T.FiveCrop(size)
-        self.resize = T.Resize(round(size * 256 / 224), interpolation=interp)
-        self.crop = crop
+        interp = _interpolation(cfg, interpolation)
+        resize = resize or round(size * 256 / 224)
+        if resize < size:
+            raise LtclipError(f"--eval-resize {resize}: must be at least the model's resolution {size}")
+        self.resize = T.Resize(resize, interpolation=interp)
+        self.crop = {"center": T.CenterCrop(size), "flip": T.CenterCrop(size), "fivecrop": T.FiveCrop(size),
+                     "tencrop": T.TenCrop(size)}[kind]
+        self.mirror = kind == "flip"
         self.finish = T.Compose([T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
-        self.count = 10 if ten else 5
-        self.description = f"{'ten' if ten else 'five'}crop: resize {round(size * 256 / 224)} {interp.value}, crop {size}, mean {list(cfg['mean'])}, std {list(cfg['std'])}"
+        self.count = {"center": 1, "flip": 2, "fivecrop": 5, "tencrop": 10}[kind]
+        self.description = (f"{kind}: resize {resize} {interp.value}, crop {size}, "
+                            f"mean {list(cfg['mean'])}, std {list(cfg['std'])}")
 
     def __call__(self, image, row: int) -> torch.Tensor:
-        return torch.stack([self.finish(c) for c in self.crop(self.resize(image))])
+        crops = self.crop(self.resize(image))
+        views = torch.stack([self.finish(c) for c in (crops if isinstance(crops, tuple) else [crops])])
+        return torch.cat([views, views.flip(-1)]) if self.mirror else views
 
 
 class TrainViews(Views):
     """K augmented views (RandomResizedCrop + horizontal flip), seeded per (seed, row, view)."""
 
-    def __init__(self, cfg: dict, count: int, seed: int):
+    def __init__(self, cfg: dict, count: int, seed: int, interpolation: str | None = None):
         size = _size(cfg)
         self.augment = T.Compose(
             [
-                T.RandomResizedCrop(size, interpolation=_interpolation(cfg)),
+                T.RandomResizedCrop(size, interpolation=_interpolation(cfg, interpolation)),
                 T.RandomHorizontalFlip(),
                 T.ToTensor(),
                 T.Normalize(cfg["mean"], cfg["std"]),
@@ -99,20 +108,34 @@ def _size(cfg: dict) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def _interpolation(cfg: dict) -> T.InterpolationMode:
-    return T.InterpolationMode(cfg.get("interpolation", "bicubic"))
+def _interpolation(cfg: dict, override: str | None = None) -> T.InterpolationMode:
+    """``override`` (bilinear or bicubic), else the model's own resampling (bicubic where it names none)."""
+    check_view_options(None, override)
+    return T.InterpolationMode(override or cfg.get("interpolation", "bicubic"))
 
 
-def make_views(kind: str, preprocess, preprocess_cfg: dict, *, count: int = 1, seed: int = 0) -> Views:
-    """``center`` | ``flip`` | ``fivecrop`` | ``tencrop`` for evaluation, ``train`` for K augmented views."""
-    if kind == "center":
-        return CenterView(preprocess)
-    if kind == "flip":
-        return FlipViews(preprocess)
-    if kind in ("fivecrop", "tencrop"):
-        return CropViews(preprocess_cfg, ten=kind == "tencrop")
+def check_view_options(resize: int | None, interpolation: str | None) -> None:
+    """Refuse an ``--eval-resize`` or ``--interpolation`` no view can use, before anything is read or written."""
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+        raise LtclipError(f"--eval-resize {resize!r}: must be a positive number of pixels, e.g. 256")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise LtclipError(f"--interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
+
+
+def make_views(kind: str, preprocess, preprocess_cfg: dict, *, count: int = 1, seed: int = 0, resize: int | None = None,
+               interpolation: str | None = None) -> Views:
+    """``center`` | ``flip`` | ``fivecrop`` | ``tencrop`` for evaluation, ``train`` for K augmented views.
+
+    ``resize``: the short side before cropping (None: the model's preprocessing for center and flip,
+    the resolution × 256/224 for five and ten crops); ``interpolation`` (bilinear or bicubic)
+    resamples the crops and ``resize`` (None: the model's).
+    """
+    if kind in ("center", "flip") and resize is None:
+        return CenterView(preprocess) if kind == "center" else FlipViews(preprocess)
+    if kind in TEST_VIEWS:
+        return CropViews(preprocess_cfg, kind, resize, interpolation)
     if kind == "train":
         if count < 1:
             raise LtclipError(f"--train-views {count}: must be >= 1")
-        return TrainViews(preprocess_cfg, count, seed)
+        return TrainViews(preprocess_cfg, count, seed, interpolation)
     raise LtclipError(f"--test-views {kind!r}: choose one of {', '.join(TEST_VIEWS)}")

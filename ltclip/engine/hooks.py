@@ -21,6 +21,7 @@ from ..evaluation.metrics import improves
 from .checkpoint import BEST_FILE, LAST_FILE, load_checkpoint, rng_state, save_checkpoint, to_python
 from .log import TrainLog
 from .options import RunEnv
+from .plan import SELECT_LAST
 from .state import FitState, LossTally, Trained, load_model_state, model_state
 
 NAN_CHECK_EVERY = 25  # optimizer steps between finiteness checks (each is a host sync)
@@ -88,7 +89,8 @@ class ModelSelection(Hook):
 
     The weights with the best ``cfg.select`` metric (highest; lowest for nll and ece) are kept in
     memory, or in ``best.pt`` with an ``out`` folder, and loaded at the end; ``cfg.select=None``
-    validates for the log only, and without ``validate`` the last weights stay.
+    validates for the log only, and without ``validate`` the last weights stay. ``cfg.select="last"``
+    keeps the last weights, with the latest validation as ``state.best`` (no ``best.pt``).
     """
 
     def __init__(self, model: torch.nn.Module, validate: Callable[[torch.nn.Module], dict] | None, cfg, log: TrainLog,
@@ -105,7 +107,7 @@ class ModelSelection(Hook):
         record.update(self._validate(state, record["epoch"]))
 
     def on_end(self, state: FitState) -> None:
-        if state.best is None:
+        if state.best is None or self.select == SELECT_LAST:
             return
         if self.out is not None:
             self.ctx.barrier()
@@ -121,6 +123,9 @@ class ModelSelection(Hook):
         self.model.train()
         summary = {f"val_{k}": v for k, v in metrics.items()}
         if self.select is None:
+            return summary
+        if self.select == SELECT_LAST:
+            state.best = to_python({"epoch": epoch, "step": state.step, **summary})
             return summary
         score = metrics[self.select]
         if state.best is None or improves(self.select, score, state.best[f"val_{self.select}"]):

@@ -24,7 +24,7 @@ from ..data.samplers import BlockShuffledSampler, create_sampler
 from .checkpoint import resume
 from .hooks import Checkpoints, EpochLog, Hook, ModelSelection, NanGuard
 from .log import TrainLog
-from .optim import create_optimizer, create_schedule, warmup_steps
+from .optim import create_optimizer, create_schedule, schedule_epoch_steps, warmup_steps
 from .options import ParamGroups, RunEnv
 from .plan import Plan, plan_run
 from .state import FitState, LossTally, Trained
@@ -75,7 +75,8 @@ def fit(
         order = BlockShuffledSampler(order, *env.block_order)
     autocast = precision_autocast(torch.device(env.device), cfg.precision)
     optimizer = create_optimizer(model, cfg, groups.parts or groups.lrs, groups.no_decay, grouped=groups.parts is not None)
-    schedule = create_schedule(optimizer, cfg.schedule, plan.total, warmup_steps(cfg, plan.per_epoch), plan.part_steps)
+    schedule = create_schedule(optimizer, cfg.schedule, plan.total, warmup_steps(cfg, plan.per_epoch), plan.part_steps,
+                               schedule_epoch_steps(cfg, plan.per_epoch))
     trained = Trained(model, optimizer, schedule, torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None)
     loop = _Loop(trained, task, source, order, cfg, plan, autocast, env, progress)
     log = TrainLog(env.out if ctx.is_main else None, tensorboard=env.tensorboard, on_record=env.on_record)

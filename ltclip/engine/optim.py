@@ -2,7 +2,9 @@
 
 Schedules are pure functions of the training progress ``t ∈ [0, 1)`` after warm-up, turned into
 one ``LambdaLR`` stepped once per optimizer step: its state is a step counter, so a resumed run
-continues exactly. (timm's schedulers are epoch-first objects with their own warm-up convention;
+continues exactly. Stepped per epoch (``schedule_unit="epoch"``, LIFT's ``CosineAnnealingLR``), the
+lr is constant within an epoch: the schedule's value at the epoch's first step.
+(timm's schedulers are epoch-first objects with their own warm-up convention;
 one per-step multiplier covers every schedule here, including the paper's 7/16-cycle cosine.)
 """
 
@@ -21,6 +23,7 @@ from .grouped_optim import GroupedAdamW
 SCHEDULES: Registry = Registry("schedule")
 # ltclip's optimizer names → timm's (`sgd` is heavy-ball momentum; with nesterov=True timm's "nesterov").
 OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum"}
+SCHEDULE_UNITS = ("step", "epoch")
 
 
 @SCHEDULES.register("cosine")
@@ -47,11 +50,22 @@ def constant(t: float) -> float:
     return 1.0
 
 
-def lr_factor(step_index: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak lr at ``step_index``: linear warm-up over ``warmup`` steps, then the schedule."""
+def lr_factor(step_index: int, total: int, warmup: int, schedule: str, epoch_steps: int = 0) -> float:
+    """Multiplier of the peak lr at ``step_index``: linear warm-up over ``warmup`` steps, then the schedule.
+
+    ``epoch_steps > 0`` steps the schedule per epoch of that many steps: a step takes the value of
+    its epoch's first step after warm-up (without warm-up, epoch ``e`` of ``E`` runs at ``t = e/E``).
+    """
     if step_index < warmup:
         return (step_index + 1) / warmup
+    if epoch_steps > 0:
+        step_index = max(warmup, step_index - step_index % epoch_steps)
     return SCHEDULES.get(schedule)((step_index - warmup) / max(1, total - warmup))
+
+
+def schedule_epoch_steps(cfg, steps_per_epoch: int) -> int:
+    """The ``epoch_steps`` of :func:`lr_factor` for :class:`OptimConfig` ``cfg`` (0: stepped per optimizer step)."""
+    return steps_per_epoch if cfg.schedule_unit == "epoch" else 0
 
 
 def warmup_steps(cfg, steps_per_epoch: int) -> int:
@@ -102,21 +116,22 @@ def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None
 
 
 def create_schedule(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int,
-                    parts: dict[str, tuple[str, int, int]] | None = None):
+                    parts: dict[str, tuple[str, int, int, int]] | None = None, epoch_steps: int = 0):
     """A per-step ``LambdaLR`` of :func:`lr_factor` (call ``.step()`` after every optimizer step).
 
+    ``epoch_steps > 0``: the schedule stepped per epoch of that many steps (:func:`lr_factor`).
     ``parts`` gives the groups tagged ``"part": name`` (:func:`create_optimizer`) their own
-    ``(schedule, total_steps, warmup_steps)``; such a group's lr is 0 from its ``total_steps`` on
-    (the part stops updating: AdamW and SGD leave a parameter exactly as it is at lr 0).
+    ``(schedule, total_steps, warmup_steps, epoch_steps)``; such a group's lr is 0 from its
+    ``total_steps`` on (the part stops updating: AdamW and SGD leave a parameter exactly as it is at lr 0).
     """
-    def factor(name: str, total: int, warmup: int):
+    def factor(name: str, total: int, warmup: int, per_epoch: int):
         SCHEDULES.get(name)  # unknown names fail here, before training
-        return lambda s: lr_factor(s, total, warmup, name)
+        return lambda s: lr_factor(s, total, warmup, name, per_epoch)
 
-    def part_factor(name: str, total: int, warmup: int):
-        inner = factor(name, total, warmup)
+    def part_factor(name: str, total: int, warmup: int, per_epoch: int):
+        inner = factor(name, total, warmup, per_epoch)
         return lambda s: inner(s) if s < total else 0.0
 
-    shared = factor(schedule, total_steps, warmup_steps)
+    shared = factor(schedule, total_steps, warmup_steps, epoch_steps)
     lambdas = [part_factor(*parts[g["part"]]) if "part" in g else shared for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Collection
 
 from ..core.distributed import PRECISIONS
 from ..core.errors import LtclipError
-from .optim import OPTIMIZERS, SCHEDULES, warmup_steps
+from .optim import OPTIMIZERS, SCHEDULE_UNITS, SCHEDULES, schedule_epoch_steps, warmup_steps
 from .options import ParamGroups
+from .validation import SUMMARY_KEYS
+
+SELECT_LAST = "last"  # --select: keep the last epoch's weights (validation only logged)
 
 
-def check_optim(cfg, world_size: int = 1) -> None:
-    """Refuse an :class:`OptimConfig` the loop cannot run, before anything is trained or written."""
+def check_optim(cfg, world_size: int = 1, metrics: Collection[str] | None = SUMMARY_KEYS) -> None:
+    """Refuse an :class:`OptimConfig` the loop cannot run, before anything is trained or written.
+
+    ``metrics``: the validation metrics ``--select`` may name besides ``last`` (None: any, for a
+    ``validate`` of the caller's own).
+    """
     if cfg.batch_size < 1 or cfg.accum < 1 or cfg.epochs < 1 or (cfg.steps is not None and cfg.steps < 1):
         raise LtclipError("--epochs, --steps, --batch-size and --accum must be >= 1")
     if cfg.batch_size % (world_size * cfg.accum):
@@ -34,6 +42,10 @@ def check_optim(cfg, world_size: int = 1) -> None:
         raise LtclipError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise LtclipError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES.names())}")
+    if cfg.schedule_unit not in SCHEDULE_UNITS:
+        raise LtclipError(f"--schedule-unit {cfg.schedule_unit!r}: choose one of {', '.join(SCHEDULE_UNITS)}")
+    if metrics is not None and cfg.select not in (None, SELECT_LAST, *metrics):
+        raise LtclipError(f"--select {cfg.select!r}: choose one of {', '.join((*metrics, SELECT_LAST))}")
     if cfg.precision not in PRECISIONS:
         raise LtclipError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.eval_every < 0 or cfg.checkpoint_every < 0:
@@ -59,7 +71,7 @@ class Plan:
     local_batch: int  # rows of one optimizer step
     per_epoch: int  # optimizer steps in an epoch
     total: int  # optimizer steps in the run
-    part_steps: dict[str, tuple[str, int, int]]  # each part's (schedule, total steps, warm-up steps)
+    part_steps: dict[str, tuple[str, int, int, int]]  # each part's (schedule, total, warm-up and epoch steps)
 
     @property
     def epochs(self) -> int:
@@ -75,28 +87,29 @@ def plan_run(cfg, rows: int, world_size: int, groups: ParamGroups) -> Plan:
     With ``groups.parts`` the run lasts until the longest part ends."""
     micro, local, per_epoch = _batches(cfg, rows, world_size)
     part_steps = _part_steps(cfg, groups, per_epoch)
-    total = max(t for _, t, _ in part_steps.values()) if groups.parts else run_length(cfg, per_epoch)[0]
+    total = max(t for _, t, _, _ in part_steps.values()) if groups.parts else run_length(cfg, per_epoch)[0]
     return Plan(micro, local, per_epoch, total, part_steps)
 
 
 def _batches(cfg, rows: int, world: int) -> tuple[int, int, int]:
     """(micro-batch size, rows per process and step, optimizer steps per epoch)."""
-    check_optim(cfg, world)
+    check_optim(cfg, world, metrics=None)
     if rows // world < 1:
         raise LtclipError(f"{rows} training rows cannot be shared by {world} processes")
     local = cfg.batch_size // world
     return local // cfg.accum, local, math.ceil(rows // world / local)
 
 
-def _part_steps(cfg, groups: ParamGroups, per_epoch: int) -> dict[str, tuple[str, int, int]]:
-    """Each part's ``(schedule, total steps, warm-up steps)``, its options checked first."""
+def _part_steps(cfg, groups: ParamGroups, per_epoch: int) -> dict[str, tuple[str, int, int, int]]:
+    """Each part's ``(schedule, total steps, warm-up steps, epoch steps)``, its options checked first."""
     if not groups.parts:
         return {}
     if groups.lrs:
         raise ValueError("fit: pass parts or lrs, not both")
     for name, part in groups.parts.items():
-        check_optim(part)
+        check_optim(part, metrics=None)
         if (part.optimizer, part.nesterov) != (cfg.optimizer, cfg.nesterov):
             raise LtclipError(f"part {name!r}: --optimizer {part.optimizer} (nesterov {part.nesterov}) differs from the "
                               f"loop's {cfg.optimizer} (nesterov {cfg.nesterov}); parts share one optimizer")
-    return {name: (p.schedule, run_length(p, per_epoch)[0], warmup_steps(p, per_epoch)) for name, p in groups.parts.items()}
+    return {name: (p.schedule, run_length(p, per_epoch)[0], warmup_steps(p, per_epoch), schedule_epoch_steps(p, per_epoch))
+            for name, p in groups.parts.items()}

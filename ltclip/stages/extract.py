@@ -15,7 +15,7 @@ from ..core.atomic import save_json
 from ..config import ExtractConfig, provenance, to_dict
 from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
 from ..data.registry import open_dataset
-from ..data.views import make_views
+from ..data.views import check_view_options, make_views
 from ..core.distributed import autocast, available_cpus, default_workers, setup
 from ..core.errors import LtclipError
 from ..models.backbone import load_backbone
@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 
 def _views_for(cfg: ExtractConfig, split: str, backbone):
     if split == "train" and cfg.train_views > 0:
-        return make_views("train", backbone.preprocess, backbone.preprocess_cfg, count=cfg.train_views, seed=cfg.seed)
-    return make_views("center" if split == "train" else cfg.test_views, backbone.preprocess, backbone.preprocess_cfg)
+        return make_views("train", backbone.preprocess, backbone.preprocess_cfg, count=cfg.train_views, seed=cfg.seed,
+                          interpolation=cfg.interpolation)
+    if split == "train":
+        return make_views("center", backbone.preprocess, backbone.preprocess_cfg)
+    return make_views(cfg.test_views, backbone.preprocess, backbone.preprocess_cfg, resize=cfg.eval_resize,
+                      interpolation=cfg.interpolation)
 
 
 def _fetch(loader, single_thread: bool):
@@ -276,6 +280,7 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     if cfg.batch_size < 1 or cfg.block_size < 1 or (cfg.workers is not None and cfg.workers < 0):
         raise LtclipError("--batch-size and --block-size must be >= 1 and --workers >= 0")
     check_bad_images(cfg.bad_images)
+    check_view_options(cfg.eval_resize, cfg.interpolation)
     fmt = _token_format(cfg)
     out = _out_dir(cfg.out)  # before the model loads: an unwritable --out is refused at once
     ctx, device = setup(cfg.device)

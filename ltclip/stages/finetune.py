@@ -9,18 +9,20 @@ import numpy as np
 import torch
 
 from ..config import FinetuneConfig, to_dict
-from ..data.image_batches import NORMALIZATIONS, ImageSource, eval_transform, image_batches, train_transform
+from ..data.image_batches import (
+    NORMALIZATIONS, TRAIN_CROPS, ImageSource, eval_transform, image_batches, mean_std, train_transform,
+)
 from ..data.registry import open_dataset
-from ..data.views import CenterView
+from ..data.views import CenterView, check_view_options, make_views
 from ..core.distributed import default_workers, setup
-from ..engine import ParamGroups, RunEnv, ValidationStats, check_optim, fit
+from ..engine import ParamGroups, RunEnv, ValidationStats, check_optim, fit, run_length, steps_per_epoch
 from ..methods.task import Task
 from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views
 from ..models.backbone import load_backbone
 from ..models.encoder_classifier import EncoderClassifier, image_logits
 from ..models.heads import HeadInputs, create_head, head_needs
-from ..models.text import text_classifier
+from ..models.text import SINGLE_TEMPLATE, text_classifier, to_pooled_space
 from ..models.text_prompts import text_encoder
 from ..models.tuning import apply_tuning, count_trainable, no_weight_decay_names
 from ..core.progress import Progress
@@ -29,27 +31,60 @@ from ..artifacts.store import shard_range
 from .common import start_run
 
 
-def new_encoder_classifier(cfg: FinetuneConfig, dataset, device):
+def new_encoder_classifier(cfg: FinetuneConfig, dataset, device, workers: int = 0):
     """The base encoder with the tuning mode applied, and a new head (a text-initialised head gets the
     class text embeddings, computed once in batches; a prompt head the backbone's own frozen text
-    tower), seeded by ``cfg.optim.seed``."""
+    tower; a head starting from class means or a linear probe the training features of the frozen
+    base encoder, one pass before tuning), seeded by ``cfg.optim.seed``."""
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
+    method = cfg.method
+    needs = head_needs(method.head, method.head_opts)
+    if needs.input == "pooled" and backbone.pooled_dim is None:
+        raise LtclipError(f"--head-opt input=pooled: model {cfg.model} is not an open_clip ViT; use input=embeds")
+    starts = training_features(backbone, dataset, needs.input, cfg, device, workers) if needs.train_features else None
     torch.manual_seed(cfg.optim.seed)
-    apply_tuning(backbone.model, cfg.tuning.tune, dict(cfg.tuning.tune_opts))
+    apply_tuning(backbone.model, cfg.tuning.tune, dict(cfg.tuning.tune_opts), num_classes=dataset.num_classes)
     backbone.model.to(device)
     if cfg.tuning.grad_checkpointing:
         backbone.model.set_grad_checkpointing(True)
     embed_dim, token_shape = backbone.encode_dims()
-    method = cfg.method
-    needs, text = head_needs(method.head, method.head_opts), None
-    if needs.text_embeds:
-        text = torch.from_numpy(text_classifier(backbone, dataset.classnames, dataset.prompt_templates(), device=device))
     tower = text_encoder(backbone, dataset.classnames) if needs.text_encoder else None
-    head = create_head(method.head, HeadInputs(dataset.num_classes, embed_dim, token_shape, text, tower), **method.head_opts)
+    inputs = HeadInputs(dataset.num_classes, embed_dim, token_shape, head_text(backbone, dataset, needs, device), tower,
+                        pooled_dim=backbone.pooled_dim, text_templates=needs.templates, train_features=starts)
+    head = create_head(method.head, inputs, **method.head_opts)
     return backbone, EncoderClassifier(backbone, head).to(device)
 
 
+def head_text(backbone, dataset, needs, device) -> torch.Tensor | None:
+    """The class text embeddings a head starts from (None if it needs none): from the dataset's templates
+    or LIFT's single one, mapped back through the projection for a head reading the pooled feature."""
+    if not needs.text_embeds:
+        return None
+    templates = [SINGLE_TEMPLATE] if needs.templates == "single" else dataset.prompt_templates()
+    text = torch.from_numpy(text_classifier(backbone, dataset.classnames, templates, device=device))
+    proj = backbone.visual.proj
+    return to_pooled_space(text, proj) if needs.input == "pooled" and proj is not None else text
+
+
+@torch.no_grad()
+def training_features(backbone, dataset, input: str, cfg: FinetuneConfig, device, workers: int):
+    """``(features [N, D], labels [N])`` of every training image: the frozen base encoder in eval mode, the
+    evaluation transform (one centre view, no augmentation), float32: what LIFT fits its class-mean and
+    linear-probe starts on (trainer.py: ``train_init_loader``, the model without its tuner)."""
+    tf = eval_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize)
+    rows = range(len(dataset.split("train")))
+    features, labels = [], []
+    for x, y in image_batches(dataset, "train", CenterView(tf), rows, cfg.optim.batch_size, workers):
+        x = x.flatten(0, 1).to(device)
+        features.append(backbone.encode_pooled(x) if input == "pooled" else backbone.encode(x)[0])
+        labels.append(y.to(device))
+    return torch.cat(features).float(), torch.cat(labels).long()
+
+
 def check_options(cfg: FinetuneConfig) -> None:
+    check_view_options(cfg.eval_resize, cfg.interpolation)
+    if cfg.train_crop not in TRAIN_CROPS:
+        raise LtclipError(f"--train-crop {cfg.train_crop!r}: choose one of {', '.join(TRAIN_CROPS)}")
     if cfg.normalize not in NORMALIZATIONS:
         raise LtclipError(f"--normalize {cfg.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
     if cfg.tuning.backbone_lr is not None and not cfg.tuning.backbone_lr > 0:
@@ -77,20 +112,25 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     check_optim(cfg.optim, ctx.world_size)
     dataset = open_dataset(cfg.data)
     val_split = cfg.val_split if cfg.val_split in dataset.splits else None
-    backbone, model = new_encoder_classifier(cfg, dataset, device)
     workers = default_workers(ctx) if cfg.workers is None else cfg.workers
+    backbone, model = new_encoder_classifier(cfg, dataset, device, workers)
     trainable = count_trainable(backbone.model)
     progress.log(f"{cfg.model}: --tune {cfg.tuning.tune} trains {trainable:,} encoder parameters; "
                  f"head {cfg.method.head} on {model.head.input}")
+    eval_tf = eval_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize)
+    mean, std = mean_std(backbone.preprocess_cfg, cfg.normalize)
+    val_views = make_views("center", eval_tf, {**backbone.preprocess_cfg, "mean": mean, "std": std},
+                           resize=cfg.eval_resize, interpolation=cfg.interpolation)
     out = Path(cfg.out)
     start_run(out, resume, to_dict(cfg), ctx)
     counts = dataset.train_counts()
-    eval_tf = eval_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize)
-    source = ImageSource(dataset, "train", train_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize, cfg.augment),
+    epochs = run_length(cfg.optim, steps_per_epoch(cfg.optim, len(dataset.split("train").labels), ctx.world_size))[1]
+    source = ImageSource(dataset, "train", train_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize, cfg.augment,
+                                                           cfg.interpolation, cfg.train_crop, epochs),
                          seed=cfg.optim.seed, workers=workers, pin_memory=device.type == "cuda")
 
     def validate(m):
-        stats = score_images(m, dataset, val_split, CenterView(eval_tf), cfg.optim.batch_size, workers, device,
+        stats = score_images(m, dataset, val_split, val_views, cfg.optim.batch_size, workers, device,
                              cfg.optim.precision, ctx)
         return stats.summary(counts)
 
@@ -106,7 +146,7 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     info = None
     if ctx.is_main:
         method = {**method_record(cfg.method), "tune": cfg.tuning.tune, "tune_opts": dict(cfg.tuning.tune_opts)}
-        info = write_run(out, "finetune", finetune_payload(cfg, backbone, model), {"backbone": backbone.identity,
+        info = write_run(out, "finetune", finetune_payload(cfg, backbone, model, dataset.num_classes), {"backbone": backbone.identity,
                          "data": to_dict(cfg.data)}, np.asarray(counts), method=method, best=result.best,
                          dataset=dataset.name, epochs=result.epochs, steps=result.steps, processes=ctx.world_size,
                          encoder_trainable=trainable)
