@@ -34,7 +34,8 @@ bench: $(STAMP)
 
 # The paper's table on one dataset: make reproduce DATASET=imagenet_lt|places_lt|inat18|cifar100_lt
 # DATA_ROOT=/data/... [MODEL=ViT-L-14 PRETRAINED=openai OUT=experiments/... ARGS="--precision bf16 ..."];
-# reproduce-lift adds LIFT's row (AdaptFormer). Every finished step is skipped, so a rerun continues.
+# reproduce-lift adds LIFT's and LIFT+'s rows (their recipes, their tables' test views). Every finished step is
+# skipped, so a rerun continues.
 # The venv is only created when missing (order-only): a run never reinstalls. See docs/reproduction.md.
 LTCLIP ?= $(VENV)/bin/ltclip
 REPRODUCE = $(LTCLIP) reproduce --dataset "$(DATASET)" --data-root "$(DATA_ROOT)" --model "$(or $(MODEL),ViT-L-14)" \

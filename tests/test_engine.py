@@ -759,3 +759,16 @@ def test_tensorboard_after_a_resume_shows_each_step_once(tmp_path):
         want = [(r["step"], r[key]) for r in log if key in r]
         assert [s for s, _ in got] == [s for s, _ in want]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+
+
+def test_amp_precision_is_fp16_on_cuda_and_fp32_elsewhere():
+    from ltclip.core.distributed import device_precision
+
+    assert device_precision(torch.device("cuda"), "amp") == "fp16"  # LIFT's prec: amp (a GradScaler in fit)
+    assert device_precision(torch.device("cpu"), "amp") == "fp32"
+    assert [device_precision(torch.device("cpu"), p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(LtclipError, match="--precision 'half'"):
+        device_precision(torch.device("cpu"), "half")
+    a, _ = train(cfg_of(precision="amp"))
+    b, _ = train(cfg_of(precision="fp32"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # on a CPU: fp32

@@ -1,7 +1,7 @@
 """`make reproduce`: the paper's table on the synthetic set with the tiny model and a few steps, through
 the same Makefile target a researcher runs; then a rerun that skips every step, a run that lost its
 run.json (only it and what depends on it run again), a cache of another model (refused), and
-`make reproduce-lift` adding LIFT's row."""
+`make reproduce-lift` adding LIFT's and LIFT+'s rows."""
 
 from __future__ import annotations
 
@@ -86,4 +86,10 @@ def test_make_reproduce_writes_every_row_and_a_rerun_skips_every_step(synthetic_
     assert steps_logged(lift.stderr, "skip")[:2] == ["extract", "zero-shot"]  # the cache and the zero-shot row are shared
     assert list(table_rows(out / "table-lift.md")) == ["zero-shot CLIP", *(row.label for row in LIFT_ROWS)]
     lift_config = json.loads((out / "runs" / "lift-adaptformer" / "config.json").read_text())
-    assert lift_config["tuning"]["tune"] == "adaptformer"
+    assert lift_config["tuning"]["tune"] == "adaptformer" and lift_config["optim"]["select"] == "last"
+    plus_config = json.loads((out / "runs" / "lift-plus" / "config.json").read_text())
+    assert (plus_config["train_crop"], plus_config["optim"]["lr"], plus_config["tuning"]["tune_opts"]) == ("mda", 0.02, {"down_init": "uniform"})
+    plan = Plan(Settings(dataset="synthetic", data_root=str(synthetic_root), out=str(out), model=TINY_MODEL, pretrained="none",
+                         recipe="lift"))
+    lift_eval = next(step for step in plan.steps() if step.name == "eval lift-plus")
+    assert lift_eval.args[2:6] == ["--test-views", "fivecrop", "--eval-resize", "248"]  # the tables' test-time ensembling

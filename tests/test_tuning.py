@@ -259,7 +259,7 @@ def test_bad_options_are_one_line_tune_opt_errors(base, name, options, key):
 
 def test_options_parse_from_the_cli():
     assert TUNING.parse("lora", ["rank=4", "targets=q,v", "blocks=6"]) == {"rank": 4, "targets": "q,v", "blocks": 6}  # typed once
-    assert TUNING.options("adaptformer") == {"bottleneck": "auto", "scale": 1.0, "learn_scale": True, "blocks": "all"}
+    assert TUNING.options("adaptformer") == {"bottleneck": "auto", "scale": 1.0, "learn_scale": True, "blocks": "all", "down_init": "normal"}
     assert TUNING.parse("adaptformer", ["scale=0.1", "learn_scale=false"]) == {"scale": 0.1, "learn_scale": False}
     for bad in ("tokens=3", "num_classes=5"):  # the class count is the stage's, never an option
         with pytest.raises(LtclipError, match=f"--tune-opt '{bad[:-2]}' is not an option"):

@@ -170,3 +170,15 @@ def test_lora_updates_q_and_v_only_with_scaling_one_over_rank(vit):
     torch.testing.assert_close(q, delta.B[0] @ delta.A[0] / r)
     assert not k.any()
     torch.testing.assert_close(v, delta.B[1] @ delta.A[1] / r)
+
+
+def test_adaptformer_down_projection_is_kaiming_normal_or_lift_plus_uniform():
+    """LIFT: kaiming-normal (std gain/sqrt(fan_in), gain sqrt(2/(1+5))); LIFT+: kaiming-uniform, bound sqrt(3)·std."""
+    from ltclip.models.tuning.adapters import Bottleneck
+
+    torch.manual_seed(0)
+    std = math.sqrt(2 / (1 + 5)) / math.sqrt(768)
+    normal = Bottleneck(768, 512, "normal").down.weight
+    uniform = Bottleneck(768, 512, "uniform").down.weight
+    assert abs(normal.std().item() - std) < 0.02 * std and normal.abs().max() > math.sqrt(3) * std
+    assert uniform.abs().max() <= math.sqrt(3) * std and abs(uniform.std().item() - std) < 0.02 * std

@@ -86,7 +86,7 @@ def _list_recipes() -> None:
         recipe = load_recipe(name)
         typer.echo(f"{name:16s} {recipe.summary}")
         for stage, options in recipe.stages.items():
-            opts = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())
+            opts = " ".join(f"{k}={','.join(v) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())
             heads = "".join(f"; head {h}: {' '.join(o)}" for h, o in recipe.head_opts[stage].items())
             typer.echo(f"{'':16s} {stage}: {opts}{heads}")
         if recipe.loss_opts:

@@ -54,7 +54,7 @@ class OptimConfig:
     warmup: float = option(0.0, "Linear warm-up, in epochs.")
     warmup_steps: int | None = option(None, "Linear warm-up in optimizer steps, instead of --warmup epochs.")
     grad_clip: float = option(0.0, "Clip the gradient norm (0: off).")
-    precision: str = option("fp32", "fp32, bf16 or fp16 (autocast; fp16 on CUDA with a GradScaler).")
+    precision: str = option("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA with a GradScaler) or amp (fp16 on CUDA, fp32 elsewhere).")
     seed: int = option(0, "Seed of the initialisation, sampler and views.")
     eval_every: int = option(0, "Also validate every N steps (0: at epoch ends only).")
     checkpoint_every: int = option(0, "Also checkpoint every N steps (0: at epoch ends only).")

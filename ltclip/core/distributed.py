@@ -75,15 +75,26 @@ def default_workers(ctx: DistContext, cap: int = 8) -> int:
     return max(0, min(cap, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "amp")
+
+
+def device_precision(device: torch.device, precision: str) -> str:
+    """``--precision`` on ``device``: ``amp`` is fp16 (with a GradScaler when training) on CUDA, as
+    LIFT's ``prec: amp``, and fp32 elsewhere; the other values are themselves."""
+    from .errors import LtclipError
+
+    if precision not in PRECISIONS:
+        raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "amp":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def autocast(device: torch.device, precision: str):
     """The autocast context of ``--precision``: none for fp32, bf16 anywhere, fp16 on CUDA only."""
     from .errors import LtclipError
 
-    if precision not in PRECISIONS:
-        raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    precision = device_precision(device, precision)
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":

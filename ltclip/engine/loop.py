@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from ..core.distributed import autocast as precision_autocast
+from ..core.distributed import autocast as precision_autocast, device_precision
 from ..core.progress import Progress
 from ..data.samplers import BlockShuffledSampler, create_sampler
 from .checkpoint import resume
@@ -77,7 +77,8 @@ def fit(
     optimizer = create_optimizer(model, cfg, groups.parts or groups.lrs, groups.no_decay, grouped=groups.parts is not None)
     schedule = create_schedule(optimizer, cfg.schedule, plan.total, warmup_steps(cfg, plan.per_epoch), plan.part_steps,
                                schedule_epoch_steps(cfg, plan.per_epoch))
-    trained = Trained(model, optimizer, schedule, torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None)
+    fp16 = device_precision(torch.device(env.device), cfg.precision) == "fp16"
+    trained = Trained(model, optimizer, schedule, torch.amp.GradScaler("cuda") if fp16 else None)
     loop = _Loop(trained, task, source, order, cfg, plan, autocast, env, progress)
     log = TrainLog(env.out if ctx.is_main else None, tensorboard=env.tensorboard, on_record=env.on_record)
     state = FitState()

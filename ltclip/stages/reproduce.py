@@ -38,6 +38,8 @@ class Row:
     run: str
     args: tuple[str, ...]
     stage: str = "stage1"  # stage1 (train-head on the cache), second (train-head --from), images (finetune)
+    recipe: str | None = None  # the row's own recipe (default: the plan's)
+    table_views: bool = False  # evaluated as its paper's tables are: FiveCrop after Resize(224 + expand)
 
 
 def _decoder(label: str, run: str, *args: str) -> Row:
@@ -70,9 +72,12 @@ PAPER_ROWS = (
     _second("DisAlign", "disalign"),
     _second("MARC", "marc"),
 )
-# LIFT (Shi et al., ICML 2024): AdaptFormer, a text-initialised cosine head and the LA loss, all set
-# by the lift recipe.
-LIFT_ROWS = (Row("LIFT (AdaptFormer)", "lift-adaptformer", (), stage="images"),)
+# LIFT (Shi et al., ICML 2024) and LIFT+ (arXiv 2504.13282), each set by its recipe, evaluated as their
+# tables are: test-time ensembling, FiveCrop after Resize(224 + expand), logits averaged.
+LIFT_ROWS = (Row("LIFT (AdaptFormer)", "lift-adaptformer", (), stage="images", recipe="lift", table_views=True),
+             Row("LIFT+", "lift-plus", (), stage="images", recipe="lift+", table_views=True))
+# LIFT's configs/model/*.yaml: expand 24 for ViT-B/16 (Resize 248), 21 for ViT-L/14 (Resize 245).
+TABLE_RESIZE = {"ViT-L-14": 245, "ViT-L-14-quickgelu": 245}
 PLANS = {"imbalance-vlm": PAPER_ROWS, "lift": LIFT_ROWS}
 REPORT_NAMES = {"imbalance-vlm": "table", "lift": "table-lift"}
 
@@ -133,7 +138,7 @@ class Plan:
         out = ["--out", str(self.runs / row.run)]
         if row.stage == "second":
             return ["train-head", "--from", str(self.runs / "decoder-ce"), *row.args, *out, *self._training()]
-        recipe = ["--recipe", self.s.recipe]
+        recipe = ["--recipe", row.recipe or self.s.recipe]
         if row.stage == "images":
             return ["finetune", *self._data(), *_options(model=self.s.model, pretrained=self.s.pretrained, workers=self.s.workers),
                     *recipe, *row.args, *out, *self._training()]
@@ -157,7 +162,9 @@ class Plan:
                               resume=lambda f=folder: (f / "last.pt").is_file()))
         for row in self.rows:
             folder = self.runs / row.run
-            steps.append(Step(f"eval {row.run}", ["eval", str(folder), *_options(device=s.device, workers=s.workers if row.stage == "images" else None)],
+            views = ["--test-views", "fivecrop", "--eval-resize", str(TABLE_RESIZE.get(s.model, 248))] if row.table_views else []
+            steps.append(Step(f"eval {row.run}", ["eval", str(folder), *views,
+                                                  *_options(device=s.device, workers=s.workers if row.stage == "images" else None)],
                               lambda f=folder: _newer(f / "eval.json", [f / RUN_FILE])))
         return steps
 

@@ -24,18 +24,21 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from ...core.errors import LtclipError
-from .core import ALL, AUTO, TUNING, Inserted, last_blocks, placed, require_vit, width
+from .core import ALL, AUTO, TUNING, Inserted, last_blocks, placed, require, require_vit, width
+
+
+DOWN_INITS = {"normal": nn.init.kaiming_normal_, "uniform": nn.init.kaiming_uniform_}  # LIFT's / LIFT+'s
 
 
 class Bottleneck(Inserted):
-    """``up(relu(down(norm(x))))``: zero at initialisation."""
+    """``up(relu(down(norm(x))))``: zero at initialisation; ``down`` kaiming-``down_init`` (a=√5)."""
 
-    def __init__(self, width: int, bottleneck: int):
+    def __init__(self, width: int, bottleneck: int, down_init: str = "normal"):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.down = nn.Linear(width, bottleneck)
         self.up = nn.Linear(bottleneck, width)
-        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
+        DOWN_INITS[down_init](self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
@@ -54,8 +57,8 @@ class SerialAdapter(Bottleneck):
 class ScaledBottleneck(Bottleneck):
     """``scale · up(relu(down(norm(x))))``; ``scale`` a parameter when learned, else a constant."""
 
-    def __init__(self, width: int, bottleneck: int, scale: float, learn_scale: bool):
-        super().__init__(width, bottleneck)
+    def __init__(self, width: int, bottleneck: int, scale: float, learn_scale: bool, down_init: str):
+        super().__init__(width, bottleneck, down_init)
         self.scale = nn.Parameter(torch.full((1,), float(scale))) if learn_scale else float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,17 +90,19 @@ def adapter(visual, *, bottleneck: str = AUTO, blocks: str = ALL, num_classes: i
 
 @TUNING.register("adaptformer")
 def adaptformer(visual, *, bottleneck: str = AUTO, scale: float = 1.0, learn_scale: bool = True, blocks: str = ALL,
-                num_classes: int | None = None) -> None:
+                down_init: str = "normal", num_classes: int | None = None) -> None:
     """A parallel bottleneck beside each block's MLP on the residual stream (AdaptFormer, LIFT's default).
 
     ``scale`` is the branch's factor, learned from that value unless ``learn_scale=false``
-    (``scale=0.1 learn_scale=false`` is AdaptFormer's original fixed factor).
+    (``scale=0.1 learn_scale=false`` is AdaptFormer's original fixed factor); ``down_init`` is
+    LIFT's kaiming-``normal`` or LIFT+'s kaiming-``uniform`` (LIFT-plus ``models/modules.py``).
     """
+    require(down_init in DOWN_INITS, "down_init", down_init, f"choose one of {', '.join(DOWN_INITS)}")
     chosen, b = _blocks_and_width(visual, "adaptformer", bottleneck, blocks, num_classes)
     for block in chosen:
         if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
             raise LtclipError(f"tuning mode 'adaptformer' needs open_clip's self-attention ResidualAttentionBlock, "
                               f"not {type(block).__name__}")
-        block.adaptformer = placed(ScaledBottleneck(block.ln_2.normalized_shape[0], b, scale, learn_scale),
+        block.adaptformer = placed(ScaledBottleneck(block.ln_2.normalized_shape[0], b, scale, learn_scale, down_init),
                                    block.mlp.c_fc.weight)
         block.__class__ = AdaptFormerBlock
