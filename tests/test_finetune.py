@@ -213,11 +213,14 @@ def test_list_tuning_counts_trainable_parameters_on_a_model():
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_finetune(synthetic_root, tmp_path):
+@pytest.mark.parametrize("recipe", ["lift", "lift+"])
+def test_lift_recipes_resume_after_sigkill_as_an_uninterrupted_run_and_evaluate_with_their_views(synthetic_root, tmp_path, recipe):
+    """LIFT's and LIFT+'s recipes (AdaptFormer, the pooled cosine head, per-epoch cosine, the last
+    epoch's weights; LIFT+'s MDA crops) on the toy set: SIGKILL + --resume equals an uninterrupted run."""
     from test_training_runs import kill_at_random_steps
 
-    args = ["finetune", *data_args(synthetic_root), "--tune", "adaptformer", "--head", "linear", "--epochs", "4",
-            "--batch-size", "16", "--lr", "5e-3", "--workers", "0", "--device", "cpu", "--checkpoint-every", "1"]
+    args = ["finetune", *data_args(synthetic_root), "--recipe", recipe, "--epochs", "4", "--batch-size", "16", "--workers", "0",
+            "--device", "cpu", "--checkpoint-every", "1"]
     reference = tmp_path / "reference"
     ok(*args, "--out", reference)
     killed = tmp_path / "killed"
@@ -226,6 +229,11 @@ def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_finetune(sy
     for part in ("head", "encoder"):
         assert all(torch.equal(v, b[part]["state_dict"][k]) for k, v in a[part]["state_dict"].items()), part
     assert records(reference) == records(killed)
+    assert not (reference / "best.pt").exists()  # --select last: the last epoch's weights
+    views = ["--split", "val", "--test-views", "fivecrop", "--eval-resize", "36", "--workers", "0"]  # the tables' views, at 32 px
+    scores = [json.loads(ok("eval", run, *views, "--json", tmp_path / f"{run.name}.json") and (tmp_path / f"{run.name}.json").read_text())
+              for run in (reference, killed)]
+    assert scores[0]["results"][0]["top1"] == scores[1]["results"][0]["top1"]
 
 
 def lift_head_model(root: Path, *opts: str):
