@@ -29,14 +29,17 @@ def linear_probe(features: Tensor, labels: Tensor, num_classes: int, max_iter: i
     w = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
     b = torch.zeros(num_classes, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
-    total = weights.sum()
+    total, rows = weights.sum(), torch.arange(len(labels), device=x.device)
 
-    def closure():
-        opt.zero_grad()
-        loss = (weights * F.cross_entropy(x @ w.T + b, labels, reduction="none")).sum() + 0.5 * w.square().sum()
-        (loss / total).backward()  # scikit-learn's scaling: the same minimum
+    @torch.no_grad()
+    def closure():  # the objective and its gradient in closed form (the training loop owns autograd's backward)
+        z = x @ w.T + b
+        loss = (weights * F.cross_entropy(z, labels, reduction="none")).sum() + 0.5 * w.square().sum()
+        residual = torch.softmax(z, dim=1)
+        residual[rows, labels] -= 1  # d cross-entropy / d logits
+        residual *= weights[:, None]
+        w.grad, b.grad = (residual.T @ x + w) / total, residual.sum(0) / total  # scikit-learn's scaling: the same minimum
         return loss / total
 
-    with torch.enable_grad():
-        opt.step(closure)
+    opt.step(closure)
     return F.normalize(w.detach(), dim=-1)
