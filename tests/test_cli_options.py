@@ -20,7 +20,7 @@ from ltclip.config import (
 runner = CliRunner()
 # Each command, the configs whose fields are its options, and the parameters that are no field.
 COMMANDS = {
-    "extract": ((ExtractConfig,), {"config"}),
+    "extract": ((ExtractConfig,), {"config", "recipe"}),
     "train-head": ((TrainHeadConfig, SecondStageConfig), {"config", "recipe", "resume"}),
     "finetune": ((FinetuneConfig,), {"config", "recipe", "resume"}),
     "eval": ((EvalConfig,), {"config", "runs"}),

@@ -18,6 +18,8 @@ class Views:
 
     count: int
     description: str
+    geometry: str  # the description less the normalisation: which pixels each view reads
+
 
     def __call__(self, image, row: int) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -30,6 +32,7 @@ class CenterView(Views):
         self.preprocess = preprocess
         self.count = 1
         self.description = f"center: {preprocess}"
+        self.geometry = "center: the model's preprocessing"
 
     def __call__(self, image, row: int) -> torch.Tensor:
         return self.preprocess(image).unsqueeze(0)
@@ -42,6 +45,7 @@ class FlipViews(Views):
         self.preprocess = preprocess
         self.count = 2
         self.description = f"flip: {preprocess} and its mirror"
+        self.geometry = "flip: the model's preprocessing and its mirror"
 
     def __call__(self, image, row: int) -> torch.Tensor:
         x = self.preprocess(image)
@@ -64,8 +68,8 @@ class CropViews(Views):
         self.mirror = kind == "flip"
         self.finish = T.Compose([T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
         self.count = {"center": 1, "flip": 2, "fivecrop": 5, "tencrop": 10}[kind]
-        self.description = (f"{kind}: resize {resize} {interp.value}, crop {size}, "
-                            f"mean {list(cfg['mean'])}, std {list(cfg['std'])}")
+        self.geometry = f"{kind}: resize {resize} {interp.value}, crop {size}"
+        self.description = f"{self.geometry}, mean {list(cfg['mean'])}, std {list(cfg['std'])}"
 
     def __call__(self, image, row: int) -> torch.Tensor:
         crops = self.crop(self.resize(image))
@@ -89,6 +93,7 @@ class TrainViews(Views):
         self.count = count
         self.seed = seed
         self.description = f"train x{count} seed {seed}: {self.augment}"
+        self.geometry = f"train x{count} seed {seed}: {self.augment.transforms[0]}"
 
     def __call__(self, image, row: int) -> torch.Tensor:
         out = []

@@ -2,8 +2,8 @@
 (``ltclip list recipes``, ``--recipe NAME``), layered with the options given and the methods' own
 defaults by :mod:`.resolve` (the registries whose names options take: :mod:`.choices`).
 
-A recipe file has a ``summary``, a ``source``, one table per stage it is for (``[train-head]``,
-``[finetune]``) of option values named as the stage's options, optional per-head options
+A recipe file has a ``summary``, a ``source``, one table per stage it is for (``[extract]``,
+``[train-head]``, ``[finetune]``) of option values named as the stage's options, optional per-head options
 (``[STAGE.head_opts]``, keyed by head name), per-dataset values (``[STAGE.dataset.NAME]``, e.g.
 iNaturalist's longer training) and per-loss options (``[loss_opts]``, keyed by loss name, for every
 stage). Head, dataset and loss entries apply when that head, dataset or loss is the one trained.
@@ -19,7 +19,7 @@ from ..config import flag
 from ..core.errors import LtclipError
 
 RECIPE_DIR = Path(__file__).resolve().parent
-STAGES = ("train-head", "finetune")
+STAGES = ("extract", "train-head", "finetune")
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,9 @@ def _check(recipe: Recipe) -> None:
 
 
 def stage_options(stage: str) -> set[str]:
-    from ..config import FinetuneConfig, TrainHeadConfig, option_names
+    from ..config import ExtractConfig, FinetuneConfig, TrainHeadConfig, option_names
 
-    return option_names({"train-head": TrainHeadConfig, "finetune": FinetuneConfig}[stage])
+    return option_names({"extract": ExtractConfig, "train-head": TrainHeadConfig, "finetune": FinetuneConfig}[stage])
 
 
 def merge_opts(lower, upper) -> tuple[str, ...]:

@@ -90,8 +90,9 @@ def finetune_config(values: dict, *, say: Say | None = None, resume: bool = Fals
 
 
 def extract_config(values: dict, *, say: Say | None = None) -> ExtractConfig:
-    """``ltclip extract``'s config; the cache folder ``features/DATASET-MODEL-PRETRAINED`` where not given."""
-    values = dict(values)
+    """``ltclip extract``'s config: the values given over ``--recipe`` (its ``[extract]`` table) over the
+    dataclass; the cache folder ``features/DATASET-MODEL-PRETRAINED`` where not given."""
+    values = layer_options("extract", values, say=say) if values.get("recipe") is not None else dict(values)
     values["splits"] = tuple(s.strip() for item in values.get("splits") or () for s in item.split(",") if s.strip())
     if values.get("out") is None:
         defaults = ExtractConfig(out="")
@@ -202,7 +203,7 @@ def layer_options(stage: str, values: dict, *, head_defaults: Callable[[str], di
                 continue
             resolved[key] = value
             _tell(say, flag(key), f"{_shown(value)} {origin}")
-    if recipe is not None:
+    if recipe is not None and stage != "extract":  # extract trains nothing: no head or loss options
         loss = resolved.get("loss", MethodConfig.loss)
         for key, lower in (("head_opts", recipe.head_opts[stage].get(head, ())), ("loss_opts", recipe.loss_opts.get(loss, ()))):
             if lower:

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.atomic import atomic_path
-from ..config import ReproduceConfig as Settings
+from ..config import ExtractConfig, ReproduceConfig as Settings
 from ..core.errors import LtclipError
 from ..artifacts.runs import RUN_FILE
 from ..artifacts.store import FeatureCache
 from ..artifacts.workspace import slug
+from ..recipes import load_recipe
 
 PAPER_COLUMNS = ("many", "medium", "few", "top1")  # the paper's table: Many / Medium / Few / All
 
@@ -152,6 +153,8 @@ class Plan:
         s = self.s
         extract = ["extract", *self._data(), *_options(model=s.model, pretrained=s.pretrained, out=self.features,
                                                        precision=s.precision, device=s.device, workers=s.workers)]
+        if self._extract_options():  # imbalance-vlm: the seed code's normalisation and test view
+            extract += ["--recipe", s.recipe]
         steps = [Step("extract", extract, self._cache_complete, distributed=True)]
         steps.append(Step("zero-shot", ["eval", "--zero-shot", "--features", str(self.features), "--json", str(self.zero_shot),
                                         *_options(device=s.device)],
@@ -168,6 +171,11 @@ class Plan:
                               lambda f=folder: _newer(f / "eval.json", [f / RUN_FILE])))
         return steps
 
+    def _extract_options(self) -> dict:
+        """The plan's recipe's ``[extract]`` values (imbalance-vlm's; none for lift, whose cache serves only
+        the zero-shot row: CLIP as its authors preprocess it)."""
+        return load_recipe(self.s.recipe).stages.get("extract", {})
+
     def _cache_complete(self) -> bool:
         """The cache is whole (every split file validates and is complete, text embeddings written last
         by ``extract.json``), and made by this model for this dataset; a cache of another is refused."""
@@ -178,6 +186,9 @@ class Plan:
         config = json.loads(record.read_text(encoding="utf-8")).get("config", {})
         made = {"model": config.get("model"), "pretrained": config.get("pretrained"), "dataset": config.get("data", {}).get("dataset")}
         wanted = {"model": self.s.model, "pretrained": self.s.pretrained, "dataset": self.s.dataset}
+        defaults = ExtractConfig(out="")
+        for key, value in self._extract_options().items():  # a cache read otherwise than the recipe says
+            made[key], wanted[key] = config.get(key, getattr(defaults, key)), value
         differ = [k for k in wanted if str(made[k]) != str(wanted[k])]
         if differ:
             raise LtclipError(f"{self.features} was extracted with another {', '.join(differ)} "
