@@ -319,7 +319,7 @@ def test_cosine_head_linear_probe_is_the_balanced_logistic_regression():
 
 
 def test_cosine_starts_the_cache_cannot_give_are_refused():
-    with pytest.raises(LtclipError, match="input=pooled reads the feature before the projection"):
+    with pytest.raises(LtclipError, match="input=pooled reads the ViT's feature before the projection.*re-extract with --pooled"):
         create_head("cosine", HeadInputs(C, D), input="pooled")
     with pytest.raises(LtclipError, match="starts from the training images' features"):
         create_head("cosine", HeadInputs(C, D), init="class_mean")

@@ -22,14 +22,14 @@ import torch
 from ..core.errors import LtclipError
 from .store import EncodedTokens, FeatureCache
 
-INPUT_KINDS = ("embeds", "tokens")
+INPUT_KINDS = ("embeds", "tokens", "pooled")
 
 
 class FeatureInputs:
     """The rows of one cache file as model inputs; ``in_ram`` tells which path is used.
 
     ``dtype`` is the stored dtype and ``nbytes`` the stored size (values and scales) of all rows;
-    ``row_shape`` is one row as the head sees it, ``(V, D)`` or ``(V, T', W)``.
+    ``row_shape`` is one row as the head sees it, ``(V, D)``, ``(V, W)`` (``pooled``) or ``(V, T', W)``.
     """
 
     def __init__(self, cache: FeatureCache, kind: str, max_ram: int | None = None, device: str | torch.device | None = None):
@@ -37,6 +37,9 @@ class FeatureInputs:
             raise ValueError(f"input kind must be one of {INPUT_KINDS}")
         if kind == "tokens" and not cache.has_tokens:
             raise LtclipError(f"{cache.path} has no token sequences; re-extract with --tokens or use an embeds head")
+        if kind == "pooled" and not cache.has_pooled:
+            raise LtclipError(f"{cache.path} has no pooled features (input=pooled reads the ViT's feature before the "
+                              "projection); re-extract with --pooled")
         self.cache = cache
         self.kind = kind
         self.views = cache.views
@@ -44,15 +47,21 @@ class FeatureInputs:
         self.device = torch.device("cpu" if device is None else device)
         self.codec = cache.codec if kind == "tokens" else None
         self.plain = self.codec is None or self.codec.format.is_plain  # decoding is a cast to float32
-        self.row_shape = (cache.views, cache.embed_dim) if kind == "embeds" else (cache.views, *cache.token_shape)
-        self.dtype = cache.embed_dtype if kind == "embeds" else cache.token_dtype  # as stored
-        row_bytes = cache.views * cache.embed_dim * self.dtype.itemsize if kind == "embeds" else cache.token_row_bytes
+        vector = {"embeds": (cache.embed_dim, cache.embed_dtype), "pooled": (cache.pooled_dim, cache.pooled_dtype)}
+        if kind in vector:  # one vector per view, always held in RAM
+            width, self.dtype = vector[kind]
+            self.row_shape = (cache.views, width)
+            row_bytes = cache.views * width * self.dtype.itemsize
+        else:
+            self.row_shape, self.dtype = (cache.views, *cache.token_shape), cache.token_dtype  # as stored
+            row_bytes = cache.token_row_bytes
         self.nbytes = cache.num_rows * row_bytes
         self.max_ram = default_max_ram() if max_ram is None else max_ram
-        self.in_ram = kind == "embeds" or self.max_ram is None or self.nbytes <= self.max_ram
+        self.in_ram = kind in vector or self.max_ram is None or self.nbytes <= self.max_ram
         self._data: EncodedTokens | None = None
         if self.in_ram:
-            self._data = EncodedTokens(cache.load_embeds(), None) if kind == "embeds" else self._load_tokens()
+            loaders = {"embeds": cache.load_embeds, "pooled": cache.load_pooled}
+            self._data = EncodedTokens(loaders[kind](), None) if kind in vector else self._load_tokens()
 
     def _load_tokens(self) -> EncodedTokens:
         """Every stored token row (and its scales), read in slices of 4,096 rows."""

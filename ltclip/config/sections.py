@@ -109,6 +109,8 @@ class ExtractConfig:
     pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none' (random).", short="-p")
     preprocess_from: str | None = option(None, "Tag whose preprocessing a checkpoint file needs.")
     tokens: bool = option(True, "Also store the ViT token sequence (the decoder head needs it).")
+    pooled: bool = option(False, "Also store the ViT's pooled feature before the projection, ln_post(CLS), and "
+                                 "LIFT's text start for it (heads with --head-opt input=pooled).")
     batch_size: int = option(256, "Images per forward pass.")
     workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT)
     device: str = option("auto", _DEVICE)
@@ -120,6 +122,7 @@ class ExtractConfig:
                                      default_text="the model's preprocessing; ×256/224 for five and ten crops")
     interpolation: str | None = option(None, "bilinear or bicubic resampling of the train views and the --eval-resize views.",
                                        default_text="the model's (bicubic for CLIP)")
+    normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's), for every split.")
     bad_images: str = option("fail", "fail, or skip (logged; zero features).")
     block_size: int = option(1024, "Rows written (and resumed) together.")
     seed: int = option(0, "Seed of the train views.")

@@ -88,6 +88,13 @@ class Backbone:
         the embedding, and what LIFT's classifier reads (its models/peft_vit.py)."""
         return self._pooled(images, "--head-opt input=pooled", "use input=embeds")[0]
 
+    def encode_with_pooled(self, images: torch.Tensor, tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`encode`'s embedding and tokens with :meth:`encode_pooled`'s feature, from one forward pass:
+        ``(embedding [B, D], pooled [B, W], tokens [B, T, W] or None)`` (``extract --pooled``)."""
+        pooled, seq = self._pooled(images, "--pooled", "drop --pooled")
+        v = self.model.visual
+        return (pooled @ v.proj if v.proj is not None else pooled), pooled, seq if tokens else None
+
     def _pooled(self, images: torch.Tensor, flag: str, instead: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(pre-projection pooled feature, final token sequence before ``ln_post``) of an open_clip ViT."""
         if not self.has_tokens:

@@ -32,13 +32,18 @@ def open_split(features: Path, split: str, required: bool = True) -> FeatureCach
     return FeatureCache(path)
 
 
-def text_embeds(features: Path, num_classes: int) -> torch.Tensor | None:
+def text_embeds(features: Path, num_classes: int, input: str = "embeds") -> torch.Tensor | None:
+    """The cache's class text embeddings for a head reading ``input``: text.h5's ``embeds`` (the dataset's
+    templates), or for ``pooled`` its ``pooled_embeds`` (LIFT's single template mapped back through
+    ``proj.T``, written by ``extract --pooled``). None when text.h5 lacks them."""
     path = features / "text.h5"
     if not path.is_file():
         return None
     text = load_text_embeddings(path)
     if len(text.classnames) != num_classes:
         raise LtclipError(f"{path}: {len(text.classnames)} classes but the train cache has {num_classes}; re-extract")
+    if input == "pooled":
+        return None if text.pooled is None else torch.from_numpy(text.pooled)
     return torch.from_numpy(text.embeds)
 
 

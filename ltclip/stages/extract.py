@@ -13,13 +13,14 @@ from torch.utils.data import DataLoader
 
 from ..core.atomic import save_json
 from ..config import ExtractConfig, provenance, to_dict
+from ..data.image_batches import NORMALIZATIONS, eval_transform, mean_std
 from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
 from ..data.registry import open_dataset
 from ..data.views import check_view_options, make_views
 from ..core.distributed import autocast, available_cpus, default_workers, setup
 from ..core.errors import LtclipError
 from ..models.backbone import load_backbone
-from ..models.text import text_classifier
+from ..models.text import SINGLE_TEMPLATE, text_classifier, to_pooled_space
 from ..core.progress import Progress
 from ..artifacts.store import (
     BlockWriter, EncodedTokens, FeatureCache, FeatureWriter, PcaFit, TokenFormat, amend_attribute, join_shards,
@@ -71,9 +72,11 @@ def _workers(asked: int | None, ctx) -> int:
 
 
 def _backbone(cfg: ExtractConfig, device):
-    """The frozen encoder: ``--model``/``--pretrained``, or a finetuned run's (``--from-run``)."""
+    """The frozen encoder: ``--model``/``--pretrained``, or a finetuned run's (``--from-run``), its
+    preprocessing normalised as ``--normalize`` says (a finetuned run's: as it was trained)."""
     if cfg.from_run is None:
-        return load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
+        backbone = load_backbone(cfg.model, cfg.pretrained, device=device, preprocess_from=cfg.preprocess_from)
+        return _normalized(backbone, cfg.normalize)
     defaults = ExtractConfig(out="")
     given = [f"--{k.replace('_', '-')}" for k in ("model", "pretrained", "preprocess_from") if getattr(cfg, k) != getattr(defaults, k)]
     if given:
@@ -82,6 +85,19 @@ def _backbone(cfg: ExtractConfig, device):
 
     backbone = finetuned_backbone(cfg.from_run, device)
     backbone.model.requires_grad_(False).eval()
+    trained = backbone.identity.get("normalize", "model")
+    if cfg.normalize != defaults.normalize and cfg.normalize != trained:
+        raise LtclipError(f"--normalize {cfg.normalize}: the run {cfg.from_run} was trained with --normalize {trained}; drop it")
+    return _normalized(backbone, trained)
+
+
+def _normalized(backbone, normalize: str):
+    """``backbone`` whose preprocessing (and the mean/std the crop views use) is ``normalize``'s:
+    the finetune stage's own evaluation transform (:func:`eval_transform`)."""
+    mean, std = mean_std(backbone.preprocess_cfg, normalize)
+    backbone.preprocess = eval_transform(backbone.preprocess, backbone.preprocess_cfg, normalize)
+    backbone.preprocess_cfg = {**backbone.preprocess_cfg, "mean": mean, "std": std}
+    backbone.normalize = normalize
     return backbone
 
 
@@ -159,7 +175,9 @@ def _token_basis(cfg, fmt: TokenFormat, dataset, backbone, device, ctx, out: Pat
 
 
 def _split_attrs(cfg, dataset, split: str, rows, views, backbone) -> dict:
-    """What identifies one split's features: the model, the images and how they were read."""
+    """What identifies one split's features: the model, the images and how they were read. Every
+    split of the folder records its normalisation and the val/test view (``eval_view``), which
+    the files of one folder must share (:data:`SHARED_IDENTITY`)."""
     return {
         **backbone.identity,
         "dataset": dataset.name,
@@ -167,6 +185,8 @@ def _split_attrs(cfg, dataset, split: str, rows, views, backbone) -> dict:
         "manifest": rows.source,
         "manifest_sha256": rows.sha256,
         "views_description": views.description,
+        "normalize": backbone.normalize,
+        "eval_view": _views_for(cfg, "test", backbone).geometry,
         "tokens_stored": bool(cfg.tokens),
         "bad_images": cfg.bad_images,
     }
@@ -175,30 +195,47 @@ def _split_attrs(cfg, dataset, split: str, rows, views, backbone) -> dict:
 def _check_finished(cfg, final: Path, attrs: dict, num_rows: int, views, fmt: TokenFormat) -> None:
     """Refuse a finished cache made for other features than this run's."""
     with FeatureCache(final) as cache:  # read-only: a finished cache is never reopened for writing
-        same = dict(attrs)
+        first = ("normalize", "eval_view")  # named before the views_description they are part of
+        same = {**{k: attrs[k] for k in first}, **attrs}
         if cfg.bad_images == "skip" and cache.attrs.get("bad_images") == "fail":
             del same["bad_images"]  # no image was unreadable: what skip would have written
+        if "normalize" not in cache.attrs:  # a cache from before it was recorded: the model's normalisation
+            if same["normalize"] != "model":
+                raise LtclipError(f"{final} was made with normalize='model' but this run uses normalize={same['normalize']!r}; "
+                                  "pass another --out or delete it")
+            del same["normalize"]
+        if "eval_view" not in cache.attrs:  # likewise: its views_description names its views
+            del same["eval_view"]
         cache.expect(**same, num_rows=num_rows, views=views.count)
         if cfg.tokens != cache.has_tokens:
             raise LtclipError(f"{final} was made with{'out' if cfg.tokens else ''} tokens; pass another --out or delete it")
+        if cfg.pooled and not cache.has_pooled:
+            raise LtclipError(f"{final} was made without --pooled; pass another --out or delete it")
         if cfg.tokens and cache.token_format != fmt:
             raise LtclipError(f"{final} stores tokens as {cache.token_format.describe()}, this run asks for "
                               f"{fmt.describe()}; pass another --out or delete it")
 
 
-def _encode(backbone, images, ok, device, tokens: bool, codec) -> tuple[np.ndarray, EncodedTokens | None]:
-    """A batch's rows as stored: float16 embeds (b, V, D) and encoded tokens; unread images are zeros."""
+def _encode(backbone, images, ok, device, tokens: bool, codec,
+            pooled: bool = False) -> tuple[np.ndarray, EncodedTokens | None, np.ndarray | None]:
+    """A batch's rows as stored: float16 embeds (b, V, D), encoded tokens and (``--pooled``) float16
+    pre-projection features (b, V, W); unread images are zeros."""
     b, v = images.shape[:2]
     x = images.flatten(0, 1).to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    emb, tok = backbone.encode(x, tokens=tokens)
+    if pooled:
+        emb, pool, tok = backbone.encode_with_pooled(x, tokens=tokens)
+    else:
+        (emb, tok), pool = backbone.encode(x, tokens=tokens), None
     bad = ~ok.to(emb.device)  # skipped images: zero features (before encoding), rows listed in the summary
     embeds = emb.view(b, v, -1).masked_fill(bad.view(b, 1, 1), 0).to(torch.float16).cpu().numpy()
+    if pool is not None:
+        pool = pool.view(b, v, -1).masked_fill(bad.view(b, 1, 1), 0).to(torch.float16).cpu().numpy()
     if tok is None:
-        return embeds, None
+        return embeds, None, pool
     tok = tok.view(b, v, *tok.shape[1:]).masked_fill(bad.view(b, 1, 1, 1), 0)
-    return embeds, codec.encode(tok)  # encoded on the model's device: only the stored bytes cross to the CPU
+    return embeds, codec.encode(tok), pool  # encoded on the model's device: only the stored bytes cross to the CPU
 
 
 def _write_rows(cfg, dataset, split: str, views, backbone, device, writer: FeatureWriter,
@@ -215,10 +252,10 @@ def _write_rows(cfg, dataset, split: str, views, backbone, device, writer: Featu
     with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), autocast(device, cfg.precision):
         for images, _, row_ids, problems in _fetch(loader, single_thread=cfg.workers == 0):
             ok = torch.tensor(apply_bad_image_policy(cfg.bad_images, problems))
-            embeds, tokens = _encode(backbone, images, ok, device, cfg.tokens, writer.codec)
+            embeds, tokens, pooled = _encode(backbone, images, ok, device, cfg.tokens, writer.codec, cfg.pooled)
             if not ok.all():
                 skipped.extend(int(r) for r, good in zip(row_ids, ok) if not good)
-            blocks.add(row_ids, embeds, tokens)
+            blocks.add(row_ids, embeds, tokens, pooled)
             advance(len(images))
     return len(todo), skipped
 
@@ -240,6 +277,7 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
         final, num_rows=len(rows), embed_dim=embed_dim, block_size=cfg.block_size, attrs=attrs,
         labels=rows.labels, classnames=dataset.classnames, paths=rows.keys,
         token_shape=token_shape if cfg.tokens else None, token_format=fmt, token_basis=basis, views=views.count,
+        pooled_dim=backbone.pooled_dim if cfg.pooled else None,
         shard=(ctx.rank, ctx.world_size) if ctx.enabled else None,
     )
     with writer:
@@ -255,6 +293,8 @@ def _extract_split(cfg, dataset, split, backbone, device, ctx, out: Path, progre
 
 
 def _text_file(cfg, dataset, backbone, device, out: Path, progress: Progress) -> dict:
+    """``text.h5``: the dataset's templates' class embeddings and, with ``--pooled``, LIFT's text start for a
+    head reading the pre-projection feature (its single template mapped back through ``proj.T``)."""
     path = out / "text.h5"
     templates = dataset.prompt_templates()
     attrs = {**backbone.identity, "dataset": dataset.name}
@@ -262,17 +302,25 @@ def _text_file(cfg, dataset, backbone, device, out: Path, progress: Progress) ->
         old = load_text_embeddings(path)
         if old.classnames == dataset.classnames and old.templates == templates and all(
             str(old.attrs.get(k)) == str(v) for k, v in attrs.items()
-        ):
+        ) and (not cfg.pooled or old.pooled_template == SINGLE_TEMPLATE):
             return {"split": "text", "rows": len(templates) * dataset.num_classes, "status": "up to date"}
     with progress.task(f"text ({dataset.num_classes:,} classes × {len(templates)} templates)", dataset.num_classes, "cls") as advance:
         weights = text_classifier(backbone, dataset.classnames, templates, device=device, progress=advance)
-    save_text_embeddings(path, weights, dataset.classnames, templates, attrs)
+    pooled = None
+    if cfg.pooled:  # what finetune's head_text starts an input=pooled templates=single head from
+        single = text_classifier(backbone, dataset.classnames, [SINGLE_TEMPLATE], device=device)
+        proj = backbone.visual.proj
+        pooled = single if proj is None else to_pooled_space(torch.from_numpy(single), proj).cpu().numpy()
+    save_text_embeddings(path, weights, dataset.classnames, templates, attrs, pooled=pooled,
+                         pooled_template=SINGLE_TEMPLATE if cfg.pooled else None)
     return {"split": "text", "rows": dataset.num_classes, "status": "written"}
 
 
 def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     """Extract every requested split (resumable), then the class text embeddings. Returns a summary."""
     progress = progress or Progress()
+    if cfg.normalize not in NORMALIZATIONS:
+        raise LtclipError(f"--normalize {cfg.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
     dataset = open_dataset(cfg.data)
     splits = cfg.splits or tuple(dataset.splits)
     for split in splits:
@@ -287,6 +335,8 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     saved_cfg, cfg = cfg, dataclasses.replace(cfg, workers=_workers(cfg.workers, ctx))
     autocast(device, cfg.precision)  # refuse a precision the device lacks before any work
     backbone = _backbone(cfg, device)
+    if cfg.pooled and backbone.pooled_dim is None:
+        raise LtclipError(f"--pooled: {cfg.model} is not an open_clip ViT, so it has no pooled feature before a projection; drop --pooled")
     if cfg.tokens and not backbone.has_tokens:
         raise LtclipError(f"--tokens: {cfg.model} is not an open_clip ViT, so it has no token sequence; pass --no-tokens")
     if cfg.tokens:

@@ -46,8 +46,10 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
     if needs.text_encoder:  # the text tower of the model the cache was extracted with
         text = load_text_encoder(train_cache.attrs, train_cache.classnames, f"--features {features / 'train.h5'}")
     torch.manual_seed(optim.seed)
+    pooled = needs.input == "pooled"  # from extract --pooled: the feature, and text.h5's single-template start
     inputs = HeadInputs(train_cache.num_classes, train_cache.embed_dim, train_cache.token_shape,
-                        text_embeds(features, train_cache.num_classes) if needs.text_embeds else None, text)
+                        text_embeds(features, train_cache.num_classes, needs.input) if needs.text_embeds else None, text,
+                        pooled_dim=train_cache.pooled_dim, text_templates="single" if pooled else "ensemble")
     head = create_head(method.head, inputs, **method.head_opts).to(device)
     max_ram = ram_budget(cfg.max_ram, ctx)
     train = FeatureInputs(train_cache, head.input, max_ram, device)

@@ -55,13 +55,14 @@ class BlockWriter:
         start = self.writer.row_start
         return [start + r for b in sorted(self._pending) for r in range(*self.writer.block_range(b))]
 
-    def add(self, rows: Sequence[int] | np.ndarray, embeds, tokens: EncodedTokens | None = None) -> list[int]:
+    def add(self, rows: Sequence[int] | np.ndarray, embeds, tokens: EncodedTokens | None = None, pooled=None) -> list[int]:
         """Take rows ``rows`` (split row indices) of ``embeds`` ((n, D) or (n, V, D)) and, for a file
-        with tokens, their :class:`EncodedTokens` in the file's format ((n, [V,] T', W')); write the
+        with tokens, their :class:`EncodedTokens` in the file's format ((n, [V,] T', W')), for a file
+        with pooled features those ((n, [V,] W)); write the
         blocks they complete, in increasing order, and return them. A row may arrive only once; rows
         that are refused (out of range, twice, of a written block) leave every block as it was."""
         local = np.asarray(rows, dtype=np.int64).reshape(-1) - self.writer.row_start
-        arrays = self._arrays(local.size, embeds, tokens)
+        arrays = self._arrays(local.size, embeds, tokens, pooled)
         written = []
         for block, pick in self._by_block(local):
             offsets = local[pick] - block * self.writer.block_size
@@ -92,12 +93,16 @@ class BlockWriter:
             groups.append((block, pick))
         return groups
 
-    def _arrays(self, n: int, embeds, tokens: EncodedTokens | None) -> dict[str, np.ndarray]:
+    def _arrays(self, n: int, embeds, tokens: EncodedTokens | None, pooled) -> dict[str, np.ndarray]:
         """``n`` given rows per dataset, each in its stored dtype and row shape."""
         writer = self.writer
         if (tokens is None) == writer.has_tokens:
             raise ValueError(f"{writer.path} {'needs' if tokens is None else 'has no'} tokens")
+        if (pooled is None) == writer.has_pooled:
+            raise ValueError(f"{writer.path} {'needs' if pooled is None else 'has no'} pooled features")
         arrays = {"embeds": writer.as_rows("embeds", embeds, n)}
+        if pooled is not None:
+            arrays["pooled"] = writer.as_rows("pooled", pooled, n)
         if tokens is not None:
             arrays["tokens"] = writer.as_rows("tokens", tokens.values, n)
             if (tokens.scales is None) != (writer.codec.format.scale == "none"):
@@ -120,7 +125,7 @@ class BlockWriter:
             return False
         parts = buffer.arrays
         tokens = EncodedTokens(parts["tokens"], parts.get("token_scales")) if "tokens" in parts else None
-        self.writer.write_block(block, parts["embeds"], tokens)
+        self.writer.write_block(block, parts["embeds"], tokens, parts.get("pooled"))
         del self._open[block]
         self._pending.remove(block)
         return True

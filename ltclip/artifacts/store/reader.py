@@ -16,11 +16,14 @@ from ...core.errors import LtclipError
 from ._h5 import ABSENT, FEATURES_KIND, TOKEN_KEYS, check_header, file_attrs, open_h5, plain, read_strings, same, show
 from .tokens import BASIS_DATASETS, STORED_DTYPES, EncodedTokens, TokenCodec, TokenFormat
 
-ROW_DATASETS = ("embeds", "tokens", "token_scales")
+ROW_DATASETS = ("embeds", "pooled", "tokens", "token_scales")
 # What every file of one cache folder shares: the features of one model on one dataset, whose
-# tokens are stored (and so read back) the same way.
+# tokens are stored (and so read back) the same way, its images normalised the same way and its
+# val/test images read with the same view (extract's --normalize and --test-views/--eval-resize/--interpolation).
 SHARED_IDENTITY = ("model", "pretrained", "checkpoint_sha256", "quick_gelu", "preprocess", "dataset", "num_classes",
-                   *TOKEN_KEYS)
+                   "normalize", "eval_view", *TOKEN_KEYS)
+# The extract options that set an identity key, where they are not --model, --pretrained and --dataset.
+_OPTIONS_OF = {"normalize": "--normalize", "eval_view": "--test-views, --eval-resize and --interpolation"}
 
 
 def check_cache_folder(path: Path, attrs: dict, embed_dim: int | None, classnames: list[str] | None,
@@ -46,6 +49,8 @@ def check_cache_folder(path: Path, attrs: dict, embed_dim: int | None, classname
     fix = f"re-extract {path.name} with the same --model, --pretrained and --dataset, or move it out of {path.parent}"
     for key in SHARED_IDENTITY:
         if key in attrs and key in ref and not same(plain(attrs[key]), ref[key]):
+            if key in _OPTIONS_OF:
+                fix = f"re-extract {path.name} with the same {_OPTIONS_OF[key]}, or move it out of {path.parent}"
             raise LtclipError(f"{path} was made with {key}={show(plain(attrs[key]))} but {train.name} beside it with "
                               f"{key}={show(ref[key])}: the folder mixes two extractions; {fix}")
     if embed_dim is not None and ref_dim is not None and embed_dim != ref_dim:
@@ -65,7 +70,9 @@ class FeatureCache:
     stored dtype, ``embed_dtype`` / ``token_dtype`` (float16 for extracted caches, float32 allowed
     in user files); tokens stored in a compressed ``token_format`` are decoded to float32 by
     :meth:`read_tokens`, or read as stored by :meth:`read_token_parts` (for decoding on a device with
-    ``codec``). ``token_shape`` is what a head sees: ``(T', W)`` after pooling.
+    ``codec``). ``token_shape`` is what a head sees: ``(T', W)`` after pooling. An optional ``pooled``
+    dataset (``extract --pooled``) holds the ViT's pre-projection feature: ``has_pooled``,
+    ``pooled_dim`` (W), ``pooled_dtype``, :meth:`load_pooled`.
     Usable from DataLoader workers: each process reopens the file for itself.
     """
 
@@ -122,6 +129,16 @@ class FeatureCache:
         self.token_shape = self.token_dtype = self.codec = self.token_format = self.token_row_bytes = None
         if self.has_tokens:
             self._validate_tokens(h5, embeds)
+        self.has_pooled = "pooled" in h5
+        self.pooled_dim = self.pooled_dtype = None
+        if self.has_pooled:
+            pooled = h5["pooled"]
+            if (not isinstance(pooled, h5py.Dataset) or pooled.ndim != embeds.ndim
+                    or pooled.shape[:-1] != embeds.shape[:-1] or not np.issubdtype(pooled.dtype, np.floating)):
+                raise LtclipError(f"{path}: pooled must be a float array (N, [V,] W) with the rows of embeds "
+                                  f"{embeds.shape}, got {getattr(pooled, 'dtype', None)} {getattr(pooled, 'shape', None)}; "
+                                  "the file is inconsistent: re-create it")
+            self.pooled_dim, self.pooled_dtype = pooled.shape[-1], pooled.dtype
         self.paths = read_strings(h5, "paths")
         self.classnames = read_strings(h5, "classnames")
         for name, values, size in (("paths", self.paths, self.num_rows),
@@ -196,13 +213,16 @@ class FeatureCache:
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of ``"embeds"`` or ``"tokens"``, read with one slice, in the
-        stored dtype and with an explicit views axis: (n, V, D) or (n, V, T, W), also when V = 1."""
+        """Rows ``[start, stop)`` of ``"embeds"``, ``"pooled"`` or ``"tokens"``, read with one slice, in the
+        stored dtype and with an explicit views axis: (n, V, D), (n, V, W) or (n, V, T, W), also when V = 1."""
         if name not in ROW_DATASETS:
             raise ValueError(f"dataset must be one of {ROW_DATASETS}, not {name!r}")
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) are not within [0, {self.num_rows})")
-        data = (self._file["embeds"] if name == "embeds" else self._tokens(name))[start:stop]
+        if name == "pooled" and not self.has_pooled:
+            raise LtclipError(f"{self.path} has no pooled features (the ViT's feature before the projection); "
+                              "re-extract with --pooled")
+        data = (self._file[name] if name in ("embeds", "pooled") else self._tokens(name))[start:stop]
         return self._with_views(data)
 
     def _with_views(self, data: np.ndarray) -> np.ndarray:
@@ -211,6 +231,10 @@ class FeatureCache:
     def load_embeds(self) -> np.ndarray:
         """All embeddings, (N, V, D), in the stored dtype (float16 for extracted caches)."""
         return self.read_rows("embeds", 0, self.num_rows)
+
+    def load_pooled(self) -> np.ndarray:
+        """All pre-projection pooled features, (N, V, W), in the stored dtype (float16 when extracted)."""
+        return self.read_rows("pooled", 0, self.num_rows)
 
     def _tokens(self, name: str = "tokens") -> h5py.Dataset:
         if not self.has_tokens:

@@ -57,9 +57,11 @@ def join_shards(
             classnames=first.classnames,
             paths=paths,
             views=first.views,
+            pooled_dim=first.pooled_dim,
             **tokens,
         )
         names = ("embeds",) if codec is None else ("embeds", "tokens", "token_scales")[: 2 + (codec.format.scale != "none")]
+        names += ("pooled",) if first.has_pooled else ()
         with writer:
             for block in writer.pending_blocks():
                 start, stop = writer.block_range(block)
@@ -70,9 +72,9 @@ def join_shards(
                     if lo < hi:
                         for name in names:
                             parts[name].append(s.read_rows(name, lo, hi))
-                embeds, *stored = (np.concatenate(parts[name]) for name in names)
-                tokens = None if codec is None else EncodedTokens(stored[0], stored[1] if len(stored) > 1 else None)
-                writer.write_block(block, embeds, tokens)
+                joined = {name: np.concatenate(parts[name]) for name in names}
+                tokens = None if codec is None else EncodedTokens(joined["tokens"], joined.get("token_scales"))
+                writer.write_block(block, joined["embeds"], tokens, joined.get("pooled"))
             writer.finalise()
     finally:
         for s in shards:
@@ -100,8 +102,8 @@ def _check_shards(out_path: Path, shards: list[FeatureCache]) -> None:
                     f"{show(identity.get(key, ABSENT))}, {s.path} has "
                     f"{key}={show(s.attrs.get(key, ABSENT))}; delete the shards and rerun"
                 )
-        if (s.embed_dim, s.token_shape, s.classnames) != (
-            first.embed_dim, first.token_shape, first.classnames
+        if (s.embed_dim, s.token_shape, s.pooled_dim, s.classnames) != (
+            first.embed_dim, first.token_shape, first.pooled_dim, first.classnames
         ):
             raise LtclipError(
                 f"shards of {out_path} differ in shape or class names ({first.path}, {s.path}); "

@@ -67,7 +67,7 @@ class FeatureWriter:
 
     def __init__(self, h5: h5py.File, path: Path, *, block_size: int, row_start: int, codec: TokenCodec | None):
         self._h5 = h5
-        self._ds = {name: h5[name] for name in ("embeds", "tokens", "token_scales", "done") if name in h5}
+        self._ds = {name: h5[name] for name in ("embeds", "pooled", "tokens", "token_scales", "done") if name in h5}
         self.path = path
         self.block_size = block_size
         self.row_start = row_start  # this file's first row in the whole split (shards: > 0)
@@ -75,6 +75,7 @@ class FeatureWriter:
         self.num_blocks = self._ds["done"].shape[0]
         self.views = int(h5.attrs["views"])
         self.has_tokens = "tokens" in self._ds
+        self.has_pooled = "pooled" in self._ds
         self.codec = codec
 
     @classmethod
@@ -94,6 +95,7 @@ class FeatureWriter:
         token_basis: tuple[np.ndarray, np.ndarray] | None = None,
         views: int = 1,
         shard: tuple[int, int] | None = None,
+        pooled_dim: int | None = None,
     ) -> "FeatureWriter":
         """Create the cache at ``path`` (or resume it if it exists with the same identity).
 
@@ -101,7 +103,8 @@ class FeatureWriter:
         world_size)`` the writer covers only that rank's :func:`shard_range`, in the file
         :func:`shard_path` ``(path, rank)``; :func:`join_shards` assembles the shards.
         ``token_shape`` is the model's ``(T, W)`` to store token sequences, in ``token_format`` (a
-        PCA format with its ``token_basis``, ``(mean, components)``). ``attrs`` identify the features
+        PCA format with its ``token_basis``, ``(mean, components)``). ``pooled_dim`` is the ViT's width W
+        to also store the pre-projection pooled feature ``pooled`` (N, [V,] W). ``attrs`` identify the features
         (model, pretrained, preprocess, dataset, split, ...); a resumed file must match them.
         """
         path = Path(path)
@@ -130,6 +133,10 @@ class FeatureWriter:
         rows = expected["num_rows"]
         lead = (rows,) if views == 1 else (rows, views)
         shapes = {"embeds": (lead + (embed_dim,), np.float16)}
+        if pooled_dim is not None:
+            if pooled_dim < 1:
+                raise ValueError("pooled_dim must be positive")
+            shapes["pooled"] = (lead + (int(pooled_dim),), np.float16)
         contents = {
             "labels": labels.astype(np.int32),
             "classnames": list(classnames),
@@ -159,14 +166,19 @@ class FeatureWriter:
         start = block * self.block_size
         return start, min(start + self.block_size, self.num_rows)
 
-    def write_block(self, block: int, embeds, tokens=None) -> None:
+    def write_block(self, block: int, embeds, tokens=None, pooled=None) -> None:
         """Write the rows of ``block`` (``embeds`` (n, D) or (n, V, D); ``tokens`` the model's
         (n, [V,] T, W), encoded here, or rows already encoded in the file's format as
-        :class:`EncodedTokens`), then record the block as done. Rows of other blocks are untouched."""
+        :class:`EncodedTokens`; ``pooled`` (n, [V,] W) for a file that stores it), then record the
+        block as done. Rows of other blocks are untouched."""
         start, stop = self.block_range(block)
         if (tokens is None) == self.has_tokens:
             raise ValueError(f"{self.path} {'needs' if tokens is None else 'has no'} tokens")
+        if (pooled is None) == self.has_pooled:
+            raise ValueError(f"{self.path} {'needs' if pooled is None else 'has no'} pooled features")
         arrays = {"embeds": self.as_rows("embeds", embeds, stop - start)}
+        if pooled is not None:
+            arrays["pooled"] = self.as_rows("pooled", pooled, stop - start)
         if tokens is not None:
             if not isinstance(tokens, EncodedTokens):
                 tokens = self._encode(tokens)
@@ -196,7 +208,7 @@ class FeatureWriter:
         return self.codec.encode(torch.from_numpy(np.ascontiguousarray(array)))
 
     def as_rows(self, name: str, value, n: int) -> np.ndarray:
-        """``value`` as ``n`` rows of dataset ``name`` (``embeds``, ``tokens``, ``token_scales``): a
+        """``value`` as ``n`` rows of dataset ``name`` (``embeds``, ``pooled``, ``tokens``, ``token_scales``): a
         C-contiguous array of its dtype and row shape; a views axis of 1 may be given or left out."""
         array = np.asarray(value)
         shape = (n,) + self._ds[name].shape[1:]
@@ -290,7 +302,7 @@ def _check_resume(path: Path, h5: h5py.File, attrs: dict, shapes: dict, contents
                 f"{path} was created with {key}={show(old)}, "
                 f"this run has {key}={show(new)}; {fix}"
             )
-    for name in ("embeds", "tokens", "token_scales"):
+    for name in ("embeds", "pooled", "tokens", "token_scales"):
         old = h5[name].shape if name in h5 else None
         new = shapes[name][0] if name in shapes else None
         if old != new:
@@ -332,9 +344,10 @@ def amend_attribute(path: str | os.PathLike, key: str, old, new) -> bool:
 def write_arrays(
     path: str | os.PathLike, embeds, labels, classnames: Sequence[str], attrs: dict, tokens=None, *,
     token_format: TokenFormat = TokenFormat(), token_basis: tuple[np.ndarray, np.ndarray] | None = None,
+    pooled=None,
 ) -> Path:
     """A complete cache file from in-memory arrays (features made elsewhere), in one block; ``tokens``
-    (the model's sequences) are stored in ``token_format``."""
+    (the model's sequences) are stored in ``token_format``, ``pooled`` (pre-projection features) as float16."""
     embeds = np.asarray(embeds)
     views = 1 if embeds.ndim == 2 else embeds.shape[1]
     with FeatureWriter.open(
@@ -342,7 +355,8 @@ def write_arrays(
         labels=labels, classnames=classnames, views=views,
         token_shape=None if tokens is None else tuple(np.asarray(tokens).shape[-2:]),
         token_format=token_format, token_basis=token_basis,
+        pooled_dim=None if pooled is None else np.asarray(pooled).shape[-1],
     ) as writer:
-        writer.write_block(0, embeds, tokens)
+        writer.write_block(0, embeds, tokens, pooled)
         writer.finalise()
     return Path(path)

@@ -22,7 +22,7 @@ INPUTS = ("embeds", "tokens", "pooled")  # what a head can read: see Head
 class HeadInputs:
     """The build context of a head: the class count, the input sizes (``token_shape`` ``[T, W]``, None
     for a cache without tokens; ``pooled_dim`` the pre-projection pooled feature's size, None where
-    there is none: a cache) and what some heads start from: the class text embeddings ``[C, D]`` in
+    there is none: a cache extracted without --pooled) and what some heads start from: the class text embeddings ``[C, D]`` in
     the space of the head's input, made with the ``text_templates`` prompts ("ensemble": the
     dataset's templates, "single": ``a photo of a {}.``), the model's text tower with the class names,
     and ``train_features`` ``(features [N, D], labels [N])``, the training images' inputs to the head."""
@@ -57,7 +57,8 @@ class HeadNeeds:
     options decide, by its ``needs_for``).
 
     ``input`` is what it reads: ``"embeds"`` [B, D] (the projected embedding), ``"tokens"`` [B, T, W]
-    or ``"pooled"`` [B, W] (the pooled feature before the projection: finetune only);
+    or ``"pooled"`` [B, W] (the pooled feature before the projection: finetune, or a cache from
+    ``extract --pooled``);
     ``text_embeds`` whether it starts from the class text embeddings, made from ``templates``;
     ``text_encoder`` whether it runs the text tower; ``train_features`` whether it starts from the
     training images' features (finetune only).

@@ -83,8 +83,8 @@ def _checked(name: str, needs: HeadNeeds, inputs: HeadInputs) -> HeadInputs:
     if needs.input == "tokens" and inputs.token_shape is None:
         raise LtclipError(f"--head {name} needs token sequences; re-extract with --tokens")
     if needs.input == "pooled" and inputs.pooled_dim is None:
-        raise LtclipError(f"--head {name} input=pooled reads the feature before the projection, which only finetune's "
-                          "encoder gives (a cache holds the projected embedding); use input=embeds")
+        raise LtclipError(f"--head {name} input=pooled reads the ViT's feature before the projection, which this cache "
+                          "lacks; re-extract with --pooled (or use input=embeds)")
     if needs.train_features and inputs.train_features is None:
         raise LtclipError(f"--head {name} starts from the training images' features, which only finetune computes "
                           "(one pass of the frozen encoder); choose another initialisation")
@@ -100,11 +100,12 @@ def _checked_text(name: str, needs: HeadNeeds, inputs: HeadInputs) -> Tensor:
     if inputs.text_embeds is None:
         raise LtclipError(
             f"--head {name} starts from the class text embeddings (text.h5, written by extract beside the cache); "
-            "rerun extract or choose another --head"
+            f"rerun extract{' --pooled' if needs.input == 'pooled' else ''} or choose another --head"
         )
     if inputs.text_templates != needs.templates:
         raise LtclipError(f"--head {name} starts from {needs.templates}-template text embeddings; only finetune "
-                          f"makes those (a cache's text.h5 holds {inputs.text_templates}-template ones)")
+                          f"makes those for input={needs.input} (a cache's text.h5 holds {inputs.text_templates}-template "
+                          "ones: the dataset's templates for input=embeds, LIFT's single one for input=pooled)")
     text = torch.as_tensor(inputs.text_embeds, dtype=torch.float32)
     dim = inputs.vector_dim(needs.input)
     if tuple(text.shape) != (inputs.num_classes, dim):
