@@ -167,3 +167,14 @@ def newest_mtime(*paths: Path) -> int | None:
     """The latest modification time (ns) of the files among ``paths`` that exist, or None: a progress marker."""
     times = [p.stat().st_mtime_ns for p in paths if p.exists()]
     return max(times) if times else None
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Fixed tiny weights in a file, so every run (and the reference) uses the same model."""
+    from ltclip.models.backbone import load_backbone
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(load_backbone(TINY_MODEL, "none").model.state_dict(), path)
+    return path

@@ -25,12 +25,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """Fixed tiny weights in a file, so every run (and the reference) uses the same model."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(load_backbone(TINY_MODEL, "none").model.state_dict(), path)
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 def extract_args(root, out, checkpoint, *extra):

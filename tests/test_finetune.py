@@ -67,9 +67,15 @@ def test_frozen_protocol_equals_train_head_on_a_float32_cache(synthetic_root, tm
     cache = float32_cache(synthetic_root, tmp_path / "features")
     with FeatureCache(cache / "train.h5") as c:
         assert c.token_dtype == np.float32
+    assert_cache_run_equals_frozen_finetune(cache, synthetic_root, tmp_path, COMMON)
+
+
+def assert_cache_run_equals_frozen_finetune(cache: Path, root: Path, tmp_path: Path, options) -> None:
+    """train-head on ``cache`` and finetune --tune frozen --no-augment on the images, both with
+    ``options``: the same steps, losses (rel 1e-5), val scores and head weights (rtol 1e-4)."""
     head_run, tuned_run = tmp_path / "head", tmp_path / "tuned"
-    ok("train-head", "--features", cache, "--out", head_run, *COMMON)
-    ok("finetune", *data_args(synthetic_root), "--tune", "frozen", "--no-augment", "--workers", "0", "--out", tuned_run, *COMMON)
+    ok("train-head", "--features", cache, "--out", head_run, *options)
+    ok("finetune", *data_args(root), "--tune", "frozen", "--no-augment", "--workers", "0", "--out", tuned_run, *options)
     a, b = records(head_run), records(tuned_run)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
@@ -77,6 +83,7 @@ def test_frozen_protocol_equals_train_head_on_a_float32_cache(synthetic_root, tm
         assert rb["val_balanced_accuracy"] == pytest.approx(ra["val_balanced_accuracy"])
     ha = torch.load(head_run / "model.pt", weights_only=True)["head"]["state_dict"]
     hb = torch.load(tuned_run / "model.pt", weights_only=True)["head"]["state_dict"]
+    assert set(ha) == set(hb)
     for key in ha:
         torch.testing.assert_close(hb[key], ha[key], rtol=1e-4, atol=1e-5, msg=key)
 

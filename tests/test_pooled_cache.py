@@ -5,7 +5,6 @@ text start in text.h5; `train-head --head-opt input=pooled` on such a cache trai
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import TINY_MODEL
+from test_finetune import assert_cache_run_equals_frozen_finetune, data_args, records
 from ltclip.artifacts.feature_batches import FeatureInputs
 from ltclip.artifacts.store import FeatureCache, FeatureWriter, join_shards, load_text_embeddings, shard_path
 from ltclip.cli import app
@@ -42,16 +42,8 @@ def fails(*args) -> str:
     return result.output.strip().splitlines()[-1]
 
 
-def data_args(root: Path) -> list[str]:
-    return ["--dataset", "synthetic", "--data-root", str(root), "--model", TINY_MODEL, "--pretrained", "none"]
-
-
 def extract(root: Path, out: Path, *extra):
     return ok("extract", *data_args(root), "--device", "cpu", "--workers", "0", "--no-tokens", "--out", out, *extra)
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
 def model_outputs(root: Path, split: str):
@@ -142,24 +134,11 @@ def test_lift_classifier_from_the_cache_equals_frozen_finetune(synthetic_root, t
     extracted = tmp_path / "extracted"
     extract(synthetic_root, extracted, "--pooled")
     cache = float32_pooled_cache(synthetic_root, tmp_path / "features", extracted)
-    head_run, tuned_run = tmp_path / "head", tmp_path / "tuned"
-    ok("train-head", "--features", cache, "--out", head_run, *LIFT_HEAD, *TRAINING)
-    ok("finetune", *data_args(synthetic_root), "--tune", "frozen", "--no-augment", "--workers", "0", "--out", tuned_run,
-       *LIFT_HEAD, *TRAINING)
-    a, b = records(head_run), records(tuned_run)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
-        assert rb["val_balanced_accuracy"] == pytest.approx(ra["val_balanced_accuracy"])
-    ha = torch.load(head_run / "model.pt", weights_only=True)["head"]["state_dict"]
-    hb = torch.load(tuned_run / "model.pt", weights_only=True)["head"]["state_dict"]
-    assert set(ha) == set(hb)
-    for key in ha:
-        torch.testing.assert_close(hb[key], ha[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_cache_run_equals_frozen_finetune(cache, synthetic_root, tmp_path, [*LIFT_HEAD, *TRAINING])
     # the float16 cache extract wrote trains too, and its run evaluates on the cache
     fp16_run = tmp_path / "fp16"
     ok("train-head", "--features", extracted, "--out", fp16_run, *LIFT_HEAD, *TRAINING)
-    assert records(fp16_run)[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-2)
+    assert records(fp16_run)[0]["loss"] == pytest.approx(records(tmp_path / "head")[0]["loss"], rel=1e-2)
     ok("eval", fp16_run, "--features", extracted, "--split", "val")
 
 

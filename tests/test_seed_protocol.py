@@ -70,11 +70,8 @@ def test_extract_views_at_the_tiny_models_resolution_match_torchvision():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(load_backbone(TINY_MODEL, "none").model.state_dict(), path)
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 def extract(root, out, checkpoint, *extra):
