@@ -42,6 +42,14 @@ def text_classifier(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def class_text_start(backbone, classnames: list[str], templates: list[str], pooled: bool, device="cpu") -> torch.Tensor:
+    """The class rows a text-initialised head starts from: the ``templates``' zero-shot classifier,
+    mapped back into the pre-projection space for a head reading the pooled feature (``pooled``)."""
+    text = torch.from_numpy(text_classifier(backbone, classnames, templates, device=device))
+    proj = backbone.visual.proj
+    return to_pooled_space(text, proj) if pooled and proj is not None else text
+
+
 def to_pooled_space(text: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     """Class text embeddings ``[C, D]`` mapped back into the ViT's pre-projection space ``[C, W]``:
     ``normalise(normalise(text) @ proj.T)``, as LIFT starts its classifier (trainer.py, init_head_text_feat)."""

@@ -20,7 +20,7 @@ from ..data.views import check_view_options, make_views
 from ..core.distributed import autocast, available_cpus, default_workers, setup
 from ..core.errors import LtclipError
 from ..models.backbone import load_backbone
-from ..models.text import SINGLE_TEMPLATE, text_classifier, to_pooled_space
+from ..models.text import SINGLE_TEMPLATE, class_text_start, text_classifier
 from ..core.progress import Progress
 from ..artifacts.store import (
     BlockWriter, EncodedTokens, FeatureCache, FeatureWriter, PcaFit, TokenFormat, amend_attribute, join_shards,
@@ -308,9 +308,7 @@ def _text_file(cfg, dataset, backbone, device, out: Path, progress: Progress) ->
         weights = text_classifier(backbone, dataset.classnames, templates, device=device, progress=advance)
     pooled = None
     if cfg.pooled:  # what finetune's head_text starts an input=pooled templates=single head from
-        single = text_classifier(backbone, dataset.classnames, [SINGLE_TEMPLATE], device=device)
-        proj = backbone.visual.proj
-        pooled = single if proj is None else to_pooled_space(torch.from_numpy(single), proj).cpu().numpy()
+        pooled = class_text_start(backbone, dataset.classnames, [SINGLE_TEMPLATE], True, device).cpu().numpy()
     save_text_embeddings(path, weights, dataset.classnames, templates, attrs, pooled=pooled,
                          pooled_template=SINGLE_TEMPLATE if cfg.pooled else None)
     return {"split": "text", "rows": dataset.num_classes, "status": "written"}

@@ -22,7 +22,7 @@ from ..evaluation.metrics import average_views
 from ..models.backbone import load_backbone
 from ..models.encoder_classifier import EncoderClassifier, image_logits
 from ..models.heads import HeadInputs, create_head, head_needs
-from ..models.text import SINGLE_TEMPLATE, text_classifier, to_pooled_space
+from ..models.text import SINGLE_TEMPLATE, class_text_start
 from ..models.text_prompts import text_encoder
 from ..models.tuning import apply_tuning, count_trainable, no_weight_decay_names
 from ..core.progress import Progress
@@ -61,9 +61,7 @@ def head_text(backbone, dataset, needs, device) -> torch.Tensor | None:
     if not needs.text_embeds:
         return None
     templates = [SINGLE_TEMPLATE] if needs.templates == "single" else dataset.prompt_templates()
-    text = torch.from_numpy(text_classifier(backbone, dataset.classnames, templates, device=device))
-    proj = backbone.visual.proj
-    return to_pooled_space(text, proj) if needs.input == "pooled" and proj is not None else text
+    return class_text_start(backbone, dataset.classnames, templates, needs.input == "pooled", device)
 
 
 @torch.no_grad()
