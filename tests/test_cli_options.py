@@ -59,7 +59,8 @@ def help_of(*args) -> str:
 def test_help_shows_each_commands_own_defaults():
     finetune = help_of("finetune")
     assert "Rows per optimizer step, over all processes. [default: 128]" in finetune
-    assert "Linear warm-up, in epochs. [default: 1.0]" in finetune
+    assert "Peak learning rate. [default: 0.01]" in finetune and "[default: sgd]" in finetune  # LIFT's
+    assert "[default: LIFT's: the resolution × 8/7, 256 at 224]" in finetune
     train_head = help_of("train-head")
     assert "finetune" not in train_head.lower().replace("finetuned", "")
     assert "Rows per optimizer step, over all processes. [default: 256; with --from: 512]" in train_head

@@ -199,13 +199,17 @@ def test_truncated_cosine_and_step_warmup_match_the_closed_form():
     assert warmup_steps(OptimConfig(warmup=2.0), 30) == 60 and warmup_steps(OptimConfig(warmup=2.0, warmup_steps=512), 30) == 512
 
 
-def test_lifts_options_are_off_by_default():
-    """The options LIFT's recipes select leave today's training and views unless given."""
+def test_finetune_trains_as_lift_does_and_the_cached_road_keeps_its_own():
+    """finetune's defaults are LIFT's protocol (trainer.py, utils/config.py); train-head and extract keep
+    theirs (the seed's selection, the model's preprocessing)."""
     from ltclip.config import EvalConfig, ExtractConfig, FinetuneConfig
 
     o = OptimConfig()
     assert (o.schedule_unit, o.select) == ("step", "balanced_accuracy")
     f = FinetuneConfig(out="x")
-    assert (f.interpolation, f.eval_resize, f.train_crop, f.optim.schedule_unit) == (None, None, "random", "step")
+    assert (f.optim.optimizer, f.optim.lr, f.optim.momentum, f.optim.nesterov, f.optim.weight_decay) == ("sgd", 0.01, 0.9, False, 5e-4)
+    assert (f.optim.decay_1d, f.optim.warmup, f.optim.warmup_steps, f.optim.batch_size) == (True, 0.0, None, 128)
+    assert (f.optim.schedule, f.optim.schedule_unit, f.optim.select, f.optim.precision) == ("cosine", "epoch", "last", "amp")
+    assert (f.interpolation, f.eval_resize, f.train_crop) == ("bilinear", None, "random")  # None: the resolution × 8/7
     assert (EvalConfig().eval_resize, EvalConfig().interpolation) == (None, None)
     assert (ExtractConfig(out="x").eval_resize, ExtractConfig(out="x").interpolation) == (None, None)

@@ -60,7 +60,8 @@ def float32_cache(root: Path, folder: Path) -> Path:
 
 
 COMMON = ["--head", "decoder", "--head-opt", "depth=1", "--head-opt", "heads=2", "--loss", "balanced_softmax", "--epochs", "3",
-          "--batch-size", "16", "--lr", "2e-3", "--warmup", "0", "--decay-1d", "--device", "cpu"]
+          "--batch-size", "16", "--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "1e-4", "--warmup", "0", "--decay-1d",
+          "--schedule-unit", "step", "--select", "last", "--device", "cpu"]  # both commands' values given: their defaults differ
 
 
 def test_frozen_protocol_equals_train_head_on_a_float32_cache(synthetic_root, tmp_path):
@@ -75,7 +76,8 @@ def assert_cache_run_equals_frozen_finetune(cache: Path, root: Path, tmp_path: P
     ``options``: the same steps, losses (rel 1e-5), val scores and head weights (rtol 1e-4)."""
     head_run, tuned_run = tmp_path / "head", tmp_path / "tuned"
     ok("train-head", "--features", cache, "--out", head_run, *options)
-    ok("finetune", *data_args(root), "--tune", "frozen", "--no-augment", "--workers", "0", "--out", tuned_run, *options)
+    ok("finetune", *data_args(root), "--tune", "frozen", "--no-augment", "--eval-resize", "0",  # 0: validate on the cache's view
+       "--workers", "0", "--out", tuned_run, *options)
     a, b = records(head_run), records(tuned_run)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
@@ -104,8 +106,10 @@ def test_every_tuning_mode_trains_saves_reloads_and_evaluates(synthetic_root, tm
     assert stored < base or mode in ("full", "last-k")  # only what trains is stored, never the whole base model
     ok("eval", run, "--split", "val", "--json", tmp_path / "e.json")
     evaluated = json.loads((tmp_path / "e.json").read_text())
-    # the reloaded run predicts exactly what the trained model did on val when it was selected
+    # the reloaded run predicts exactly what the trained model did on val when it was selected, through
+    # the view the run recorded: LIFT's Resize(resolution × 8/7) + CenterCrop, 36 at the tiny model's 32
     assert evaluated["results"][0]["balanced_accuracy"] == pytest.approx(info["best"]["val_balanced_accuracy"])
+    assert json.loads((run / "config.json").read_text())["eval_resize"] == 32 * 8 // 7
     if mode == "adaptformer":  # a run saved before the modes took LIFT's definitions (no class count recorded)
         del payload["encoder"]["num_classes"]
         torch.save(payload, run / "model.pt")

@@ -26,8 +26,8 @@ from ltclip.models.text import SINGLE_TEMPLATE, text_classifier, to_pooled_space
 runner = CliRunner()
 LIFT_HEAD = ["--head", "cosine", "--head-opt", "input=pooled", "--head-opt", "init=text", "--head-opt", "templates=single",
              "--head-opt", "init_scale=25", "--head-opt", "learn_scale=false"]
-TRAINING = ["--loss", "ce", "--epochs", "3", "--batch-size", "16", "--lr", "2e-3", "--warmup", "0", "--decay-1d",
-            "--device", "cpu"]
+TRAINING = ["--loss", "ce", "--epochs", "3", "--batch-size", "16", "--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "1e-4",
+            "--warmup", "0", "--decay-1d", "--schedule-unit", "step", "--select", "last", "--device", "cpu"]
 
 
 def ok(*args):

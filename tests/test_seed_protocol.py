@@ -153,6 +153,8 @@ def test_recipe_tables_and_layering():
     assert extract_config({"out": "o"}).normalize == "model"
     fine = finetune_config({"out": "o", "recipe": "imbalance-vlm"})
     assert (fine.normalize, fine.eval_resize, fine.interpolation) == ("imagenet", 256, "bilinear")
+    # the seed's schedule steps every iteration in fp32, not finetune's LIFT defaults (per epoch, AMP)
+    assert (fine.optim.schedule_unit, fine.optim.precision, fine.optim.select) == ("step", "fp32", "top1")
     with pytest.raises(LtclipError, match="--recipe lift: a recipe for finetune; extract cannot use it"):
         extract_config({"out": "o", "recipe": "lift"})
     with pytest.raises(LtclipError, match="--normalize 'cifar'"):

@@ -93,7 +93,7 @@ def test_default_training_crop_is_the_models_bicubic():
 
 
 @pytest.mark.parametrize("resize, interpolation, flag", [
-    (0, None, "--eval-resize"), (True, None, "--eval-resize"), (256.0, None, "--eval-resize"),
+    (-1, None, "--eval-resize"), (True, None, "--eval-resize"), (256.0, None, "--eval-resize"),
     (None, "nearest", "--interpolation"),
 ])
 def test_bad_view_options_are_one_line_errors(resize, interpolation, flag):

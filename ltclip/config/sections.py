@@ -66,8 +66,11 @@ class OptimConfig:
 SECOND_STAGE_OPTIM = OptimConfig(optimizer="sgd", lr=0.1, weight_decay=5e-4, batch_size=512)
 
 
-# Fine-tuning an encoder: AdamW with warm-up, no decay on biases, norms and prompt tokens.
-FINETUNE_OPTIM = OptimConfig(batch_size=128, warmup=1.0, decay_1d=False)
+# Fine-tuning an encoder: LIFT's protocol (github.com/shijxcs/LIFT trainer.py, utils/config.py): SGD
+# with momentum, weight decay on every tuned parameter, a cosine stepped per epoch with no warm-up, AMP
+# on CUDA, the last epoch's weights.
+FINETUNE_OPTIM = OptimConfig(batch_size=128, optimizer="sgd", lr=0.01, weight_decay=5e-4, momentum=0.9,
+                             schedule_unit="epoch", precision="amp", select="last")
 
 
 @dataclass(frozen=True)
@@ -194,11 +197,12 @@ class FinetuneConfig:
     augment: bool = option(True, "RandomResizedCrop + horizontal flip at every step.")
     train_crop: str = option("random", "random (RandomResizedCrop + horizontal flip) or mda (LIFT+'s: square crops, no flip, "
                                        "the smallest crop area growing per epoch from 0.08 to 1).")
-    interpolation: str | None = option(None, "bilinear or bicubic resampling of the training crops and the "
-                                             "--eval-resize validation views.",
-                                       default_text="the model's (bicubic for CLIP)")
-    eval_resize: int | None = option(None, "Validation images: resize the short side to this, then center-crop, "
-                                           "e.g. 256 (LIFT's).", default_text="the model's preprocessing")
+    interpolation: str | None = option("bilinear", "bilinear (LIFT's) or bicubic resampling of the training crops "
+                                                 "and the --eval-resize validation views.")
+    eval_resize: int | None = option(None, "Validation images: resize the short side to this, then center-crop; "
+                                           "0: the model's preprocessing. The run records the value, and `ltclip eval` "
+                                           "views the test images the same way.",
+                                     default_text="LIFT's: the resolution × 8/7, 256 at 224")
     normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's).")
     workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT)
     val_split: str = option("val", "Split for model selection.")

@@ -119,10 +119,15 @@ def _interpolation(cfg: dict, override: str | None = None) -> T.InterpolationMod
     return T.InterpolationMode(override or cfg.get("interpolation", "bicubic"))
 
 
+def lift_resize(preprocess_cfg: dict) -> int:
+    """LIFT's test view's short side, the resolution × 8/7 (256 at 224; its trainer.py, ``Resize(resolution * 8 // 7)``)."""
+    return _size(preprocess_cfg) * 8 // 7
+
+
 def check_view_options(resize: int | None, interpolation: str | None) -> None:
     """Refuse an ``--eval-resize`` or ``--interpolation`` no view can use, before anything is read or written."""
-    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
-        raise LtclipError(f"--eval-resize {resize!r}: must be a positive number of pixels, e.g. 256")
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 0):
+        raise LtclipError(f"--eval-resize {resize!r}: must be a number of pixels, e.g. 256 (0: the model's preprocessing)")
     if interpolation is not None and interpolation not in INTERPOLATIONS:
         raise LtclipError(f"--interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
 
@@ -131,10 +136,11 @@ def make_views(kind: str, preprocess, preprocess_cfg: dict, *, count: int = 1, s
                interpolation: str | None = None) -> Views:
     """``center`` | ``flip`` | ``fivecrop`` | ``tencrop`` for evaluation, ``train`` for K augmented views.
 
-    ``resize``: the short side before cropping (None: the model's preprocessing for center and flip,
+    ``resize``: the short side before cropping (None or 0: the model's preprocessing for center and flip,
     the resolution × 256/224 for five and ten crops); ``interpolation`` (bilinear or bicubic)
     resamples the crops and ``resize`` (None: the model's).
     """
+    resize = resize or None
     if kind in ("center", "flip") and resize is None:
         return CenterView(preprocess) if kind == "center" else FlipViews(preprocess)
     if kind in TEST_VIEWS:

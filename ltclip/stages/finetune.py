@@ -3,6 +3,7 @@ end on images through the engine; the run stores the head and the encoder's trai
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from ..data.image_batches import (
     NORMALIZATIONS, TRAIN_CROPS, ImageSource, eval_transform, image_batches, mean_std, train_transform,
 )
 from ..data.registry import open_dataset
-from ..data.views import CenterView, check_view_options, make_views
+from ..data.views import CenterView, check_view_options, lift_resize, make_views
 from ..core.distributed import default_workers, setup
 from ..engine import ParamGroups, RunEnv, ValidationStats, check_optim, fit, run_length, steps_per_epoch
 from ..methods.task import Task
@@ -115,6 +116,8 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     trainable = count_trainable(backbone.model)
     progress.log(f"{cfg.model}: --tune {cfg.tuning.tune} trains {trainable:,} encoder parameters; "
                  f"head {cfg.method.head} on {model.head.input}")
+    if cfg.eval_resize is None:  # recorded as a number, so `ltclip eval RUN` views the test images the same way
+        cfg = dataclasses.replace(cfg, eval_resize=lift_resize(backbone.preprocess_cfg))
     eval_tf = eval_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize)
     mean, std = mean_std(backbone.preprocess_cfg, cfg.normalize)
     val_views = make_views("center", eval_tf, {**backbone.preprocess_cfg, "mean": mean, "std": std},
