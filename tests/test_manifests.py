@@ -36,8 +36,9 @@ EXCERPT_COUNTS = -(-PLACES_COUNTS // 200)  # the train excerpt keeps ceil(n / 20
 INAT_CLASSES = 8142
 
 
-def names(path):
-    return [name for _, name in read_classnames(path)]
+def names(path, keyed=True):
+    """The names read from a class-name file, its first column taken as a key (``keyed``) or not."""
+    return [line.keyed_name if keyed else line.name for line in read_classnames(path)]
 
 
 def write(tmp_path, name, text):
@@ -155,7 +156,7 @@ def test_real_classname_formats(paths, sizes):
 
 
 def test_classname_formats(tmp_path):
-    assert names(write(tmp_path, "n.txt", "/a/abbey\nred_triangle\n")) == ["abbey", "red triangle"]
+    assert names(write(tmp_path, "n.txt", "/a/abbey\nred_triangle\n"), keyed=False) == ["abbey", "red triangle"]
     assert names(write(tmp_path, "k.txt", "n01440764 tench\nn01443537 goldfish\n")) == ["tench", "goldfish"]
 
 
@@ -174,7 +175,7 @@ def test_places_class_file_is_aligned_to_labels_by_folder(tmp_path, train, class
     lines = [line for line in open(train) if int(line.split()[-1]) < classes]
     split = read_manifest(write(tmp_path, "train.txt", "".join(lines)), "train", classes)
     from_folders = classnames_from_folders(split, classes)
-    assert sum(a != b for a, b in zip(from_folders, [n for _, n in pairs])) == 5
+    assert sum(a != b for a, b in zip(from_folders, [line.keyed_name for line in pairs])) == 5
     aligned = align_classnames(pairs, split, "Places_LT_classnames.txt")
     assert aligned == from_folders
     assert aligned[116] == "desert road" and split.keys[split.labels.tolist().index(116)].startswith("train/desert_road/")
@@ -186,7 +187,7 @@ def test_places_class_file_is_aligned_to_labels_by_folder(tmp_path, train, class
 
 def test_class_file_without_folder_keys_keeps_line_order(tmp_path):
     split = read_manifest(write(tmp_path, "s.txt", "x/a.jpg 1\nx/b.jpg 0\n"), "train", 2)
-    assert align_classnames([("cat", "cat"), ("dog", "dog")], split, "n") == ["cat", "dog"]
+    assert align_classnames(read_classnames(write(tmp_path, "n.txt", "cat\ndog\n")), split, "n") == ["cat", "dog"]
 
 
 def test_inat_split_from_official_json(tmp_path):

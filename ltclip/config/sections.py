@@ -28,6 +28,8 @@ class DataConfig:
     imbalance: float = option(100.0, "CIFAR-100-LT imbalance ratio (10, 50, 100).")
     download: bool = option(False, "Let torchvision download CIFAR-100 (needs internet).")
     subset_seed: int = option(0, "Which images CIFAR-100-LT keeps.")
+    allow_outside_root: bool = option(False, "Read split-file paths that lead outside --data-root (absolute, '..', "
+                                             "or through a link).")
 
     def split_files(self) -> dict[str, str]:
         lists = {"train": self.train_list, "val": self.val_list, "test": self.test_list}

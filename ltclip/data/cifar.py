@@ -9,16 +9,24 @@ Reading: torchvision's ``CIFAR100`` downloads the files (``download=True``) and 
 there; reading itself parses the same pickles in the same way torchvision does, here, because
 torchvision refuses any file whose md5 differs from the official one (a subset, a re-pickled copy,
 a test fixture). Whether the files are the official ones is recorded in ``info["official_files"]``.
+The pickles are read by an unpickler that constructs only what CIFAR-100's files hold (plain data
+and numpy arrays), so a planted file cannot run code.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
 import pickle
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+try:
+    from numpy._core import multiarray as np_multiarray, numeric as np_numeric
+except ImportError:  # numpy < 2
+    from numpy.core import multiarray as np_multiarray, numeric as np_numeric
 
 from ..core.errors import LtclipError
 from .base import LTDataset, Split, rows_sha256
@@ -70,16 +78,38 @@ def long_tail_indices(targets, imbalance: float, seed: int = 0, num_classes: int
     return np.concatenate(kept)
 
 
+# Every global the official CIFAR-100 python pickles refer to (numpy arrays, written by Python 2's
+# numpy as numpy.core.*), and those of the same data re-pickled by numpy 1.x/2.x (protocols 2-5).
+# Nothing else is constructed: a file naming any other global (os.system, builtins.exec, …) is refused.
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # how protocol 2 writes bytes under Python 3
+    **{(module, "_reconstruct"): np_multiarray._reconstruct for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): np_numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads dicts, lists, strings, numbers and numpy arrays; refuses every other global, so a file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-100 file never holds") from None
+
+
 def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _CifarUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise LtclipError(
             f"CIFAR-100 not found under {path.parent.parent}; pass --download (needs internet) "
             f"or point --data-root at a folder holding {BASE_FOLDER}"
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError, OverflowError) as err:
         raise LtclipError(f"{path}: not a CIFAR-100 python file ({err}); delete it and pass --download") from None
 
 

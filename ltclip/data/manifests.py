@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,10 +31,46 @@ def _lines(path: Path, what: str):
         raise LtclipError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason}); save the {what} as UTF-8") from None
 
 
-def read_manifest(path: str | Path, split: str, num_classes: int | None = None, classes_from: str = "") -> Split:
+def is_inside(real_path: str, real_root: str) -> bool:
+    """Whether ``real_path`` is ``real_root`` or lies under it (both already resolved)."""
+    return real_path == real_root or real_path.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+class RootGuard:
+    """Refuses image paths that lead outside the data root: absolute, with a ``..`` component, or
+    whose folder resolves (through a link) elsewhere. Each folder is resolved once; a link at the
+    image file itself is checked when the image is read (:func:`is_inside`)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.folders: dict[str, bool] = {}
+
+    def check(self, key: str, where: str) -> None:
+        reason = None
+        if os.path.isabs(key):
+            reason = "an absolute path"
+        elif ".." in key.split("/"):
+            reason = "a '..' component"
+        else:
+            folder = os.path.dirname(key)
+            if folder and folder not in self.folders:
+                self.folders[folder] = is_inside(os.path.realpath(self.root / folder), self.real_root)
+            if folder and not self.folders[folder]:
+                reason = f"its folder is a link to {os.path.realpath(self.root / folder)}"
+        if reason:
+            raise LtclipError(
+                f"{where}: image path {key[:200]!r} leads outside --data-root {self.root} ({reason}); "
+                "move the images under the data root or pass --allow-outside-root"
+            )
+
+
+def read_manifest(path: str | Path, split: str, num_classes: int | None = None, classes_from: str = "",
+                  guard: RootGuard | None = None) -> Split:
     """Parse and validate one split file; every problem is a one-line error naming file and line.
 
-    ``classes_from`` says where ``num_classes`` comes from (e.g. the class-name file), for the messages.
+    ``classes_from`` says where ``num_classes`` comes from (e.g. the class-name file), for the
+    messages; ``guard`` (when given) refuses paths outside the data root.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,6 +100,8 @@ def read_manifest(path: str | Path, split: str, num_classes: int | None = None, 
             )
         if key in seen:
             raise LtclipError(f"{where}: duplicate path {key!r} (first on line {seen[key]}); remove one of them")
+        if guard is not None:
+            guard.check(key, where)
         seen[key] = lineno
         keys.append(key)
         labels.append(label)
@@ -88,19 +128,31 @@ def _display_name(text: str) -> str:
     return text.strip("/").split("/")[-1].replace("_", " ").strip()
 
 
-def read_classnames(path: str | Path) -> list[tuple[str, str]]:
-    """``(key, display name)`` per line in file order, from ``key name…`` lines, a bare name per line,
-    or an iNaturalist categories JSON (keys are the ids, rows in id order)."""
+class ClassLine(NamedTuple):
+    """One class of a class-name file, in file order, read both ways until the train split decides."""
+
+    ref: str  # "line 3" (a text file) or "category id 3" (a categories JSON), for messages
+    key: str  # the first column (a JSON category's id)
+    name: str  # the display name of the whole line (a JSON category's name)
+    keyed_name: str  # the display name of the rest of the line when the first column is a key
+
+
+def read_classnames(path: str | Path) -> list[ClassLine]:
+    """The classes of a class-name file: a name per line, ``key name…`` lines (ImageNet wnids,
+    Places folders) or an iNaturalist categories JSON (keys are the ids, rows in id order).
+
+    Whether a text file's first column is a key is decided by :func:`align_classnames`.
+    """
     path = Path(path)
     if not path.is_file():
         raise LtclipError(f"{path}: class-name file not found; pass --classnames or put it in the data root")
     if path.suffix == ".json":
-        return [(str(i), name) for i, name in enumerate(_read_categories_json(path))]
-    pairs = []
+        return [ClassLine(f"category id {i}", str(i), name, name) for i, name in enumerate(_read_categories_json(path))]
+    lines = []
     blank = None  # the first empty line seen: fine at the end of the file, refused before a name
     for lineno, raw in _lines(path, "class-name file"):
-        parts = raw.split(maxsplit=1)
-        if not parts:
+        words = raw.split()
+        if not words:
             blank = blank or lineno
             continue
         if blank is not None:
@@ -108,31 +160,61 @@ def read_classnames(path: str | Path) -> list[tuple[str, str]]:
                 f"{path}:{blank}: empty line before the class name on line {lineno}; line order is label order, "
                 "so a missing name would shift every later class: remove the line or write the name"
             )
-        pairs.append((parts[0], _display_name(parts[1] if len(parts) == 2 else parts[0])))
-        if not pairs[-1][1]:
-            raise LtclipError(f"{path}:{lineno}: empty class name")
-    if not pairs:
+        line = ClassLine(f"line {lineno}", words[0], _display_name(" ".join(words)), _display_name(" ".join(words[1:]) or words[0]))
+        if not line.name or not line.keyed_name:
+            raise LtclipError(f"{path}:{lineno}: empty class name {raw.strip()!r}; write the name")
+        lines.append(line)
+    if not lines:
         raise LtclipError(f"{path}: class-name file is empty")
-    return pairs
+    return lines
 
 
-def align_classnames(pairs: list[tuple[str, str]], train: Split, source: str) -> list[str]:
-    """Class names in label order.
-
-    When the file's keys are folder names that appear in the train paths (Places-LT, ImageNet
-    wnids), each label takes the name whose key its images live under: the published
-    ``Places_LT_classnames.txt`` is sorted differently from the labels for 5 classes. Otherwise
-    the file's line order is the label order.
-    """
-    keys = {key: name for key, name in pairs}
+def _labels_by_folder_key(lines: list[ClassLine], train: Split, source: str) -> dict[int, str] | None:
+    """Label → key when every class's train images live under a folder named by one first column."""
+    keys = {line.key for line in lines}
+    if len(keys) != len(lines):
+        return None
     by_label: dict[int, str] = {}
     for path, label in zip(train.keys, train.labels.tolist()):
         key = next((part for part in path.split("/")[:-1] if part in keys), None)
         if key is None:
-            return [name for _, name in pairs]
+            return None
         if by_label.setdefault(label, key) != key:
             raise LtclipError(f"{source}: label {label} has images under both {by_label[label]!r} and {key!r}; fix the split file")
-    return [keys[by_label[label]] for label in range(len(by_label))] if len(by_label) == len(pairs) else [name for _, name in pairs]
+    return by_label if len(by_label) == len(lines) else None
+
+
+def align_classnames(lines: list[ClassLine], train: Split, source: str) -> list[str]:
+    """Class names in label order, all different.
+
+    A first column is a key only when it names the train split's folders (ImageNet wnids,
+    Places-LT's category folders) or the file is a categories JSON: each label then takes the name
+    whose key its images live under (the published ``Places_LT_classnames.txt`` is sorted
+    differently from the labels for 5 classes). Otherwise the whole line is the name (``sea lion``)
+    and line order is label order.
+    """
+    by_label = _labels_by_folder_key(lines, train, source)
+    if by_label is not None:
+        by_key = {line.key: line for line in lines}
+        chosen = [by_key[by_label[label]] for label in range(len(lines))]
+        named = [(line.ref, line.keyed_name) for line in chosen]
+    else:
+        named = [(line.ref, line.name) for line in lines]  # a JSON category's name is both
+    _check_distinct(named, source)
+    return [name for _, name in named]
+
+
+def _check_distinct(named: list[tuple[str, str]], source: str) -> None:
+    """Refuse two classes of the same name (compared as the text encoder sees them: case-blind)."""
+    first: dict[str, str] = {}
+    for ref, name in named:
+        seen = first.setdefault(name.casefold(), ref)
+        if seen != ref:
+            where = f"{source}:{ref.removeprefix('line ')}" if ref.startswith("line ") else f"{source}: {ref}"
+            raise LtclipError(
+                f"{where}: class name {name!r} again (first on {seen}); class names must differ "
+                "(zero-shot prompts and reports tell classes apart by name)"
+            )
 
 
 def _read_categories_json(path: Path) -> list[str]:
@@ -163,7 +245,7 @@ def classnames_from_folders(split: Split, num_classes: int, depth: int = 1) -> l
     return names  # type: ignore[return-value]
 
 
-def manifest_from_inat_json(path: str | Path, split: str) -> Split:
+def manifest_from_inat_json(path: str | Path, split: str, guard: RootGuard | None = None) -> Split:
     """Build a split from an official iNaturalist ``train2018.json`` / ``val2018.json``."""
     path = Path(path)
     try:
@@ -177,4 +259,7 @@ def manifest_from_inat_json(path: str | Path, split: str) -> Split:
         raise LtclipError(f"{path}: not an iNaturalist annotation JSON ({err!r} missing or malformed)") from None
     if not keys:
         raise LtclipError(f"{path}: no images in iNaturalist JSON")
+    if guard is not None:
+        for i, key in enumerate(keys):
+            guard.check(key, f"{path}: image {i}")
     return Split(split, keys, labels, str(path), file_sha256(path))

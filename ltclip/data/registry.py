@@ -8,6 +8,7 @@ dispatches by kind. A new kind is one decorated loader here plus a spec file nam
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -21,10 +22,13 @@ from ..core.errors import LtclipError
 from ..core.registry import Registry
 from .base import LTDataset, Split
 from .cifar import load_cifar100_lt
+from .image_files import read_rgb
 from .manifests import (
+    RootGuard,
     align_classnames,
     check_train_covers_classes,
     classnames_from_folders,
+    is_inside,
     manifest_from_inat_json,
     read_classnames,
     read_manifest,
@@ -77,6 +81,8 @@ class DatasetRequest:
     # False for a class profile or an image check: without a class-name source the classes are
     # then numbered (``class 0``, ``class 1``, …) instead of refused.
     need_classnames: bool = True
+    # Image paths that lead outside the data root (absolute, ``..``, through a link) are refused unless True.
+    allow_outside_root: bool = False
 
 
 DatasetLoader = Callable[[DatasetSpec, DatasetRequest], LTDataset]
@@ -125,13 +131,15 @@ def load_dataset(
     download: bool = False,
     seed: int = 0,
     need_classnames: bool = True,
+    allow_outside_root: bool = False,
 ) -> LTDataset:
     """Build a dataset by registered name, or a user's own (``custom``) from ``split_files`` + ``classnames_file``.
 
     Split files are looked up in ``manifest_dir`` and then the data root; ``split_files`` overrides
     a spec's files per split; ``templates`` overrides the dataset's prompt templates. With
     ``need_classnames=False`` (a class profile, an image check) a dataset without a class-name
-    source gets numbered names instead of an error.
+    source gets numbered names instead of an error. Image paths leading outside the data root are
+    refused unless ``allow_outside_root``.
     """
     spec = CUSTOM if name == "custom" else get_spec(name)
     request = DatasetRequest(
@@ -143,6 +151,7 @@ def load_dataset(
         download=download,
         seed=seed,
         need_classnames=need_classnames,
+        allow_outside_root=allow_outside_root,
     )
     dataset = DATASET_KINDS.get(spec.kind)(spec, request)
     if templates:
@@ -155,7 +164,7 @@ def open_dataset(cfg, need_classnames: bool = True) -> LTDataset:
     return load_dataset(
         cfg.dataset, cfg.data_root, manifest_dir=cfg.manifest_dir, split_files=cfg.split_files(),
         classnames_file=cfg.classnames, templates=cfg.templates, imbalance=cfg.imbalance, download=cfg.download,
-        seed=cfg.subset_seed, need_classnames=need_classnames,
+        seed=cfg.subset_seed, need_classnames=need_classnames, allow_outside_root=cfg.allow_outside_root,
     )
 
 
@@ -199,12 +208,12 @@ def load_manifest_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
     names_path = Path(names_file) if names_file and Path(names_file).is_file() else (names_file and _find(names_file, dirs))
     if names_file and not names_path and request.classnames_file:  # the caller named it: it must exist
         raise LtclipError(f"--classnames {names_file}: class-name file not found in {', '.join(map(str, dirs))}")
-    pairs = read_classnames(names_path) if names_path else None
-    classnames = [name for _, name in pairs] if pairs is not None else _builtin_classnames(spec)
+    lines = read_classnames(names_path) if names_path else None
+    listed = lines if lines is not None else _builtin_classnames(spec)
     num_classes = spec.num_classes
     classes_from = ""
-    if num_classes is None and classnames is not None:
-        num_classes = len(classnames)
+    if num_classes is None and listed is not None:
+        num_classes = len(listed)
         classes_from = f"the {num_classes} names in {names_path}" if names_path else ""
     if num_classes is None and request.need_classnames:
         raise LtclipError(f"{names_file}: class-name file not found in {', '.join(map(str, dirs))}; pass --classnames")
@@ -214,8 +223,7 @@ def load_manifest_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
         classes_from = f"labels 0..{num_classes - 1} of the train split; pass --classnames for more"
         _check_labels(splits, num_classes, classes_from)
     check_train_covers_classes(splits["train"], num_classes, classes_from)
-    if pairs is not None:
-        classnames = align_classnames(pairs, splits["train"], str(names_path))
+    classnames = align_classnames(lines, splits["train"], str(names_path)) if lines is not None else listed
     if classnames is None and "folder_depth" in spec.classnames:
         classnames = classnames_from_folders(splits["train"], num_classes, spec.classnames["folder_depth"])
     if classnames is None:
@@ -231,47 +239,20 @@ def load_manifest_kind(spec: DatasetSpec, request: DatasetRequest) -> LTDataset:
         classnames=classnames,
         templates=spec.templates,
         splits=splits,
-        open_image=partial(open_file_image, root, keys),
+        open_image=partial(open_file_image, root, keys, request.allow_outside_root),
         data_root=str(root),
         info={"spec": spec.path, "classnames": str(names_path or "builtin")},
     )
 
 
-def open_file_image(root: Path, keys_by_split: dict[str, list[str]], split: str, index: int) -> Image.Image:
-    """Open image ``index`` of ``split`` under ``root`` as RGB."""
-    return read_rgb(root / keys_by_split[split][index])
-
-
-# The largest image decoded (16384 × 16384, 0.8 GB as RGB): well above any camera's photos, which
-# PIL's own decompression-bomb limit (89 Mpx, a warning; an error above 179 Mpx) would refuse.
-MAX_IMAGE_PIXELS = 2**28
-_PIL_DEFAULT_LIMIT = Image.MAX_IMAGE_PIXELS
-
-
-def read_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file as 8-bit RGB, whatever its mode; a file that is no readable image raises
-    ``ValueError`` or ``OSError`` with a short reason.
-
-    CMYK, greyscale, 1-bit, palette and alpha images are PIL's ``convert("RGB")`` (a palette with
-    transparency is converted through RGBA, which gives the same pixels without PIL's warning);
-    16-bit greyscale (``I;16``, ``I``) is scaled to 8 bits (``round(v / 257)``), which PIL's own
-    conversion would clip to 255. Images above :data:`MAX_IMAGE_PIXELS` are refused before decoding.
-    """
-    path = Path(path)
-    if Image.MAX_IMAGE_PIXELS == _PIL_DEFAULT_LIMIT:  # ltclip checks the size itself (below), without a warning
-        Image.MAX_IMAGE_PIXELS = None
-    if path.is_file() and path.stat().st_size == 0:
-        raise ValueError("the file is empty (0 bytes)")
-    with Image.open(path) as im:
-        width, height = im.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"{width}×{height} pixels is more than ltclip decodes ({MAX_IMAGE_PIXELS:,} pixels); downscale it")
-        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) + 128) // 257
-            return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-        if im.mode == "P" and "transparency" in im.info:
-            return im.convert("RGBA").convert("RGB")
-        return im.convert("RGB")
+def open_file_image(root: Path, keys_by_split: dict[str, list[str]], allow_outside_root: bool, split: str,
+                    index: int) -> Image.Image:
+    """Open image ``index`` of ``split`` under ``root`` as RGB; a link out of ``root`` is refused unless allowed
+    (the split files' paths and folders were checked when the dataset was opened)."""
+    path = root / keys_by_split[split][index]
+    if not allow_outside_root and os.path.islink(path) and not is_inside(os.path.realpath(path), os.path.realpath(root)):
+        raise ValueError(f"a link to {os.path.realpath(path)}, outside --data-root; pass --allow-outside-root")
+    return read_rgb(path)
 
 
 def _find(name: str, dirs: list[Path]) -> Path | None:
@@ -295,6 +276,7 @@ def _read_splits(spec: DatasetSpec, request: DatasetRequest, dirs: list[Path], n
                  classes_from: str = "") -> dict[str, Split]:
     """Every split whose file is found (the train split and those the caller named must be)."""
     files = {**spec.splits, **request.split_files}
+    guard = None if request.allow_outside_root else RootGuard(request.data_root)
     splits: dict[str, Split] = {}
     for split in SPLITS:
         fname = files.get(split)
@@ -304,7 +286,7 @@ def _read_splits(spec: DatasetSpec, request: DatasetRequest, dirs: list[Path], n
         if path is None and split in spec.inat_json:
             json_path = _find(spec.inat_json[split], dirs)
             if json_path is not None:
-                splits[split] = manifest_from_inat_json(json_path, split)
+                splits[split] = manifest_from_inat_json(json_path, split, guard)
                 continue
         if path is None:
             if split == "train" or split in request.split_files:
@@ -313,7 +295,7 @@ def _read_splits(spec: DatasetSpec, request: DatasetRequest, dirs: list[Path], n
                     f"{spec.get or 'pass the path with --' + split + '-list'}"
                 )
             continue
-        splits[split] = read_manifest(path, split, num_classes, classes_from)
+        splits[split] = read_manifest(path, split, num_classes, classes_from, guard)
     if "train" not in splits:
         raise LtclipError(f"dataset {spec.name}: no train split found (class counts come from it)")
     if num_classes is not None:
