@@ -14,7 +14,8 @@ def describe_cache(path: str | Path) -> dict:
     """Per-file rows/shapes/token format/completeness/size (on disk, and per image: embeddings,
     token rows and their scales, all views) and the shared provenance attributes; ``bytes`` is the total."""
     path = Path(path)
-    files = sorted(path.glob("*.h5")) if path.is_dir() else [path]
+    # train.h5 first: the other files are checked against it, so its own damage is named as its own
+    files = sorted(path.glob("*.h5"), key=lambda f: (f.name != "train.h5", f.name)) if path.is_dir() else [path]
     if not files or not all(f.exists() for f in files):
         raise LtclipError(f"{path}: no feature cache here (expected train.h5/val.h5/test.h5); run `ltclip extract`")
     out, provenance = [], {}

@@ -62,6 +62,7 @@ class FeatureInputs:
         if self.in_ram:
             loaders = {"embeds": cache.load_embeds, "pooled": cache.load_pooled}
             self._data = EncodedTokens(loaders[kind](), None) if kind in vector else self._load_tokens()
+            check_finite(cache.path, self._data)
 
     def _load_tokens(self) -> EncodedTokens:
         """Every stored token row (and its scales), read in slices of 4,096 rows."""
@@ -122,6 +123,8 @@ class FeatureInputs:
             """The batches of positions ``[start, start + chunk)``: decoded on the CPU, else as stored."""
             idx = order[start : start + chunk]
             stored = self.stored_rows(idx)
+            if not self.in_ram:  # rows held in RAM were checked once, when loaded
+                check_finite(self.cache.path, stored, idx)
             if view_of is not None:
                 pick = (np.arange(len(idx)), view_of[start : start + chunk])
                 stored = EncodedTokens(stored.values[pick], None if stored.scales is None else stored.scales[pick])
@@ -146,6 +149,21 @@ class FeatureInputs:
         for loaded in chunks:
             for batch in loaded:
                 yield finish(batch)
+
+
+def check_finite(path, stored: EncodedTokens, rows: np.ndarray | None = None, block: int = 65536) -> None:
+    """Refuse stored rows holding NaN or Inf, naming the cache file and the first such row
+    (``rows``: the rows' indices in the file; default their positions). Checked in blocks of rows."""
+    for array in stored:
+        if array is None or not np.issubdtype(array.dtype, np.floating):
+            continue
+        for start in range(0, len(array), block):
+            part = array[start : start + block]
+            finite = np.isfinite(part.reshape(len(part), -1)).all(axis=1)
+            if not finite.all():
+                at = start + int(np.argmin(finite))
+                raise LtclipError(f"{path} row {int(rows[at]) if rows is not None else at}: its features hold NaN or Inf; "
+                                  "re-extract the cache (or remove that row)")
 
 
 def _tensors(rows: EncodedTokens, pin: bool) -> EncodedTokens:

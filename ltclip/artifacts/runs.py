@@ -5,7 +5,8 @@ A finished run holds ``config.json`` (reruns it with ``--config``), ``train_log.
 ``model.pt`` (the model payload, read with ``torch.load(weights_only=True)``) and, written last,
 ``run.json``: ``schema_version``, ``kind`` (one of :data:`RUN_KINDS`), ``inputs`` (the feature
 cache and its fingerprint), the class counts, the method, the selected validation metrics and
-provenance. A folder without ``run.json`` is unfinished (``last.pt`` lets it resume).
+provenance. A folder without ``run.json`` is unfinished (``last.pt`` lets it resume; ``inputs.json``,
+written when the run starts, holds the fingerprints of the files it reads, which ``--resume`` checks).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ RUN_KINDS = ("head", "second_stage", "finetune")
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
+INPUTS_FILE = "inputs.json"
 
 
 def cache_fingerprint(path: str | Path) -> str:
@@ -177,9 +179,7 @@ def finetuned_backbone(run_dir: str | Path, device="cpu"):
     info = read_run_info(run)
     if info["kind"] != "finetune":
         raise LtclipError(f"--from-run {run}: a {info['kind']} run has no encoder of its own; pass a finetuned run")
-    payload = torch.load(run / MODEL_FILE, map_location="cpu", weights_only=True)
-    _check_schema(run, payload.get("schema_version"), MODEL_FILE)
-    backbone, _ = build_encoder_classifier(payload, device)
+    backbone, _ = build_encoder_classifier(read_payload(run, info), device)
     normalize = json.loads((run / CONFIG_FILE).read_text()).get("normalize", "model")
     backbone.preprocess = eval_transform(backbone.preprocess, backbone.preprocess_cfg, normalize)
     backbone.identity = {**backbone.identity, "finetuned_run_sha256": file_sha256(run / MODEL_FILE), "normalize": normalize}
@@ -248,7 +248,30 @@ def read_run_info(run_dir: str | Path) -> dict:
     _check_schema(run_dir, info.get("schema_version"), RUN_FILE)
     if info.get("kind") not in RUN_KINDS:
         raise LtclipError(f"{path}: kind {info.get('kind')!r} is not one of {', '.join(RUN_KINDS)}; upgrade ltclip")
+    _check_fields(path, info)
     return info
+
+
+def _check_fields(path: Path, info: dict) -> None:
+    """The fields of ``run.json`` that readers use, of the types they need."""
+    counts = info.get("class_counts")
+    features = info["inputs"].get("features") if isinstance(info.get("inputs"), dict) else None
+    problems = {
+        "num_classes": not _is_int(info.get("num_classes")) or info["num_classes"] < 1,
+        "class_counts": not isinstance(counts, list) or not all(map(_is_int, counts)) or len(counts) != info.get("num_classes"),
+        "method": not isinstance(info.get("method"), dict),
+        "inputs": not isinstance(info.get("inputs"), dict) or (info["kind"] != "finetune" and not (
+            isinstance(features, dict) and all(isinstance(features.get(k), str) for k in ("dir", "train_sha256")))),
+    }
+    bad = [key for key, wrong in problems.items() if wrong]
+    if bad:
+        shown = repr(info.get(bad[0]))
+        raise LtclipError(f"{path}: field {bad[0]} is {shown[:60] + '…' if len(shown) > 60 else shown}, not what ltclip "
+                          "writes there; the run is damaged: train it again")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def verify_features(info: dict, run_dir: str | Path) -> None:
@@ -265,19 +288,49 @@ def verify_features(info: dict, run_dir: str | Path) -> None:
         )
 
 
+def read_payload(run_dir: Path, info: dict) -> dict:
+    """``model.pt`` of a finished run, checked against its ``run.json``: the head its method names, with
+    the run's class count and head options (a ``model.pt`` copied in from another run is refused)."""
+    path = run_dir / MODEL_FILE
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LtclipError(f"{run_dir}: {MODEL_FILE} is missing; the run is damaged: train it again") from None
+    except Exception as err:  # unpickling errors of any kind
+        raise LtclipError(f"{path}: unreadable ({type(err).__name__}); train the run again") from None
+    head = payload.get("head") if isinstance(payload, dict) else None
+    if not isinstance(head, dict) or not isinstance(head.get("config"), dict) or not isinstance(head.get("state_dict"), dict):
+        raise LtclipError(f"{path}: not an ltclip run model (no head record); the run is damaged: train it again")
+    _check_schema(run_dir, payload.get("schema_version"), MODEL_FILE)
+    method = info.get("method") if isinstance(info.get("method"), dict) else {}
+    config, opts = _as_json(head["config"]), _as_json(method.get("head_opts") or {})
+    differ = ([f"head {head.get('name')!r} vs {method.get('head')!r}"] if head.get("name") != method.get("head") else [])
+    differ += [f"num_classes {config.get('num_classes')!r} vs {info['num_classes']!r}"] if config.get("num_classes") != info["num_classes"] else []
+    differ += [f"{k} {config[k]!r} vs {v!r}" for k, v in sorted(opts.items()) if k in config and config[k] != v]
+    if differ:
+        raise LtclipError(f"{path} is not the model {run_dir / RUN_FILE} describes ({'; '.join(differ)}): it was replaced "
+                          "(copied from another run?); restore the run's own model.pt or train it again")
+    return payload
+
+
+def _as_json(value):
+    """``value`` as JSON stores it (tuples as lists), for comparing a payload with ``run.json``."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def load_run(run_dir: str | Path, check_features: bool = True, device: str | torch.device = "cpu") -> Run:
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     if check_features and info["kind"] != "finetune":
         verify_features(info, run_dir)
-    try:
-        payload = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LtclipError(f"{run_dir}: {MODEL_FILE} is missing; the run is damaged: train it again") from None
-    except Exception as err:  # unpickling errors of any kind
-        raise LtclipError(f"{run_dir / MODEL_FILE}: unreadable ({type(err).__name__}); train the run again") from None
-    _check_schema(run_dir, payload.get("schema_version"), MODEL_FILE)
+    payload = read_payload(run_dir, info)
     config = json.loads((run_dir / CONFIG_FILE).read_text())
     if info["kind"] == "finetune":
         return Run(run_dir, info, config, build_encoder_classifier(payload, device)[1])
-    return Run(run_dir, info, config, build_model(payload, info["class_counts"]).to(device))
+    try:
+        model = build_model(payload, info["class_counts"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:  # weights of other shapes than the config's
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LtclipError(f"{run_dir / MODEL_FILE}: its weights do not fit its head ({first[:200]}); the run is "
+                          "damaged: train it again") from None
+    return Run(run_dir, info, config, model.to(device))

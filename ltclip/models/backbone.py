@@ -222,8 +222,13 @@ def load_backbone(
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained_arg, precision=precision, device=device, cache_dir=cache_dir, **kwargs
             )
-    except (RuntimeError, FileNotFoundError, ValueError, OSError) as err:
+    except Exception as err:  # a checkpoint file that is no checkpoint fails in any way (torch.load is weights_only)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if identity["pretrained"] == "file":
+            raise LtclipError(f"--pretrained {pretrained}: not an open_clip checkpoint of {model_name} ({type(err).__name__}: "
+                              f"{first[:160]}); pass a state dict (.pt or .safetensors) saved from that model") from None
+        if not isinstance(err, (RuntimeError, FileNotFoundError, ValueError, OSError)):
+            raise
         raise LtclipError(
             f"--model {model_name} --pretrained {pretrained}: could not load ({first}); without internet use a cached "
             "tag with HF_HUB_OFFLINE=1, or a checkpoint file"

@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.atomic import save_json
+from ..core.atomic import atomic_path, save_json
 from ..artifacts.feature_batches import FeatureInputs, default_max_ram, format_size, parse_size
 from ..core.distributed import DistContext
 from ..engine import LAST_FILE, ValidationStats
 from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views
-from ..artifacts.runs import CONFIG_FILE, RUN_FILE, RunModel
+from ..artifacts.runs import CONFIG_FILE, INPUTS_FILE, MODEL_FILE, RUN_FILE, RunModel, cache_fingerprint
+from ..config import flag, flatten
+from ..data.manifests import file_sha256
+from ..engine.log import LOG_FILE
 from ..artifacts.store import FeatureCache, load_text_embeddings, shard_range
 
 log = logging.getLogger(__name__)
@@ -115,17 +118,13 @@ def validate_on_cache(model: RunModel, inputs: FeatureInputs, counts, batch_size
     return stats.summary(counts)
 
 
-def start_run(out: Path, resume: bool, cfg_dict: dict, ctx: DistContext) -> None:
-    """A new run needs a folder without a run; ``--resume`` needs the interrupted run's options."""
-    config = out / CONFIG_FILE
+def start_run(out: Path, resume: bool, cfg_dict: dict, ctx: DistContext, inputs: dict[str, str] | None = None) -> None:
+    """A new run needs a folder without a run, and records its options and the fingerprints of its
+    input files (:func:`run_inputs`, plus ``inputs``: file → fingerprint); ``--resume`` needs the
+    interrupted run's options and inputs, unchanged (:func:`check_resume`)."""
+    inputs = {**run_inputs(cfg_dict), **(inputs or {})}
     if resume:
-        if not (out / LAST_FILE).is_file():
-            raise LtclipError(f"--resume: {out} holds no interrupted run ({LAST_FILE} missing); drop --resume")
-        saved = json.loads(config.read_text())
-        now = json.loads(json.dumps(cfg_dict))  # compare as stored (tuples become lists)
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff:
-            raise LtclipError(f"--resume: options differ from the interrupted run in {', '.join(diff)}; resume with the same options")
+        check_resume(out, cfg_dict, inputs, ctx)
         return
     if (out / RUN_FILE).exists() or (out / LAST_FILE).exists():
         raise LtclipError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
@@ -133,10 +132,97 @@ def start_run(out: Path, resume: bool, cfg_dict: dict, ctx: DistContext) -> None
     if ctx.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            save_json(config, cfg_dict)
+            save_json(out / CONFIG_FILE, cfg_dict)
+            save_json(out / INPUTS_FILE, inputs)
         except OSError as err:
             raise LtclipError(f"--out {out}: cannot write ({err.strerror}); choose a writable folder") from None
     ctx.barrier()
+
+
+def run_inputs(cfg_dict: dict) -> dict[str, str]:
+    """Fingerprints of the files a run reads that its options name: the cache splits it trains and
+    selects on (``features``), a second stage's first-stage ``model.pt`` (``from_run``)."""
+    found = {}
+    if cfg_dict.get("features"):
+        for split in dict.fromkeys(("train", cfg_dict.get("val_split") or "train")):
+            path = Path(cfg_dict["features"]) / f"{split}.h5"
+            if path.is_file():
+                found[str(path)] = cache_fingerprint(path)
+    if cfg_dict.get("from_run"):
+        path = Path(cfg_dict["from_run"]) / MODEL_FILE
+        if path.is_file():
+            found[str(path)] = file_sha256(path)
+    return found
+
+
+def check_resume(out: Path, cfg_dict: dict, inputs: dict[str, str], ctx: DistContext) -> None:
+    """Refuse to resume with other options or changed inputs, each named; a torn last line of the
+    log (a kill mid-write) is dropped, with a warning, once nothing else refuses."""
+    if not (out / LAST_FILE).is_file():
+        raise LtclipError(f"--resume: {out} holds no interrupted run ({LAST_FILE} missing); drop --resume")
+    saved = _run_json(out / CONFIG_FILE, "the run's options are lost")
+    now = json.loads(json.dumps(cfg_dict, default=str))  # compare as stored (tuples become lists)
+    old_flat, new_flat = flatten(saved), flatten(now)
+    diff = [f"{flag(k)} {_shown(old_flat.get(k))} → {_shown(new_flat.get(k))}"
+            for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)]
+    if diff:
+        raise LtclipError(f"--resume: options differ from the interrupted run: {', '.join(diff)}; resume with the same options")
+    if (out / INPUTS_FILE).exists():  # runs started before ltclip recorded their inputs have none
+        recorded = _run_json(out / INPUTS_FILE, "the run's input fingerprints are lost")
+        for name, fingerprint in recorded.items():
+            if inputs.get(name) != fingerprint:
+                now_is = f"now {inputs[name][:12]}" if name in inputs else "now missing"
+                raise LtclipError(f"--resume: {name} changed since the interrupted run started (fingerprint {str(fingerprint)[:12]}, "
+                                  f"{now_is}); restore it, or start a new run in another --out")
+    drop_torn_log_line(out / LOG_FILE, write=ctx.is_main)
+
+
+def _run_json(path: Path, lost: str) -> dict:
+    """A JSON object the run folder holds; anything else is a one-line refusal."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):  # missing, not JSON, or not UTF-8
+        data = None
+    if not isinstance(data, dict):
+        raise LtclipError(f"--resume: {path} is missing or damaged (not a JSON object): {lost}; restore the file, "
+                          "or start the run again in another --out")
+    return data
+
+
+def _shown(value) -> str:
+    """An option's value as typed on the command line (``depth=2`` for a method's options)."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_shown(v)}" for k, v in sorted(value.items())) or "(defaults)"
+    if isinstance(value, list):
+        return " ".join(map(_shown, value)) or "(none)"
+    if value is None or isinstance(value, bool):
+        return {None: "(unset)", True: "true", False: "false"}[value]
+    return str(value)
+
+
+def drop_torn_log_line(path: Path, write: bool = True) -> None:
+    """``train_log.jsonl`` without a last line a kill tore mid-write (warned); a damaged line that
+    is not that one is a one-line refusal. ``write``: rewrite the file (rank 0 only)."""
+    if not path.is_file():
+        return
+    *lines, tail = path.read_bytes().split(b"\n")  # tail: what follows the last newline, a torn write
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not _is_record(line):
+            raise LtclipError(f"--resume: {path} line {number} is damaged (not a log record); delete that line, "
+                              "or start the run again in another --out")
+    if tail.strip() and not _is_record(tail):
+        log.warning("%s: dropped its last line, torn when the run was killed while writing it", path)
+        if write:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("step"), int)
 
 
 def posthoc_tau(model: RunModel, val: FeatureInputs | None, counts, batch_size: int, device, val_split: str) -> tuple[float, list]:
