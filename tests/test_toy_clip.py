@@ -139,7 +139,7 @@ def test_a_folder_holding_another_toy_or_a_changed_checkpoint_is_refused(tmp_pat
     ("--images-per-class", 0, "--images-per-class must be >= 1"),
     ("--steps", 0, "--steps"),
     ("--batch-size", 1, "--batch-size must be >= 2"),
-    ("--lr", 0, "--lr must be positive"),
+    ("--lr", 0, "--lr 0: must be > 0"),
     ("--weight-decay", -1, "--weight-decay"),
     ("--model", "ltclip-tiny-vt", "--model 'ltclip-tiny-vt': unknown open_clip model (close: ltclip-tiny-vit"),
     ("--model", "local-dir:/x", "--model local-dir:/x: name an open_clip architecture"),

@@ -166,7 +166,7 @@ def test_divergence_stops_with_a_clear_message(gaussian, tmp_path):
         (["--resume"], "holds no interrupted run"),
         (["--max-ram", "lots"], "--max-ram"),
         (["--shuffle-pool", "4"], "give --read-blocks ROWS too"),
-        (["--read-blocks", "-8"], "--read-blocks must be >= 0"),
+        (["--read-blocks", "-8"], "--read-blocks -8: must be an integer >= 0"),
         (["--two-stage", "crt"], "--two-stage: not an option of stage 1"),
     ],
 )

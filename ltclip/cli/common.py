@@ -10,7 +10,9 @@ import functools
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -21,10 +23,11 @@ from ..core.errors import LtclipError
 def guarded(fn):
     """Turn project errors into one line on stderr and a non-zero exit, never a traceback.
 
-    Also an ``OSError`` that escaped a stage (a disk that filled up under a log file, an I/O error)
-    and Ctrl-C (exit code 130). Both say how to continue: for a command with a ``--resume``
-    option (train-head) that is ``--resume`` once a checkpoint exists; other commands (extract,
-    eval) continue by running the same command again. ``-v`` logs the traceback as well.
+    Also an ``OSError`` that escaped a stage (a disk that filled up under a log file, an I/O error),
+    Ctrl-C (exit code 130) and SIGTERM (143; a scheduler's or ``kill``'s stop): each says how to
+    continue: for a command with a ``--resume`` option (train-head, sweep) that is ``--resume`` once
+    its folder holds a checkpoint or a sweep record; other commands (extract, eval) continue by running
+    the same command again. ``-v`` logs the traceback as well.
     """
     resumable = "resume" in inspect.signature(fn).parameters
 
@@ -32,6 +35,7 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         unraisable = sys.unraisablehook
         sys.unraisablehook = _interrupt_again(unraisable)
+        terminate = _stop_on_sigterm()
         try:
             return fn(*args, **kwargs)
         except LtclipError as err:
@@ -54,14 +58,40 @@ def guarded(fn):
                 message = f"I/O error{' on' + where if where else ''} ({err.strerror or err}); fix the cause and {_how_to_continue(resumable, kwargs)}"
             typer.echo(f"error: {' '.join(message.split())}", err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             logging.getLogger(__name__).debug("interrupted", exc_info=True)
-            typer.echo(f"interrupted; {_how_to_continue(resumable, kwargs)}", err=True)
-            raise typer.Exit(130) from None
+            terminated = isinstance(stop, Terminated)
+            typer.echo(f"{'terminated' if terminated else 'interrupted'}; {_how_to_continue(resumable, kwargs)}", err=True)
+            raise typer.Exit(128 + signal.SIGTERM if terminated else 130) from None
         finally:
             sys.unraisablehook = unraisable
+            if terminate is not None:
+                signal.signal(signal.SIGTERM, terminate)
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping a command as Ctrl-C does (the same cleanup keeps what was written)."""
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` in this process; returns the handler to restore (None:
+    left alone: not the main thread, or a handler someone else set). A forked child (a DataLoader
+    worker) that inherits the handler dies of the signal as before."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    owner = os.getpid()
+
+    def terminated(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    return signal.SIG_DFL
 
 
 def _interrupt_again(hook):
@@ -72,12 +102,11 @@ def _interrupt_again(hook):
     lost: the command would run on. Instead the signal is sent to the main thread again a moment
     later, from a helper thread (raising it at once would land in the same place).
     """
-    import signal
-    import threading
 
     def unraisable(info) -> None:
         if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
-            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+            signum = signal.SIGTERM if issubclass(info.exc_type, Terminated) else signal.SIGINT
+            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signum))
             again.daemon = True
             again.start()
             return
@@ -87,7 +116,8 @@ def _interrupt_again(hook):
 
 
 def _how_to_continue(resumable: bool, kwargs: dict) -> str:
-    """What continues a stopped command: the same command, or (a training run) the same command with --resume."""
+    """What continues a stopped command: the same command, or (a training run, a sweep) the same
+    command with --resume once its folder holds what --resume continues from."""
     if not resumable:
         return "rerun the same command to resume (what was finished is kept)"
     if kwargs.get("resume"):
@@ -95,7 +125,10 @@ def _how_to_continue(resumable: bool, kwargs: dict) -> str:
     out = kwargs.get("out")
     if out is not None:
         from ..engine import LAST_FILE
+        from ..sweep.report import SWEEP_FILE
 
+        if (Path(out) / SWEEP_FILE).is_file():
+            return "rerun the same command with --resume to continue the sweep (finished points are kept)"
         if not (Path(out) / LAST_FILE).is_file():
             return f"rerun the same command (no checkpoint was written in {out} yet)"
     return "rerun the same command with --resume to continue from the last checkpoint"
@@ -125,12 +158,13 @@ def load_config(ctx: typer.Context, param, value: Optional[str]):
 
         try:
             data = load_config_file(value)
-        except LtclipError as err:
-            raise typer.BadParameter(str(err)) from None
-        known = {p.name for p in ctx.command.params} - {"config"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise typer.BadParameter(f"{value}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+            known = {p.name for p in ctx.command.params} - {"config"}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                raise LtclipError(f"--config {value}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        except LtclipError as err:  # read while the options are parsed, before `guarded` runs
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
         ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in data.items() if v is not None}}
     return value
 

@@ -19,6 +19,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from ..config import option_spec
+from ..core.errors import LtclipError
 
 Param = inspect.Parameter
 
@@ -56,14 +57,29 @@ def argument(name: str, annotation, help: str, default=None) -> Param:
 def command(name: str, doc: str, params: list[Param], body: Callable[[dict], None]) -> Callable:
     """A function taking ``params`` (keywords) that calls ``body(values)``; Typer reads its signature."""
 
-    def run(**values):
+    def run(ctx: typer.Context, **values):
+        _refuse_two_ways(ctx)
         return body(values)
 
     run.__name__ = run.__qualname__ = name.replace("-", "_")
     run.__doc__ = doc
+    params = [Param("ctx", Param.KEYWORD_ONLY, annotation=typer.Context), *params]  # Typer passes its context
     run.__signature__ = inspect.Signature(params)
     run.__annotations__ = {p.name: p.annotation for p in params}
     return run
+
+
+def _refuse_two_ways(ctx: typer.Context) -> None:
+    """Refuse two options given on the command line that say one thing (``--epochs`` and ``--steps``,
+    ``--warmup`` and ``--warmup-steps``). A ``--config`` file may hold both, as a saved config does
+    (the steps win)."""
+    from ..recipes.resolve import ALTERNATIVES
+
+    opts = {p.name: p.opts[0] for p in ctx.command.params if p.opts}
+    for pair in ALTERNATIVES:
+        if all(k in opts and getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE" for k in pair):
+            a, b = (f"{opts[k]} {ctx.params[k]:g}" if isinstance(ctx.params[k], float) else f"{opts[k]} {ctx.params[k]}" for k in pair)
+            raise LtclipError(f"{a} and {b}: two ways to say one thing; give one of them")
 
 
 def _fields(cls) -> dict[str, tuple[dataclasses.Field, type, object]]:

@@ -9,6 +9,7 @@ import dataclasses
 import typer
 
 from ..config import ReproduceConfig
+from ..config.fields import check_values
 from .common import data_options, given, guarded, say_default
 from .generate import command, config_options
 
@@ -21,6 +22,7 @@ def reproduce(values: dict, app: typer.Typer) -> None:
     if not values.get("dataset") or not values.get("data_root"):
         raise LtclipError("--dataset and --data-root are required (e.g. --dataset places_lt --data-root /data/places365)")
     settings = ReproduceConfig(**values)
+    check_values(settings)
     if settings.out is None:
         settings = dataclasses.replace(settings, out=str(default_out(settings.dataset, settings.model, settings.pretrained)))
         say_default("--out", settings.out)

@@ -8,13 +8,22 @@ field's name unless given), a short alias, and where its choices are registered;
     class OptimConfig:
         lr: float = option(1e-3, "Peak learning rate.")
         schedule: str = option("cosine", "Learning-rate schedule per step.", choices="schedules")
+        momentum: float = option(0.9, "SGD momentum.", minimum=0, below=1)
+
+A numeric field states its valid range there too (``minimum``/``maximum`` inclusive, ``above``/``below``
+exclusive); :func:`check_values` refuses a built config with a value outside it, or a non-finite
+number in any numeric field, naming the flag: ``--momentum 5: must be in [0, 1)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ..core.errors import LtclipError
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,31 @@ class OptionSpec:
     choices: str | None = None  # registry kind whose names are the valid values (`ltclip list KIND`)
     choices_of: str | None = None  # for a ``key=value`` options field: the field naming the entry they belong to
     default_text: str | None = None  # what --help says the default is, where the value is not it (None: the value)
+    minimum: float | None = None  # the smallest valid value (inclusive)
+    maximum: float | None = None  # the largest valid value (inclusive)
+    above: float | None = None  # every valid value is larger (exclusive minimum)
+    below: float | None = None  # every valid value is smaller (exclusive maximum)
+
+    def flag_of(self, name: str) -> str:
+        return self.flag or "--" + name.replace("_", "-")
+
+    def range_text(self) -> str | None:
+        """The valid range as the error says it: ``>= 1``, ``> 0``, ``in [0, 1)``; None: any finite number."""
+        low = (f"[{_number(self.minimum)}" if self.minimum is not None else f"({_number(self.above)}"
+               if self.above is not None else None)
+        high = (f"{_number(self.maximum)}]" if self.maximum is not None else f"{_number(self.below)})"
+                if self.below is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
+        if high:
+            return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+        return None
+
+    def holds(self, value: float) -> bool:
+        return ((self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
 
 
 REQUIRED = dataclasses.MISSING  # the default of an option every config of its class must be given
@@ -54,7 +88,54 @@ def option_fields(cls) -> dict:
 
 def flags_of(cls) -> dict[str, str]:
     """Every option of config class ``cls`` (sections flattened) → its flag."""
-    return {name: spec.flag or "--" + name.replace("_", "-") for name, (_, spec) in option_fields(cls).items()}
+    return {name: spec.flag_of(name) for name, (_, spec) in option_fields(cls).items()}
+
+
+def numeric_fields(cls) -> dict[str, tuple[type, OptionSpec]]:
+    """Every int or float option of config class ``cls`` (sections flattened) → (int or float, its spec)."""
+    out = {}
+    for name, (f, spec) in option_fields(cls).items():
+        owner = next(c for c in _classes(cls) if f in dataclasses.fields(c))
+        kind = _number_type(typing.get_type_hints(owner)[f.name])
+        if kind is not None:
+            out[name] = (kind, spec)
+    return out
+
+
+def check_values(cfg) -> None:
+    """Refuse config ``cfg`` (sections included) where a numeric option is not a finite number of its
+    type inside the range its field declares: one line naming the flag and the valid range."""
+    values = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values.update({g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
+                      if dataclasses.is_dataclass(value) else {f.name: value})
+    for name, (kind, spec) in numeric_fields(type(cfg)).items():
+        value = values[name]
+        if value is None:
+            continue
+        shown = f"{spec.flag_of(name)} {_number(value) if isinstance(value, float) else value}"
+        wanted = "an integer" if kind is int else "a finite number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                kind is int and value != int(value)):
+            raise LtclipError(f"{shown}: must be {wanted}" + (f" {spec.range_text()}" if spec.range_text() else ""))
+        if not spec.holds(value):
+            raise LtclipError(f"{shown}: must be {'an integer ' if kind is int else ''}{spec.range_text()}")
+
+
+def _classes(cls) -> list[type]:
+    """``cls`` and its sections' classes."""
+    return [cls, *(type(f.default) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default))]
+
+
+def _number_type(annotation) -> type | None:
+    """int or float for ``int``, ``float | None`` and the like; None for every other type."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return args[0] if len(args) == 1 and args[0] in (int, float) else None
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 class Options(Mapping):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from .. import __version__
 from ..core.errors import LtclipError
-from .fields import Options, flags_of, option_fields
+from .fields import Options, check_values, flags_of, option_fields
 from .sections import EvalConfig, ExtractConfig, FinetuneConfig, SecondStageConfig, TrainHeadConfig
 
 def flag(name: str, cls=None) -> str:
@@ -44,7 +45,8 @@ def option_names(cls) -> set[str]:
 def from_flat(cls, values: dict, *, owner: str):
     """Build ``cls`` from flat option values (None: not given, the default applies).
 
-    An option ``cls`` does not take is refused with a one-line error naming it and ``owner``.
+    An option ``cls`` does not take is refused with a one-line error naming it and ``owner``, a value
+    outside its field's range with one naming its flag (:func:`~.fields.check_values`).
     """
     given = {k: v for k, v in values.items() if v is not None}
     unknown = sorted(set(given) - option_names(cls))
@@ -58,9 +60,11 @@ def from_flat(cls, values: dict, *, owner: str):
         elif f.name in given:
             kwargs[f.name] = _typed(cls, {f.name: given[f.name]})[f.name]
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise LtclipError(f"{owner}: {err}") from None
+    check_values(cfg)
+    return cfg
 
 
 def _typed(cls, values: dict) -> dict:
@@ -118,7 +122,10 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise LtclipError(f"--config {path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise LtclipError(f"--config {path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     try:
         if path.suffix == ".toml":
             data = _toml().loads(text)
@@ -127,10 +134,20 @@ def load_config_file(path: str | Path) -> dict:
 
             data = yaml.safe_load(text) or {}
     except Exception as err:  # parse errors of either format
-        raise LtclipError(f"--config {path}: cannot parse ({err})".splitlines()[0]) from None
+        raise LtclipError(f"--config {_parse_error(path, err)}") from None
     if not isinstance(data, dict):
         raise LtclipError(f"--config {path}: expected a table of option = value")
     return {k.replace("-", "_"): as_arguments(v) if isinstance(v, Mapping) else v for k, v in flatten(data).items()}
+
+
+def _parse_error(path: Path, err: Exception) -> str:
+    """``FILE:LINE:COLUMN: cannot parse (the problem)`` on one line, where the parser tells the position."""
+    mark = getattr(err, "problem_mark", None)  # YAML's (0-based)
+    at = re.search(r" \(at line (\d+), column (\d+)\)$", str(err))  # TOML's
+    where = (f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}:{at[1]}:{at[2]}" if at
+             else str(path))
+    problem = getattr(err, "problem", None) or (str(err)[:at.start()] if at else str(err))
+    return " ".join(f"{where}: cannot parse ({problem})".split())
 
 
 def as_arguments(options: Mapping) -> list[str]:

@@ -25,9 +25,9 @@ class DataConfig:
     classnames: str | None = option(None, "Class-name file ('key name' or one name per line, or categories JSON).")
     templates: str | None = option(None, "Prompt templates: openai_imagenet, simple, synthetic, cifar, or a file.",
                                    default_text="the dataset's")
-    imbalance: float = option(100.0, "CIFAR-100-LT imbalance ratio (10, 50, 100).")
+    imbalance: float = option(100.0, "CIFAR-100-LT imbalance ratio (10, 50, 100).", minimum=1)
     download: bool = option(False, "Let torchvision download CIFAR-100 (needs internet).")
-    subset_seed: int = option(0, "Which images CIFAR-100-LT keeps.")
+    subset_seed: int = option(0, "Which images CIFAR-100-LT keeps.", minimum=0)
     allow_outside_root: bool = option(False, "Read split-file paths that lead outside --data-root (absolute, '..', "
                                              "or through a link).")
 
@@ -40,26 +40,26 @@ class DataConfig:
 class OptimConfig:
     """How a model is optimised (the engine's settings); ``batch_size`` rows make one optimizer step."""
 
-    epochs: int = option(10, "Epochs (one epoch draws as many rows as the train split has).")
-    steps: int | None = option(None, "Total optimizer steps instead of --epochs.")
-    batch_size: int = option(256, "Rows per optimizer step, over all processes.")
-    accum: int = option(1, "Micro-batches per optimizer step (gradient accumulation).")
+    epochs: int = option(10, "Epochs (one epoch draws as many rows as the train split has).", minimum=1)
+    steps: int | None = option(None, "Total optimizer steps instead of --epochs.", minimum=1)
+    batch_size: int = option(256, "Rows per optimizer step, over all processes.", minimum=1)
+    accum: int = option(1, "Micro-batches per optimizer step (gradient accumulation).", minimum=1)
     optimizer: str = option("adamw", "adamw or sgd (timm's factory).")
-    lr: float = option(1e-3, "Peak learning rate.")
-    weight_decay: float = option(1e-4, "Weight decay.")
-    momentum: float = option(0.9, "SGD momentum.")
+    lr: float = option(1e-3, "Peak learning rate.", above=0)
+    weight_decay: float = option(1e-4, "Weight decay.", minimum=0)
+    momentum: float = option(0.9, "SGD momentum.", minimum=0, below=1)
     nesterov: bool = option(False, "Nesterov momentum for sgd.")
     decay_1d: bool = option(True, "Weight decay also on biases, norms and other 1-D parameters.")
     schedule: str = option("cosine", "Learning-rate schedule per step.", choices="schedules")
     schedule_unit: str = option("step", "step (the schedule advances every optimizer step) or epoch (the lr is constant "
                                         "within an epoch, as LIFT's CosineAnnealingLR stepped per epoch).")
-    warmup: float = option(0.0, "Linear warm-up, in epochs.")
-    warmup_steps: int | None = option(None, "Linear warm-up in optimizer steps, instead of --warmup epochs.")
-    grad_clip: float = option(0.0, "Clip the gradient norm (0: off).")
+    warmup: float = option(0.0, "Linear warm-up, in epochs.", minimum=0)
+    warmup_steps: int | None = option(None, "Linear warm-up in optimizer steps, instead of --warmup epochs.", minimum=0)
+    grad_clip: float = option(0.0, "Clip the gradient norm (0: off).", minimum=0)
     precision: str = option("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA with a GradScaler) or amp (fp16 on CUDA, fp32 elsewhere).")
-    seed: int = option(0, "Seed of the initialisation, sampler and views.")
-    eval_every: int = option(0, "Also validate every N steps (0: at epoch ends only).")
-    checkpoint_every: int = option(0, "Also checkpoint every N steps (0: at epoch ends only).")
+    seed: int = option(0, "Seed of the initialisation, sampler and views.", minimum=0)
+    eval_every: int = option(0, "Also validate every N steps (0: at epoch ends only).", minimum=0)
+    checkpoint_every: int = option(0, "Also checkpoint every N steps (0: at epoch ends only).", minimum=0)
     select: str = option("balanced_accuracy", "Validation metric that picks the kept weights (highest; lowest for nll and ece), "
                                               "or last: the last epoch's weights (validation only logged).")
 
@@ -81,7 +81,7 @@ class TuningConfig:
 
     tune: str = option("frozen", "What of the encoder trains.", choices="tuning")
     tune_opts: Options = option(Options(), "Tuning option key=value (repeatable), e.g. rank=8.", flag="--tune-opt", choices_of="tune")
-    backbone_lr: float | None = option(None, "Peak lr of the encoder's trained parameters.", default_text="--lr")
+    backbone_lr: float | None = option(None, "Peak lr of the encoder's trained parameters.", default_text="--lr", above=0)
     grad_checkpointing: bool = option(False, "Recompute encoder activations in the backward pass (less memory).")
 
 
@@ -116,27 +116,27 @@ class ExtractConfig:
     tokens: bool = option(True, "Also store the ViT token sequence (the decoder head needs it).")
     pooled: bool = option(False, "Also store the ViT's pooled feature before the projection, ln_post(CLS), and "
                                  "LIFT's text start for it (heads with --head-opt input=pooled).")
-    batch_size: int = option(256, "Images per forward pass.")
-    workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT)
+    batch_size: int = option(256, "Images per forward pass.", minimum=1)
+    workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT, minimum=0)
     device: str = option("auto", _DEVICE)
     precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).")
     test_views: str = option("center", "center, flip, fivecrop or tencrop views of val/test images.")
-    train_views: int = option(0, "K seeded augmented views per training image (0: the model's preprocessing).")
+    train_views: int = option(0, "K seeded augmented views per training image (0: the model's preprocessing).", minimum=0)
     eval_resize: int | None = option(None, "Resize the short side of val/test images to this before cropping, "
                                            "e.g. 256 (LIFT's center crop) or 248 (LIFT's fivecrop).",
-                                     default_text="the model's preprocessing; ×256/224 for five and ten crops")
+                                     default_text="the model's preprocessing; ×256/224 for five and ten crops", minimum=0)
     interpolation: str | None = option(None, "bilinear or bicubic resampling of the train views and the --eval-resize views.",
                                        default_text="the model's (bicubic for CLIP)")
     normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's), for every split.")
     bad_images: str = option("fail", "fail, or skip (logged; zero features).")
-    block_size: int = option(1024, "Rows written (and resumed) together.")
-    seed: int = option(0, "Seed of the train views.")
+    block_size: int = option(1024, "Rows written (and resumed) together.", minimum=1)
+    seed: int = option(0, "Seed of the train views.", minimum=0)
     from_run: str | None = option(None, "A finetuned run: extract with its encoder (its model and weights).", flag="--from-run")
-    token_pool: int = option(1, "Average the patch tokens over K×K windows (CLS kept; 1: no pooling).")
+    token_pool: int = option(1, "Average the patch tokens over K×K windows (CLS kept; 1: no pooling).", minimum=1)
     token_dtype: str = option("float16", "Token storage: float16, int8 or fp8 (e4m3), the last two with a scale.")
     token_scale: str | None = option(None, "int8/fp8 scale per 'token' or per 'channel'.", default_text="token")
-    token_pca: int = option(0, "Store tokens as W PCA coordinates (basis fitted on train tokens; 0: off).")
-    token_pca_sample: int = option(1024, "Train images whose tokens fit the PCA basis.")
+    token_pca: int = option(0, "Store tokens as W PCA coordinates (basis fitted on train tokens; 0: off).", minimum=0)
+    token_pca_sample: int = option(1024, "Train images whose tokens fit the PCA basis.", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -152,13 +152,13 @@ class TrainHeadConfig:
     max_ram: str | None = option(None, "Stream token caches larger than this, e.g. 8G.",
                                  default_text="half of the available memory, shared by the processes")
     read_blocks: int = option(0, "Block-shuffled read order for caches streamed from slow disks: contiguous blocks "
-                                 "of this many rows, e.g. 1024 (0: the sampler's own order).")
-    shuffle_pool: int | None = option(None, "Blocks shuffled together in the --read-blocks order.", default_text="16")
+                                 "of this many rows, e.g. 1024 (0: the sampler's own order).", minimum=0)
+    shuffle_pool: int | None = option(None, "Blocks shuffled together in the --read-blocks order.", default_text="16", minimum=1)
     posthoc_la: bool = option(False, "Post-hoc logit adjustment, tau chosen on val.")
     device: str = option("auto", _DEVICE)
     tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
     min_steps: int = option(0, "Lengthen --epochs (at most 5×) until the run takes this many optimizer steps (0: off).",
-                            default_text="the head's, where no length is given")
+                            default_text="the head's, where no length is given", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -204,9 +204,9 @@ class FinetuneConfig:
     eval_resize: int | None = option(None, "Validation images: resize the short side to this, then center-crop; "
                                            "0: the model's preprocessing. The run records the value, and `ltclip eval` "
                                            "views the test images the same way.",
-                                     default_text="LIFT's: the resolution × 8/7, 256 at 224")
+                                     default_text="LIFT's: the resolution × 8/7, 256 at 224", minimum=0)
     normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's).")
-    workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT)
+    workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT, minimum=0)
     val_split: str = option("val", "Split for model selection.")
     device: str = option("auto", _DEVICE)
     tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
@@ -220,24 +220,24 @@ class EvalConfig:
     features: str | None = option(None, "Cache folder for the baselines.", short="-f", default_text="the one ./ltclip.toml names")
     split: str = option("test", "Split of each run's cache to evaluate.")
     zero_shot: bool = option(False, "Zero-shot CLIP with the cache's text embeddings.")
-    knn: int = option(0, "kNN baseline with K neighbours from the train cache (0: off).")
+    knn: int = option(0, "kNN baseline with K neighbours from the train cache (0: off).", minimum=0)
     ncm: bool = option(False, "Nearest-class-mean baseline.")
-    retrieval_mix: float = option(0.0, "Blend each run with kNN votes: weight alpha in [0, 1].")
-    retrieval_k: int = option(10, "Neighbours for --retrieval-mix.")
-    temperature: float = option(0.07, "kNN vote temperature.")
+    retrieval_mix: float = option(0.0, "Blend each run with kNN votes: weight alpha in [0, 1].", minimum=0, maximum=1)
+    retrieval_k: int = option(10, "Neighbours for --retrieval-mix.", minimum=1)
+    temperature: float = option(0.07, "kNN vote temperature.", above=0)
     views: str = option("mean", "Test views: mean (average logits) or first.")
     data_root: str | None = option(None, "Images of finetuned runs.", default_text="the run's own data root")
     test_views: str = option("center", "Views of each image for finetuned runs: center, flip, fivecrop or tencrop.")
     eval_resize: int | None = option(None, "Finetuned runs: resize the short side to this before cropping the "
                                            "views, e.g. 248 with fivecrop (LIFT's tables).",
-                                     default_text="the run's --eval-resize, else the model's preprocessing")
+                                     default_text="the run's --eval-resize, else the model's preprocessing", minimum=0)
     interpolation: str | None = option(None, "Finetuned runs: bilinear or bicubic resampling of the --eval-resize views.",
                                        default_text="the run's --interpolation, else the model's")
-    workers: int | None = option(None, "Image decode workers for finetuned runs.", default_text=_WORKERS_DEFAULT)
-    many: int = option(100, "Classes with more training images than this are 'many'.")
-    few: int = option(20, "Classes with fewer training images than this are 'few'.")
+    workers: int | None = option(None, "Image decode workers for finetuned runs.", default_text=_WORKERS_DEFAULT, minimum=0)
+    many: int = option(100, "Classes with more training images than this are 'many'.", minimum=0)
+    few: int = option(20, "Classes with fewer training images than this are 'few'.", minimum=0)
     backend: str = option("auto", "kNN search: auto, faiss or torch.")
-    batch_size: int = option(1024, "Rows per forward pass.")
+    batch_size: int = option(1024, "Rows per forward pass.", minimum=1)
     device: str = option("auto", _DEVICE)
     allow_mixed: bool = option(False, "Allow runs of different datasets in one report.")
     report: str | None = option(None, "Markdown table to write.")
@@ -264,12 +264,12 @@ class ReproduceConfig:
     manifest_dir: str | None = None
     imbalance: float | None = None
     download: bool = False
-    epochs: int | None = option(None, "Epochs of every training step.", default_text="the recipe's")
-    steps: int | None = option(None, "Optimizer steps of every training step instead of epochs (smoke tests, budgets).")
-    batch_size: int | None = option(None, "Batch of every training step.", default_text="the recipe's")
+    epochs: int | None = option(None, "Epochs of every training step.", default_text="the recipe's", minimum=1)
+    steps: int | None = option(None, "Optimizer steps of every training step instead of epochs (smoke tests, budgets).", minimum=1)
+    batch_size: int | None = option(None, "Batch of every training step.", default_text="the recipe's", minimum=1)
     precision: str | None = option(None, "fp32, fp16 or bf16 for extraction and training.", default_text="the commands'")
     device: str | None = option(None, "auto, cpu or cuda.", default_text="auto")
-    workers: int | None = option(None, "Image decode workers of extract, finetune and their eval.", default_text="the commands'")
+    workers: int | None = option(None, "Image decode workers of extract, finetune and their eval.", default_text="the commands'", minimum=0)
     launcher: str | None = option(None, "Run extract and training steps under this, e.g. 'torchrun --nproc_per_node=8'.")
 
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Collection
 
+from ..config.fields import check_values
 from ..core.distributed import PRECISIONS
 from ..core.errors import LtclipError
 from .optim import OPTIMIZERS, SCHEDULE_UNITS, SCHEDULES, schedule_epoch_steps, warmup_steps
@@ -22,22 +23,17 @@ SELECT_LAST = "last"  # --select: keep the last epoch's weights (validation only
 
 
 def check_optim(cfg, world_size: int = 1, metrics: Collection[str] | None = SUMMARY_KEYS) -> None:
-    """Refuse an :class:`OptimConfig` the loop cannot run, before anything is trained or written.
+    """Refuse an :class:`OptimConfig` the loop cannot run, before anything is trained or written:
+    every value in its field's range (:func:`~ltclip.config.fields.check_values`), then the options
+    that depend on each other.
 
     ``metrics``: the validation metrics ``--select`` may name besides ``last`` (None: any, for a
     ``validate`` of the caller's own).
     """
-    if cfg.batch_size < 1 or cfg.accum < 1 or cfg.epochs < 1 or (cfg.steps is not None and cfg.steps < 1):
-        raise LtclipError("--epochs, --steps, --batch-size and --accum must be >= 1")
+    check_values(cfg)
     if cfg.batch_size % (world_size * cfg.accum):
         raise LtclipError(f"--batch-size {cfg.batch_size} must be a multiple of processes × --accum "
                           f"({world_size} × {cfg.accum}); it is the rows of one optimizer step in total")
-    steps = cfg.warmup_steps
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-        raise LtclipError(f"--warmup-steps {cfg.warmup_steps!r}: must be an integer >= 0")
-    if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.warmup < 0 or cfg.grad_clip < 0:
-        raise LtclipError(f"--lr must be positive and --weight-decay, --warmup, --grad-clip >= 0 "
-                          f"(got {cfg.lr}, {cfg.weight_decay}, {cfg.warmup}, {cfg.grad_clip})")
     if cfg.optimizer not in OPTIMIZERS:
         raise LtclipError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
@@ -48,8 +44,18 @@ def check_optim(cfg, world_size: int = 1, metrics: Collection[str] | None = SUMM
         raise LtclipError(f"--select {cfg.select!r}: choose one of {', '.join((*metrics, SELECT_LAST))}")
     if cfg.precision not in PRECISIONS:
         raise LtclipError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if cfg.eval_every < 0 or cfg.checkpoint_every < 0:
-        raise LtclipError("--eval-every and --checkpoint-every must be >= 0 (0: at epoch ends only)")
+
+
+def check_warmup(cfg, per_epoch: int) -> None:
+    """Refuse ``--warmup-steps`` beyond a run whose length is in epochs: known only once the rows are
+    (``per_epoch`` optimizer steps an epoch). A warm-up and a length in one unit are checked with the
+    options given (:func:`ltclip.recipes.resolve.checked`); a warm-up in epochs may outlast ``--steps``."""
+    if cfg.steps is not None or cfg.warmup_steps is None:
+        return
+    total, epochs = run_length(cfg, per_epoch)
+    if cfg.warmup_steps > total:
+        raise LtclipError(f"--warmup-steps {cfg.warmup_steps}: longer than the run's {total} optimizer steps ({epochs} "
+                          f"epoch(s) of {per_epoch}); give at most {total}, or --warmup in epochs")
 
 
 def steps_per_epoch(cfg, rows: int, world_size: int = 1) -> int:
@@ -86,6 +92,7 @@ def plan_run(cfg, rows: int, world_size: int, groups: ParamGroups) -> Plan:
     """The :class:`Plan` of ``cfg`` on ``rows`` training rows; the options (each part's too) checked first.
     With ``groups.parts`` the run lasts until the longest part ends."""
     micro, local, per_epoch = _batches(cfg, rows, world_size)
+    check_warmup(cfg, per_epoch)
     part_steps = _part_steps(cfg, groups, per_epoch)
     total = max(t for _, t, _, _ in part_steps.values()) if groups.parts else run_length(cfg, per_epoch)[0]
     return Plan(micro, local, per_epoch, total, part_steps)
@@ -108,6 +115,7 @@ def _part_steps(cfg, groups: ParamGroups, per_epoch: int) -> dict[str, tuple[str
         raise ValueError("fit: pass parts or lrs, not both")
     for name, part in groups.parts.items():
         check_optim(part, metrics=None)
+        check_warmup(part, per_epoch)
         if (part.optimizer, part.nesterov) != (cfg.optimizer, cfg.nesterov):
             raise LtclipError(f"part {name!r}: --optimizer {part.optimizer} (nesterov {part.nesterov}) differs from the "
                               f"loop's {cfg.optimizer} (nesterov {cfg.nesterov}); parts share one optimizer")

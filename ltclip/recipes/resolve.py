@@ -58,8 +58,8 @@ def stage_one_config(values: dict, *, say: Say | None = None) -> TrainHeadConfig
     own = head_defaults(head, others)
     resolved = layer_options("train-head", values, head_defaults=lambda _: own, say=say)
     check_choices(TrainHeadConfig, resolved)
-    return from_flat(TrainHeadConfig, parse_method_options(TrainHeadConfig, resolved),
-                     owner="stage 1 (second-stage options need --from RUN)")
+    return checked(from_flat(TrainHeadConfig, parse_method_options(TrainHeadConfig, resolved),
+                             owner="stage 1 (second-stage options need --from RUN)"), values)
 
 
 def second_stage_config(values: dict) -> SecondStageConfig:
@@ -70,7 +70,8 @@ def second_stage_config(values: dict) -> SecondStageConfig:
     check_choices(SecondStageConfig, values)
     name = values.get("two_stage")
     resolved = parse_method_options(SecondStageConfig, {**(TWO_STAGE.get(name).defaults if name else {}), **values})
-    return from_flat(SecondStageConfig, resolved, owner="a second stage (--from RUN; head and features come from the run)")
+    return checked(from_flat(SecondStageConfig, resolved, owner="a second stage (--from RUN; head and features come from the run)"),
+                   values)
 
 
 def finetune_config(values: dict, *, say: Say | None = None, resume: bool = False) -> FinetuneConfig:
@@ -86,7 +87,7 @@ def finetune_config(values: dict, *, say: Say | None = None, resume: bool = Fals
         _tell(say, "--out", values["out"])
     resolved = layer_options("finetune", values, say=say)
     check_choices(FinetuneConfig, resolved)
-    return from_flat(FinetuneConfig, parse_method_options(FinetuneConfig, resolved), owner="finetune")
+    return checked(from_flat(FinetuneConfig, parse_method_options(FinetuneConfig, resolved), owner="finetune"), values)
 
 
 def extract_config(values: dict, *, say: Say | None = None) -> ExtractConfig:
@@ -114,9 +115,26 @@ def eval_config(values: dict, *, say: Say | None = None) -> EvalConfig:
             raise LtclipError(f"nothing to evaluate: no run folders given and no finished run under {RUNS_DIR}/")
         _tell(say, "runs", f"the {len(values['runs'])} finished runs under {RUNS_DIR}/")
     if values.get("features") is None and baselines and recorded_features() is not None:
-        values["features"] = str(recorded_features())
+        values["features"] = str(_recorded_features())
         _tell(say, "--features", f"{values['features']}, named by ./{WORKSPACE_FILE}")
     return from_flat(EvalConfig, values, owner="eval")
+
+
+def checked(cfg, values: dict):
+    """Training config ``cfg`` once its optimizer settings can run (:func:`~ltclip.engine.check_optim`,
+    ``--select`` among the validation metrics) and a warm-up given in ``values`` is no longer than
+    the run where both are in one unit; before any model or data is loaded. (A warm-up in steps
+    against a length in epochs waits for the rows: :func:`~ltclip.engine.plan.check_warmup`.)"""
+    from ..engine import check_optim
+
+    check_optim(cfg.optim, int(os.environ.get("WORLD_SIZE", "1")))
+    optim = cfg.optim
+    if values.get("warmup_steps") is not None and optim.steps is not None and optim.warmup_steps > optim.steps:
+        raise LtclipError(f"--warmup-steps {optim.warmup_steps}: longer than the run's --steps {optim.steps}; "
+                          f"give at most {optim.steps}")
+    if values.get("warmup") is not None and optim.steps is None and optim.warmup > optim.epochs:
+        raise LtclipError(f"--warmup {optim.warmup:g}: longer than the run's --epochs {optim.epochs}; give at most {optim.epochs}")
+    return cfg
 
 
 def workspace_features(values: dict, *, say: Say | None = None) -> dict:
@@ -259,9 +277,13 @@ def _single_process_out() -> None:
 
 
 def _recorded_features() -> Path:
+    """The cache ``./ltclip.toml`` names, which must exist."""
     found = recorded_features()
     if found is None:
         raise LtclipError(f"--features DIR is required (no ./{WORKSPACE_FILE} from `ltclip extract` here), or --from RUN for a second stage")
+    if not found.is_dir():
+        raise LtclipError(f"./{WORKSPACE_FILE} names the feature cache {found}, which does not exist; pass --features DIR, "
+                          f"or rerun `ltclip extract` (it names its cache there)")
     return found
 
 
@@ -274,5 +296,5 @@ def _shown(value) -> str:
     return " ".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-__all__ = ["MAX_LENGTHENING", "eval_config", "extract_config", "finetune_config", "head_defaults", "layer_options", "lengthened",
+__all__ = ["MAX_LENGTHENING", "checked", "eval_config", "extract_config", "finetune_config", "head_defaults", "layer_options", "lengthened",
            "parse_method_options", "run_config", "saved_config", "second_stage_config", "stage_one_config", "train_head_config", "workspace_features"]
