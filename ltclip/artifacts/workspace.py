@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..core.atomic import atomic_path
 from ..core.errors import LtclipError
+from ..core.lock import is_locked
 
 WORKSPACE_FILE = "ltclip.toml"
 FEATURES_DIR = Path("features")
@@ -32,7 +33,8 @@ def default_features_dir(dataset: str, model: str, pretrained: str) -> Path:
 
 
 def default_run_dir(name: str, resume: bool) -> Path:
-    """``runs/<name>``, or ``runs/<name>-2``, ``-3``, … so that a finished run is never overwritten.
+    """``runs/<name>``, or ``runs/<name>-2``, ``-3``, … so that a finished run, or one another process is
+    writing, is never overwritten.
 
     With ``resume`` it is the newest of those folders (the one an interrupted run left).
     """
@@ -42,7 +44,7 @@ def default_run_dir(name: str, resume: bool) -> Path:
         if not existing:
             raise LtclipError(f"--resume: no run folder {candidates[0]} to resume; pass --out RUN")
         return existing[-1]
-    return next(c for c in candidates if not (c / "run.json").exists())
+    return next(c for c in candidates if not (c / "run.json").exists() and not is_locked(c))
 
 
 def record_features(features: Path, where: Path = Path(".")) -> Path:

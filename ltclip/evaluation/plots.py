@@ -47,11 +47,17 @@ def _zero_shot_first(results: Sequence[dict]) -> list[dict]:
     return sorted(results, key=lambda r: r.get("kind") != "zero-shot")  # stable, as the Markdown table
 
 
+def per_class_path(path: str | os.PathLike) -> Path:
+    """Where :func:`write_plots` puts the per-class figure of ``--plot path``: ``<stem>_per_class<suffix>`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_per_class{path.suffix or '.png'}")
+
+
 def write_plots(results: Sequence[dict], path: str | os.PathLike, *, many_threshold: int = 100,
                 few_threshold: int = 20) -> tuple[Path, Path]:
     """Shot-group bars at ``path`` and the per-class figure at ``<stem>_per_class<suffix>`` beside it."""
     path = Path(path)
-    per_class = path.with_name(f"{path.stem}_per_class{path.suffix or '.png'}")
+    per_class = per_class_path(path)
     thresholds = {"many_threshold": many_threshold, "few_threshold": few_threshold}
     return plot_shot_groups(results, path, **thresholds), plot_per_class(results, per_class, **thresholds)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,11 @@ import numpy as np
 from ..core.atomic import save_json
 from ..config import EvalConfig
 from ..artifacts.feature_batches import FeatureInputs
+from ..artifacts.outputs import check_output_files, dataset_inputs, folder_input, run_folder_inputs
 from ..core.distributed import DistContext, resolve_device
 from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views, evaluate
+from ..evaluation.plots import per_class_path
 from ..evaluation.retrieval import class_means, knn_logits, ncm_logits, normalise, retrieval_mix
 from ..artifacts.runs import load_run, read_run_info
 from ..artifacts.store import FeatureCache, load_text_embeddings
@@ -50,6 +53,11 @@ def _knn_log_probs(query: np.ndarray, features: Path, cfg: EvalConfig, k: int) -
     return knn_logits(query, db, db_labels, len(counts), k=k, temperature=cfg.temperature, backend=cfg.backend)
 
 
+def _eval_file(run_dir: Path, split: str) -> Path:
+    """Where eval keeps a run's result on ``split``, in the run folder."""
+    return run_dir / ("eval.json" if split == "test" else f"eval_{split}.json")
+
+
 def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
     from ..evaluation.report import method_name
 
@@ -61,7 +69,7 @@ def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
         logits, labels = image_run_logits(run, cfg, device)
         result = _result(logits, labels, counts, cfg, name=method_name(run.info["method"]), kind="run",
                          dataset=run.info.get("dataset"), run_dir=str(run.path))
-        save_json(run.path / ("eval.json" if cfg.split == "test" else f"eval_{cfg.split}.json"), result)
+        save_json(_eval_file(run.path, cfg.split), result)
         return result
     with _split_cache(run.features, cfg.split, str(run_dir)) as cache:
         inputs = FeatureInputs(cache, run.model.head.input, device=device)
@@ -73,7 +81,7 @@ def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
             logits = retrieval_mix(logits, knn, cfg.retrieval_mix)
             name += f" + kNN mix {cfg.retrieval_mix:g}"
     result = _result(logits, labels, counts, cfg, name=name, kind="run", dataset=run.info.get("dataset"), run_dir=str(run.path))
-    save_json(run.path / ("eval.json" if cfg.split == "test" else f"eval_{cfg.split}.json"), result)
+    save_json(_eval_file(run.path, cfg.split), result)
     return result
 
 
@@ -103,20 +111,28 @@ def evaluate_baselines(cfg: EvalConfig) -> list[dict]:
     return results
 
 
-def _check_outputs(cfg: EvalConfig) -> None:
-    """``--report/--json/--csv/--plot`` must be writable file paths: refused before anything is evaluated."""
-    for option in ("report", "json", "csv", "plot"):
-        target = getattr(cfg, option)
-        if not target:
-            continue
-        path = Path(target)
-        if path.is_dir():
-            raise LtclipError(f"--{option} {target}: is a folder; name a file in it")
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir():
-            raise LtclipError(f"--{option} {target}: {folder} is a file, not a folder; choose another path")
+def _check_outputs(cfg: EvalConfig, infos: dict[str, dict]) -> None:
+    """``--report/--json/--csv/--plot`` (and the per-class figure beside ``--plot``) are writable files, each
+    its own, replacing nothing eval reads: refused before anything is evaluated. ``infos``: run.json by run."""
+    inputs = [item for run, info in infos.items() for item in run_folder_inputs(run, info)]
+    inputs += [item for run, info in infos.items() if info["kind"] == "finetune" for item in _data_inputs(info, cfg)]
+    if cfg.features:
+        inputs.append(folder_input(cfg.features, "the feature cache"))
+    outputs = {f"--{option}": getattr(cfg, option) for option in ("report", "json", "csv", "plot")}
+    if cfg.plot:
+        outputs["--plot's per-class figure"] = per_class_path(cfg.plot)
+    check_output_files(outputs, inputs, own={f"the eval file of {run}": _eval_file(Path(run), cfg.split) for run in infos})
+
+
+def _data_inputs(info: dict, cfg: EvalConfig) -> list:
+    """The dataset files a finetuned run is scored on (its split files, class names and images)."""
+    from ..config import DataConfig, from_dict
+    from ..data.registry import open_dataset
+
+    data = from_dict(DataConfig, info["inputs"]["data"])
+    if cfg.data_root:
+        data = dataclasses.replace(data, data_root=cfg.data_root)
+    return dataset_inputs(open_dataset(data), data)
 
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
@@ -124,7 +140,6 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     from ..evaluation.plots import write_plots
     from ..evaluation.report import write_csv, write_json, write_markdown
 
-    _check_outputs(cfg)
     if cfg.views not in ("mean", "first"):
         raise LtclipError(f"--views {cfg.views!r}: choose mean or first")
     if not 0 <= cfg.retrieval_mix <= 1:
@@ -134,7 +149,9 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
         raise LtclipError("--zero-shot / --knn / --ncm need --features DIR (the cache to evaluate)")
     if not cfg.runs and not wants_baseline:
         raise LtclipError("nothing to evaluate: name run folders, or --zero-shot / --knn K / --ncm with --features")
-    datasets = {read_run_info(r).get("dataset") for r in cfg.runs}
+    infos = {run: read_run_info(run) for run in cfg.runs}
+    _check_outputs(cfg, infos)
+    datasets = {info.get("dataset") for info in infos.values()}
     if wants_baseline:
         with _split_cache(Path(cfg.features), cfg.split, f"--features {cfg.features}") as cache:
             datasets.add(cache.attrs.get("dataset"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -11,7 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..artifacts.outputs import CACHE_RECORD, check_out_folder, dataset_inputs, run_folder_inputs
 from ..core.atomic import save_json
+from ..core.lock import folder_lock
 from ..config import ExtractConfig, provenance, to_dict
 from ..data.image_batches import NORMALIZATIONS, eval_transform, mean_std
 from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
@@ -109,6 +112,36 @@ def _out_dir(out: str) -> Path:
     except OSError as err:
         raise LtclipError(f"--out {out}: cannot create the folder ({err.strerror}); choose a writable folder") from None
     return path
+
+
+def _check_out(cfg: ExtractConfig, dataset) -> None:
+    """``--out`` may sit beside the images (even inside the data root: features kept with a dataset), but
+    not be the data root itself, a folder of its images, a split or class-name file, or a run."""
+    inputs = dataset_inputs(dataset, cfg.data)
+    if cfg.from_run is not None:
+        from ..artifacts.runs import read_run_info
+
+        inputs += run_folder_inputs(cfg.from_run, read_run_info(cfg.from_run))
+    check_out_folder(cfg.out, "cache", inputs)
+
+
+RECORDED = ("block_size", "precision")  # shape the stored files; no file attribute records them all
+
+
+def _check_recorded(cfg: ExtractConfig, out: Path) -> None:
+    """A rerun into a cache keeps the options its ``extract.json`` recorded (else the record would lie)."""
+    path = out / CACHE_RECORD
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text()).get("config", {})
+    except ValueError:
+        raise LtclipError(f"{path}: not valid JSON; delete it (the .h5 files are checked on their own) and rerun") from None
+    for name in RECORDED:
+        if name in saved and saved[name] != getattr(cfg, name):
+            flag = f"--{name.replace('_', '-')}"
+            raise LtclipError(f"{flag} {getattr(cfg, name)}: the cache {out} was written with {flag} {saved[name]} "
+                              f"({CACHE_RECORD}); pass {flag} {saved[name]} or another --out")
 
 
 def _complete(path: Path) -> bool:
@@ -328,8 +361,16 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     check_bad_images(cfg.bad_images)
     check_view_options(cfg.eval_resize, cfg.interpolation)
     fmt = _token_format(cfg)
+    _check_out(cfg, dataset)
     out = _out_dir(cfg.out)  # before the model loads: an unwritable --out is refused at once
+    _check_recorded(cfg, out)
     ctx, device = setup(cfg.device)
+    with folder_lock(out, "extract", ctx):
+        return _extract(cfg, dataset, splits, fmt, out, ctx, device, progress)
+
+
+def _extract(cfg: ExtractConfig, dataset, splits, fmt: TokenFormat, out: Path, ctx, device, progress: Progress) -> dict:
+    """:func:`run_extract`'s work, ``out`` held by this command."""
     saved_cfg, cfg = cfg, dataclasses.replace(cfg, workers=_workers(cfg.workers, ctx))
     autocast(device, cfg.precision)  # refuse a precision the device lacks before any work
     backbone = _backbone(cfg, device)
@@ -345,5 +386,5 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress, fmt, basis) for s in splits]
     if ctx.is_main:
         results.append(_text_file(cfg, dataset, backbone, device, out, progress))
-        save_json(out / "extract.json", {"config": to_dict(saved_cfg), "provenance": provenance(), "identity": backbone.identity})
+        save_json(out / CACHE_RECORD, {"config": to_dict(saved_cfg), "provenance": provenance(), "identity": backbone.identity})
     return {"out": str(out), "splits": results, "identity": backbone.identity}

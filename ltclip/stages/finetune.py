@@ -15,8 +15,11 @@ from ..data.image_batches import (
 )
 from ..data.registry import open_dataset
 from ..data.views import CenterView, check_view_options, lift_resize, make_views
+from ..artifacts.outputs import check_out_folder, dataset_inputs
 from ..core.distributed import default_workers, setup
+from ..core.lock import folder_lock
 from ..engine import ParamGroups, RunEnv, ValidationStats, check_optim, fit, run_length, steps_per_epoch
+from ..engine.plan import check_warmup
 from ..methods.task import Task
 from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views
@@ -110,6 +113,16 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     ctx, device = setup(cfg.device)
     check_optim(cfg.optim, ctx.world_size)
     dataset = open_dataset(cfg.data)
+    if cfg.val_split not in dataset.splits and cfg.val_split != FinetuneConfig.val_split:  # the default "val" is optional
+        raise LtclipError(f"--val-split {cfg.val_split}: {dataset.name} has no such split; choose one of {', '.join(dataset.splits)}")
+    check_warmup(cfg.optim, steps_per_epoch(cfg.optim, len(dataset.split("train")), ctx.world_size))
+    check_out_folder(cfg.out, "finetune", dataset_inputs(dataset, cfg.data))
+    with folder_lock(cfg.out, "finetune", ctx):
+        return _train(cfg, dataset, ctx, device, progress, resume)
+
+
+def _train(cfg: FinetuneConfig, dataset, ctx, device, progress: Progress, resume: bool) -> dict:
+    """:func:`run_finetune`'s work, ``cfg.out`` held by this command."""
     val_split = cfg.val_split if cfg.val_split in dataset.splits else None
     workers = default_workers(ctx) if cfg.workers is None else cfg.workers
     backbone, model = new_encoder_classifier(cfg, dataset, device, workers)
@@ -123,7 +136,8 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: 
     val_views = make_views("center", eval_tf, {**backbone.preprocess_cfg, "mean": mean, "std": std},
                            resize=cfg.eval_resize, interpolation=cfg.interpolation)
     out = Path(cfg.out)
-    start_run(out, resume, to_dict(cfg), ctx)
+    read = [dataset.split(s) for s in dict.fromkeys(("train", val_split or "train"))]
+    start_run(out, resume, to_dict(cfg), ctx, inputs={split.source: split.sha256 for split in read})
     counts = dataset.train_counts()
     epochs = run_length(cfg.optim, steps_per_epoch(cfg.optim, len(dataset.split("train").labels), ctx.world_size))[1]
     source = ImageSource(dataset, "train", train_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize, cfg.augment,

@@ -13,11 +13,13 @@ import torch
 from ..config import SECOND_STAGE_OPTIM, SecondStageConfig, flag, to_dict
 from ..recipes.resolve import saved_config
 from ..artifacts.feature_batches import FeatureInputs
+from ..artifacts.outputs import check_out_folder, run_folder_inputs
 from ..core.distributed import setup
+from ..core.lock import folder_lock
 from ..engine import RunEnv, check_optim
 from ..core.errors import LtclipError
 from ..core.progress import Progress
-from ..artifacts.runs import RunModel, features_input, load_run, model_payload, write_run
+from ..artifacts.runs import RunModel, features_input, load_run, model_payload, read_run_info, write_run
 from ..methods.second_stage import TWO_STAGE, fit_two_stage
 from .common import open_split, posthoc_tau, ram_budget, start_run, validate_on_cache
 
@@ -48,8 +50,15 @@ def run_second_stage(cfg: SecondStageConfig, progress: Progress | None = None, r
     """cRT / LWS / tau-norm / DisAlign / MARC / NCM and post-hoc logit adjustment on a finished run."""
     progress = progress or Progress()
     check_options(cfg)
+    check_out_folder(cfg.out, "second_stage", run_folder_inputs(cfg.from_run, read_run_info(cfg.from_run)))
     ctx, device = setup(cfg.device)
     check_optim(cfg.optim, ctx.world_size)
+    with folder_lock(cfg.out, "train-head --from", ctx):
+        return _train(cfg, ctx, device, progress, resume)
+
+
+def _train(cfg: SecondStageConfig, ctx, device, progress: Progress, resume: bool) -> dict:
+    """:func:`run_second_stage`'s work, ``cfg.out`` held by this command."""
     stage1 = load_run(cfg.from_run, device=device)
     features = Path(cfg.features) if cfg.features else stage1.features
     if features.resolve() != stage1.features.resolve():

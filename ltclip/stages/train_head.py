@@ -10,8 +10,11 @@ import torch
 from ..config import TrainHeadConfig, to_dict
 from ..recipes.resolve import lengthened, saved_config
 from ..artifacts.feature_batches import FeatureInputs
+from ..artifacts.outputs import check_out_folder, folder_input
 from ..core.distributed import setup
-from ..engine import RunEnv, check_optim, fit
+from ..core.lock import folder_lock
+from ..engine import RunEnv, check_optim, fit, steps_per_epoch
+from ..engine.plan import check_warmup
 from ..methods.task import Task
 from ..models.heads import HeadInputs, create_head, head_needs
 from ..models.text_prompts import load_text_encoder
@@ -33,10 +36,19 @@ def run_train_head(cfg: TrainHeadConfig, progress: Progress | None = None, resum
             cfg, why = lengthened(cfg, cache.num_rows)
         if why and say is not None:
             say("--epochs", why)
+    check_out_folder(cfg.out, "head", [folder_input(cfg.features, "the feature cache")])
+    ctx, device = setup(cfg.device)
+    check_optim(cfg.optim, ctx.world_size)
+    with open_split(Path(cfg.features), "train") as cache:
+        check_warmup(cfg.optim, steps_per_epoch(cfg.optim, cache.num_rows, ctx.world_size))
+    with folder_lock(cfg.out, "train-head", ctx):
+        return _train(cfg, ctx, device, progress, resume)
+
+
+def _train(cfg: TrainHeadConfig, ctx, device, progress: Progress, resume: bool) -> dict:
+    """:func:`run_train_head`'s work, ``cfg.out`` held by this command."""
     method, optim = cfg.method, cfg.optim
     out, features = Path(cfg.out), Path(cfg.features)
-    ctx, device = setup(cfg.device)
-    check_optim(optim, ctx.world_size)
     blocks = block_order(cfg.read_blocks, cfg.shuffle_pool)
     train_cache = open_split(features, "train")
     val_cache = open_split(features, cfg.val_split, required=False)

@@ -8,10 +8,10 @@ import json
 import math
 from pathlib import Path
 
+from ..artifacts.outputs import SWEEP_FILE
 from ..core.atomic import atomic_path, save_json
 from ..evaluation.metrics import LOWER_IS_BETTER
 
-SWEEP_FILE = "sweep.json"
 SWEEP_MD = "sweep.md"
 SWEEP_SCHEMA_VERSION = 1
 

@@ -17,7 +17,9 @@ import os
 import shutil
 from pathlib import Path
 
+from ..artifacts.outputs import Input, check_out_folder, folder_input, run_folder_inputs
 from ..core.atomic import WriteError, save_json
+from ..core.lock import LOCK_FILE, folder_lock
 from ..config import SecondStageConfig, to_dict
 from ..engine import BEST_FILE, LAST_FILE, SUMMARY_KEYS, check_optim
 from ..core.errors import LtclipError
@@ -46,6 +48,25 @@ def run_sweep(base: dict, grid: list[tuple[str, list]], metric: str, out: Path, 
     points = expand(base, grid, out)
     for point in points:
         _check(point)
+    check_out_folder(out, "sweep", _inputs(points))
+    with folder_lock(out, "sweep"):
+        return _sweep(base, grid, metric, out, points, progress, resume)
+
+
+def _inputs(points: list[Point]) -> list[Input]:
+    """The caches and first-stage runs the points read."""
+    found = []
+    for point in points:
+        cfg = point.cfg
+        if isinstance(cfg, SecondStageConfig):
+            found += run_folder_inputs(cfg.from_run, read_run_info(cfg.from_run))
+        if cfg.features:
+            found.append(folder_input(cfg.features, "the feature cache"))
+    return list(dict.fromkeys(found))
+
+
+def _sweep(base: dict, grid, metric: str, out: Path, points: list[Point], progress: Progress, resume: bool) -> dict:
+    """:func:`run_sweep`'s work, ``out`` held by this command."""
     groups = {f"g{i:02d}": members for i, members in enumerate(plan_groups(points))}
     record = report.new_record(base, grid, metric, points, groups)
     _start(out, record, resume)
@@ -157,7 +178,7 @@ def _keep_best(out: Path, point: Point) -> None:
     """``out/best``: the best point's run (without its checkpoints), its config that of a run in ``out/best``."""
     dest, partial = out / BEST_DIR, out / f"{BEST_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(point.cfg.out, partial, ignore=shutil.ignore_patterns(LAST_FILE, BEST_FILE, "tensorboard"))
+    shutil.copytree(point.cfg.out, partial, ignore=shutil.ignore_patterns(LAST_FILE, BEST_FILE, LOCK_FILE, "tensorboard"))
     save_json(partial / CONFIG_FILE, to_dict(dataclasses.replace(point.cfg, out=str(dest))))
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(partial, dest)
