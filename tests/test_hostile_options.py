@@ -73,6 +73,7 @@ CASES = [  # (command and options, what the one error line says)
     (["--read-blocks", "-2"], "--read-blocks -2: must be an integer >= 0"),
     (["--shuffle-pool", "0"], "--shuffle-pool 0: must be an integer >= 1"),
     (["--min-steps", "-1"], "--min-steps -1: must be an integer >= 0"),
+    (["--val-split", "holdout"], "no holdout.h5; run `ltclip extract --splits holdout` first"),  # was: no validation, silently
 ]
 
 

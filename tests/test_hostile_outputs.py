@@ -21,44 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from conftest import TINY_MODEL, write_cache
-from ltclip.cli import app
 from ltclip.core.distributed import DistContext
 from ltclip.core.errors import LtclipError
 from ltclip.core.lock import LOCK_FILE, folder_lock
 
-runner = CliRunner()
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-ENV.pop("WORLD_SIZE", None)
+from test_bad_inputs import ENV, _in_tmp, invoke, ok, one_error_line  # noqa: F401  (_in_tmp: the autouse fixture)
+
 LINEAR = ["--head", "linear", "--epochs", "1", "--device", "cpu"]
 ROWS = {"train": [30, 12, 5], "val": [4, 4, 4], "test": [4, 4, 4]}
-
-
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def one_error_line(output: str, exit_code: int, *fragments: str) -> str:
-    assert exit_code == 2, output
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and output.rstrip().endswith(errors[0]), output
-    for fragment in fragments:
-        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 def fails(*args, fragments=()) -> str:

@@ -68,7 +68,7 @@ def _train(cfg: SecondStageConfig, ctx, device, progress: Progress, resume: bool
     counts = np.asarray(stage1.info["class_counts"])
     model, head = stage1.model, stage1.model.head
     max_ram = ram_budget(cfg.max_ram, ctx)
-    val_cache = open_split(features, cfg.val_split, required=False)
+    val_cache = open_split(features, cfg.val_split, required=cfg.val_split != SecondStageConfig.val_split)  # the default is optional
     val = FeatureInputs(val_cache, head.input, max_ram, device) if val_cache is not None else None
     eval_batch = cfg.optim.batch_size * 2
     calibrated = None

@@ -51,7 +51,7 @@ def _train(cfg: TrainHeadConfig, ctx, device, progress: Progress, resume: bool) 
     out, features = Path(cfg.out), Path(cfg.features)
     blocks = block_order(cfg.read_blocks, cfg.shuffle_pool)
     train_cache = open_split(features, "train")
-    val_cache = open_split(features, cfg.val_split, required=False)
+    val_cache = open_split(features, cfg.val_split, required=cfg.val_split != TrainHeadConfig.val_split)  # the default is optional
     counts = train_cache.class_counts()
     needs = head_needs(method.head, method.head_opts)
     text = None
