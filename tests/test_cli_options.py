@@ -13,8 +13,8 @@ from ltclip.cli import app
 from ltclip.cli.generate import command, config_options
 from ltclip.cli.train import HEAD_DEFAULTED
 from ltclip.config import (
-    EvalConfig, ExtractConfig, FinetuneConfig, ReproduceConfig, SecondStageConfig, TrainHeadConfig, flags_of, option,
-    option_fields,
+    EvalConfig, ExtractConfig, FinetuneConfig, PredictConfig, ReproduceConfig, SecondStageConfig, TrainHeadConfig, flags_of,
+    option, option_fields,
 )
 
 runner = CliRunner()
@@ -24,6 +24,7 @@ COMMANDS = {
     "train-head": ((TrainHeadConfig, SecondStageConfig), {"config", "recipe", "resume"}),
     "finetune": ((FinetuneConfig,), {"config", "recipe", "resume"}),
     "eval": ((EvalConfig,), {"config", "runs"}),
+    "predict": ((PredictConfig,), {"items"}),
 }
 
 

@@ -182,8 +182,9 @@ def test_the_package_has_no_import_cycle():
     assert cycles(import_graph()) == []
 
 
-# The package's folders, lowest first (docs/architecture.md draws them).
-LAYERS = ["core", "config", "data", "models", "evaluation", "engine", "methods", "artifacts", "recipes", "stages", "sweep", "cli"]
+# The package's folders, lowest first (docs/architecture.md draws them), and the Python API (ltclip.api) above the stages.
+LAYERS = ["core", "config", "data", "models", "evaluation", "engine", "methods", "artifacts", "recipes", "stages", "sweep", "api",
+          "cli"]
 
 
 def test_each_folder_imports_only_folders_below_it():

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import finetune, pretrain, reproduce, stages, sweep, train
+from . import finetune, pretrain, reproduce, stages, sweep, train, use
 from .datasets import cache_app, datasets_app
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ finetune.register(app)  # finetune
 reproduce.register(app)  # reproduce (the paper's table: make reproduce)
 sweep.register(app)  # sweep (a grid of train-head points)
 pretrain.register(app)  # pretrain-toy (the demo's toy CLIP)
+use.register(app)  # predict (a run on image files)
 
 
 def main() -> None:

@@ -1,0 +1,33 @@
+"""``ltclip predict``'s config: which model, which images, how they are viewed and where the predictions go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import option
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """``ltclip predict``: a run's (or a cache's zero-shot) top-k classes of image files."""
+
+    run: str | None = None  # the command's first argument (none with --zero-shot)
+    paths: tuple[str, ...] = ()  # the command's other arguments: image files and folders
+    list_file: str | None = option(None, "File of image paths, one per line (relative ones: to the file's folder).",
+                                   flag="--list")
+    zero_shot: bool = option(False, "Zero-shot CLIP with a cache's text embeddings (--features); no run.")
+    features: str | None = option(None, "Cache folder whose encoder and text embeddings --zero-shot uses.", short="-f")
+    top_k: int = option(5, "Classes per image, most probable first.", short="-k", minimum=1)
+    out: str | None = option(None, "Write the predictions to this .csv or .jsonl file.", short="-o",
+                             default_text="a table on stdout")
+    test_views: str = option("center", "Views of each image whose logits are averaged: center, flip, fivecrop or tencrop.")
+    eval_resize: int | None = option(None, "Resize the short side to this before cropping the views.",
+                                     default_text="the run's (or cache's) recorded value", minimum=0)
+    interpolation: str | None = option(None, "bilinear or bicubic resampling of the --eval-resize views.",
+                                       default_text="the run's (or cache's) recorded value")
+    bad_images: str = option("fail", "Unreadable images: fail (stop) or skip (warn, no prediction).")
+    batch_size: int = option(64, "Images per forward pass.", minimum=1)
+    workers: int | None = option(None, "Image decode workers.", default_text="this process's share of the CPUs, at most 8",
+                                 minimum=0)
+    device: str = option("auto", "auto, cpu or cuda.")
+    precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).")

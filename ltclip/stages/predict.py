@@ -1,0 +1,182 @@
+"""``ltclip predict``: a run's (or a cache's zero-shot) top-k classes of image files, views' logits averaged."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..artifacts.image_model import ImageClassifier, run_classifier, zero_shot_classifier
+from ..artifacts.outputs import check_output_files, file_input, folder_input, run_folder_inputs
+from ..config import PredictConfig
+from ..core.atomic import atomic_path
+from ..core.distributed import DistContext, autocast, default_workers, resolve_device
+from ..core.errors import LtclipError
+from ..data.image_files import read_rgb
+from ..data.images import apply_bad_image_policy, check_bad_images, worker_init
+from ..data.views import Views
+from ..evaluation.metrics import average_views
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+OUT_FORMATS = (".csv", ".jsonl")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's ``top`` classes, most probable first: ``(class name, probability)`` pairs."""
+
+    image: str  # the path, or ``image N`` for an in-memory image
+    top: list[tuple[str, float]]
+
+    @property
+    def label(self) -> str:
+        return self.top[0][0]
+
+
+class _Images(Dataset):
+    """Item ``i`` → ``(views [V, 3, H, W], i, problem)`` of a path or PIL image; unreadable: zeros and the problem."""
+
+    def __init__(self, items: list, views: Views):
+        self.items, self.views = items, views
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            image = read_rgb(item) if isinstance(item, (str, Path)) else item.convert("RGB")
+            return self.views(image, i), i, ""
+        except Exception as err:  # any decode/IO failure of one image
+            problem = " ".join(f"{item}: cannot read image ({type(err).__name__}: {err})".split())
+            from PIL import Image
+
+            return torch.zeros_like(self.views(Image.new("RGB", (8, 8)), i)), i, problem
+
+
+@torch.inference_mode()
+def predict_logits(classifier: ImageClassifier, items: list, views: Views, *, batch_size: int = 64, workers: int = 0,
+                 device: str | torch.device = "cpu", precision: str = "fp32", bad_images: str = "fail") -> tuple[np.ndarray, np.ndarray]:
+    """``(indices of the images read, their logits [n, C] float32)``, each image's views averaged."""
+    device = torch.device(device)
+    loader = DataLoader(_Images(items, views), batch_size=batch_size, num_workers=workers, shuffle=False,
+                        worker_init_fn=worker_init if workers else None)
+    kept, parts = [], []
+    for x, index, problems in loader:
+        ok = np.asarray(apply_bad_image_policy(bad_images, problems), dtype=bool)
+        if not ok.any():
+            continue
+        x = x[torch.from_numpy(ok)]
+        b, v = x.shape[:2]
+        with autocast(device, precision):
+            logits = classifier.model(x.flatten(0, 1).to(device))
+        parts.append(average_views(logits.float().view(b, v, -1).cpu().numpy(), "mean"))
+        kept.append(index.numpy()[ok])
+    classes = len(classifier.classnames)
+    return (np.concatenate(kept) if kept else np.zeros(0, np.int64),
+            np.concatenate(parts) if parts else np.zeros((0, classes), np.float32))
+
+
+def top_predictions(logits: np.ndarray, classnames: list[str], names: list[str], top_k: int) -> list[Prediction]:
+    """Each row's ``top_k`` classes by softmax probability."""
+    probs = torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    return [Prediction(name, [(classnames[c], float(p[c])) for c in row]) for name, p, row in zip(names, probs, order)]
+
+
+def image_paths(paths: tuple[str, ...], list_file: str | None) -> list[Path]:
+    """The images named: files as given, folders searched recursively for image extensions, and the
+    lines of ``--list`` (relative paths: to the list's folder; blank lines and ``#`` comments skipped)."""
+    if not paths and not list_file:
+        raise LtclipError("no images named: pass image files or folders after the run (or --list FILE)")
+    named = [(Path(p), p) for p in paths]
+    if list_file:
+        listed = Path(list_file)
+        try:
+            lines = listed.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise LtclipError(f"--list {list_file}: cannot read it ({type(err).__name__}); pass a text file of image paths") from None
+        named += [(listed.parent / line.strip(), f"--list {list_file}: {line.strip()}") for line in lines
+                  if line.strip() and not line.lstrip().startswith("#")]
+    found: list[Path] = []
+    for path, shown in named:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        elif path.exists():
+            found.append(path)
+        else:
+            raise LtclipError(f"{shown}: no such file or folder; pass image files or folders of images")
+    if not found:
+        where = ", ".join([*paths, *([f"--list {list_file}"] if list_file else [])])
+        raise LtclipError(f"no images found in {where} (looked for {', '.join(IMAGE_EXTENSIONS)}); pass image files or folders")
+    return found
+
+
+def write_predictions(predictions: list[Prediction], out: str | Path) -> None:
+    """CSV (``path, class_1, prob_1, …``) or JSONL (``{"path", "top": [{"class", "probability"}]}``), atomically."""
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        if Path(out).suffix.lower() == ".jsonl":
+            for p in predictions:
+                top = [{"class": name, "probability": prob} for name, prob in p.top]
+                f.write(json.dumps({"path": p.image, "top": top}) + "\n")
+            return
+        k = max((len(p.top) for p in predictions), default=0)
+        writer = csv.writer(f)
+        writer.writerow(["path", *[col for i in range(1, k + 1) for col in (f"class_{i}", f"prob_{i}")]])
+        for p in predictions:
+            writer.writerow([p.image, *[v for name, prob in p.top for v in (name, f"{prob:.6f}")]])
+
+
+def print_table(predictions: list[Prediction]) -> None:
+    """A compact table on stdout: each image, its top class and probability, then the others."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for title in ("image", "class", "prob", "next"):
+        table.add_column(title, overflow="fold")
+    for p in predictions:
+        rest = ", ".join(f"{name} {prob:.2f}" for name, prob in p.top[1:])
+        table.add_row(p.image, p.top[0][0], f"{p.top[0][1]:.3f}", rest)
+    Console(width=max(120, Console().width)).print(table)  # paths are long: fold them less
+
+
+def _check(cfg: PredictConfig) -> None:
+    check_bad_images(cfg.bad_images)
+    if cfg.zero_shot and (cfg.run or not cfg.features):
+        raise LtclipError("--zero-shot classifies with a cache's text embeddings: pass --features CACHE and no run")
+    if not cfg.zero_shot and cfg.features:
+        raise LtclipError("--features names the cache of --zero-shot; a run brings its own encoder: drop --features")
+    if not cfg.zero_shot and not cfg.run:
+        raise LtclipError("name a run folder (from `ltclip train-head` or `ltclip finetune`) and images, or pass --zero-shot --features CACHE")
+    if cfg.out and Path(cfg.out).suffix.lower() not in OUT_FORMATS:
+        raise LtclipError(f"--out {cfg.out}: name a .csv or .jsonl file")
+
+
+def run_predict(cfg: PredictConfig) -> list[Prediction]:
+    """Predict the images ``cfg`` names; write ``--out`` (checked before any work) when given."""
+    from ..artifacts.runs import read_run_info
+
+    _check(cfg)
+    paths = image_paths(cfg.paths, cfg.list_file)
+    inputs = [file_input(p, "an input image") for p in paths] + ([file_input(cfg.list_file, "the --list file")] if cfg.list_file else [])
+    inputs += [folder_input(cfg.features, "the feature cache")] if cfg.zero_shot else run_folder_inputs(cfg.run, read_run_info(cfg.run))
+    check_output_files({"--out": cfg.out}, inputs)
+    device = resolve_device(cfg.device, DistContext())
+    classifier = zero_shot_classifier(cfg.features, device) if cfg.zero_shot else run_classifier(cfg.run, device)
+    views = classifier.views(cfg.test_views, cfg.eval_resize, cfg.interpolation)
+    workers = default_workers(DistContext()) if cfg.workers is None else cfg.workers
+    kept, logits = predict_logits(classifier, paths, views, batch_size=cfg.batch_size, workers=workers, device=device,
+                                precision=cfg.precision, bad_images=cfg.bad_images)
+    predictions = top_predictions(logits, classifier.classnames, [str(paths[i]) for i in kept], cfg.top_k)
+    if cfg.out:
+        write_predictions(predictions, cfg.out)
+    return predictions
