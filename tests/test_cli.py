@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from conftest import shared_files, write_places_lt_standin
 from ltclip import __version__
 from ltclip.cli import app
+from ltclip.recipes.choices import KINDS
 
 runner = CliRunner()
 
@@ -84,12 +85,26 @@ def test_bad_manifest_is_a_one_line_error_with_exit_2(tmp_path, lines, message):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_list_reads_the_registries():
+def test_list_reads_the_registries(monkeypatch):
     from ltclip.methods.losses import list_losses
 
+    monkeypatch.delenv("COLUMNS", raising=False)
     result = runner.invoke(app, ["list", "losses"])
-    assert result.exit_code == 0
-    assert [line.split()[0] for line in result.output.strip().splitlines()] == list_losses()
+    assert result.exit_code == 0 and max(map(len, result.output.splitlines())) <= 80  # not a terminal: 80 columns
+    names = [line.split()[0] for line in result.output.strip().splitlines()[2:] if not line.startswith(" ")]  # below the header
+    assert names == list_losses()
     assert "gamma=2.0" in result.output
     result = runner.invoke(app, ["list", "heads"])
     assert "decoder" in result.output and "depth=3" in result.output
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "recipes"])
+def test_list_is_a_table_that_fits_80_columns(kind, monkeypatch):
+    """Every `ltclip list` kind: a header row, lines of at most 80 characters, docstring markup as plain text."""
+    monkeypatch.setenv("COLUMNS", "80")
+    result = runner.invoke(app, ["list", kind])
+    assert result.exit_code == 0, result.output
+    lines = result.output.rstrip("\n").splitlines()
+    assert lines[0].split()[:3] == ["name", "what", "it"] and lines[0].split()[-1] == "options" and set(lines[1]) == {"─"}
+    assert max(map(len, lines)) <= 80 and len(lines) > 3
+    assert "``" not in result.output and ":func:" not in result.output and "\x1b[" not in result.output

@@ -17,6 +17,7 @@ from ..core.lock import is_locked
 
 WORKSPACE_FILE = "ltclip.toml"
 FEATURES_DIR = Path("features")
+SWEEP_FILE, SWEEP_BEST = "sweep.json", "best"  # a sweep's record and its best point kept as a run (ltclip.sweep.run)
 RUNS_DIR = Path("runs")
 
 
@@ -76,5 +77,39 @@ def recorded_features(where: Path = Path(".")) -> Path | None:
 
 
 def finished_runs(root: Path = RUNS_DIR) -> list[Path]:
-    """The finished run folders under ``root`` (holding ``run.json``), in name order."""
-    return sorted(p.parent for p in root.glob("*/run.json")) if root.is_dir() else []
+    """The finished run folders under ``root`` (holding ``run.json``) and the ``best/`` runs of its
+    finished sweeps, in name order."""
+    if not root.is_dir():
+        return []
+    runs = [p.parent for p in root.glob("*/run.json")]
+    return sorted(runs + [p.parent for p in root.glob(f"*/{SWEEP_BEST}/run.json") if (p.parents[1] / SWEEP_FILE).is_file()])
+
+
+def sweep_best(folder: Path) -> Path | None:
+    """The run a sweep folder (holding ``sweep.json``, no ``run.json``) is evaluated through: its ``best/``;
+    None for any other folder. A sweep that has not finished is refused."""
+    if not (folder / SWEEP_FILE).is_file() or (folder / "run.json").exists():
+        return None
+    best = folder / SWEEP_BEST
+    if not (best / "run.json").is_file():
+        raise LtclipError(f"{folder}: a sweep without a best run yet ({best} missing); finish it with "
+                          "`ltclip sweep ... --resume`, or name one of its points/ folders")
+    return best
+
+
+def sweep_point(run_dir: Path) -> tuple[dict, bool] | None:
+    """For a sweep's point (``SWEEP/points/NAME``) or best run (``SWEEP/best``): the point's grid values
+    (option → value, in the grid's order) and whether ``run_dir`` is the best run; None for other runs."""
+    run_dir = run_dir.resolve()
+    best = run_dir.name == SWEEP_BEST
+    sweep = run_dir.parent if best else run_dir.parents[1] if run_dir.parent.name == "points" else None
+    try:
+        record = json.loads((sweep / SWEEP_FILE).read_text(encoding="utf-8")) if sweep is not None else {}
+    except (OSError, ValueError):
+        return None
+    name = (record.get("best") or {}).get("point") if best else run_dir.name
+    point = next((p for p in record.get("points", ()) if p.get("name") == name), None)
+    if point is None:
+        return None
+    return {key: point["options"].get(key) for key, _ in record.get("grid", ())}, best
+

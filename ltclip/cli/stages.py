@@ -5,6 +5,10 @@ The options of extract and eval are the fields of :class:`ExtractConfig` and :cl
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,50 +52,86 @@ def list_registered(
     kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(KINDS)}, recipes.")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="With `tuning`: count each mode's trainable parameters on this open_clip model (at 1,000 classes, which set bottleneck=auto and rank=auto).")] = None,
 ):
-    """Registered methods of one kind: name, options with their defaults, and what it is."""
+    """Registered methods of one kind, as a table: name, what it is, options with their defaults."""
     if kind not in (*KINDS, "recipes"):
         raise LtclipError(f"ltclip list {kind!r}: choose one of {', '.join(KINDS)}, recipes")
     if model is not None and kind != "tuning":
         raise LtclipError("--model: only `ltclip list tuning` counts parameters on a model")
     if kind == "recipes":
-        return _list_recipes()
+        return _print_table(("name", "what it is", "options"), _recipe_rows())
     from ..recipes.choices import registry
-    from ..recipes.resolve import MAX_LENGTHENING
-    from ..models.heads import training_defaults
     from ..models.tuning import trainable_counts
 
     reg = registry(kind)
     counts = trainable_counts(model, reg.names()) if model else {}
+    rows = []
     for name in reg.names():
-        options = " ".join(f"{k}={v}" for k, v in reg.options(name).items())
-        count = f"{counts[name]:>12,} " if counts else ""
-        typer.echo(f"{name:16s} {count}{options:34s} {reg.summary(name)}".rstrip())
-        if kind == "two-stage" and reg.get(name).defaults:
-            typer.echo(f"{'':16s} train-head --from defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items()))
-        if kind == "heads" and training_defaults(name).options:
-            head = training_defaults(name)
-            by_opts: dict[str, list[str]] = {}  # losses with the same defaults share one phrase
-            for loss, opts in head.loss_options.items():
-                by_opts.setdefault(" ".join(f"{k}={v}" for k, v in opts.items()), []).append(loss)
-            extra = [f"with --loss {' or '.join(losses)}: {opts}" for opts, losses in by_opts.items()]
-            extra += [f"at least {head.min_steps} steps on small caches (up to {MAX_LENGTHENING}× the epochs)"] if head.min_steps else []
-            typer.echo(f"{'':16s} train-head defaults: " + " ".join(f"{k}={v}" for k, v in head.options.items())
-                       + "".join(f"; {e}" for e in extra))
+        about = "\n".join([_plain_text(reg.summary(name)), *_defaults_lines(kind, name, reg)])
+        count = (f"{counts[name]:,}",) if counts else ()
+        rows.append((name, *count, about, "\n".join(f"{k}={v}" for k, v in reg.options(name).items())))
+    _print_table(("name", *(("trainable",) if counts else ()), "what it is", "options"), rows)
 
 
-def _list_recipes() -> None:
-    """Each recipe: its summary, then per stage the options it sets."""
+def _defaults_lines(kind: str, name: str, reg) -> list[str]:
+    """The training defaults ``train-head`` takes from a head or a second-stage method."""
+    from ..models.heads import training_defaults
+    from ..recipes.resolve import MAX_LENGTHENING
+
+    if kind == "two-stage" and reg.get(name).defaults:
+        return ["train-head --from defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items())]
+    if kind != "heads" or not training_defaults(name).options:
+        return []
+    head = training_defaults(name)
+    by_opts: dict[str, list[str]] = {}  # losses with the same defaults share one phrase
+    for loss, opts in head.loss_options.items():
+        by_opts.setdefault(" ".join(f"{k}={v}" for k, v in opts.items()), []).append(loss)
+    extra = [f"with --loss {' or '.join(losses)}: {opts}" for opts, losses in by_opts.items()]
+    extra += [f"at least {head.min_steps} steps on small caches (up to {MAX_LENGTHENING}× the epochs)"] if head.min_steps else []
+    return ["train-head defaults: " + " ".join(f"{k}={v}" for k, v in head.options.items()) + "".join(f"; {e}" for e in extra)]
+
+
+def _recipe_rows() -> list[tuple[str, str, str]]:
+    """Each recipe: its summary, and per stage the options it sets."""
     from ..recipes import list_recipes, load_recipe
 
+    rows = []
     for name in list_recipes():
         recipe = load_recipe(name)
-        typer.echo(f"{name:16s} {recipe.summary}")
+        stages = []
         for stage, options in recipe.stages.items():
             opts = " ".join(f"{k}={','.join(v) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())
             heads = "".join(f"; head {h}: {' '.join(o)}" for h, o in recipe.head_opts[stage].items())
-            typer.echo(f"{'':16s} {stage}: {opts}{heads}")
+            stages.append(f"{stage}: {opts}{heads}")
         if recipe.loss_opts:
-            typer.echo(f"{'':16s} loss options: " + "; ".join(f"{loss}: {' '.join(o)}" for loss, o in recipe.loss_opts.items()))
+            stages.append("loss options: " + "; ".join(f"{loss}: {' '.join(o)}" for loss, o in recipe.loss_opts.items()))
+        rows.append((name, _plain_text(recipe.summary), "\n".join(stages)))
+    return rows
+
+
+def _plain_text(text: str) -> str:
+    """Docstring reStructuredText as plain text: ``:func:`~a.f``` → ``f``, double and single backquotes dropped."""
+    text = re.sub(r":[\w:]+:`(~?)([^`]*)`", lambda m: m[2].rsplit(".", 1)[-1] if m[1] else m[2], text)
+    return re.sub(r"``?([^`]+)``?", r"\1", text)
+
+
+def _print_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """``rows`` under a header row, fitted to the terminal's width (80 columns when the output is no
+    terminal and COLUMNS is not set), plain text unless the output is a terminal."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() or os.environ.get("COLUMNS") else 80
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for header in headers:
+        table.add_column(header, overflow="fold", no_wrap=header == "trainable", justify="right" if header == "trainable" else "left",
+                         ratio={"what it is": 3, "options": 2}.get(header))
+    for row in rows:
+        table.add_row(*row)
+    console = Console(width=max(width, 40), highlight=False)
+    with console.capture() as captured:
+        console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def register(app: typer.Typer) -> None:

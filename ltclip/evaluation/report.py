@@ -13,10 +13,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from ..config.files import flatten
 from ..core.atomic import atomic_path
 from ..core.errors import LtclipError
 
@@ -203,3 +204,102 @@ def method_name(config: dict) -> str:
     elif isinstance(la, (int, float)) and not isinstance(la, bool):
         name += f" + LA τ={la:g}"
     return name
+
+
+class RunFacts(NamedTuple):
+    """What a run's row label is made of: its ``run.json``, its ``config.json`` ({} where missing) and,
+    for a sweep's point or ``best/`` run, the point's grid values (option → value)."""
+
+    info: dict
+    config: dict
+    grid_values: dict | None = None
+    sweep_best: bool = False
+
+
+NAMED_METHODS = ("head", "loss", "sampler", "two_stage")  # sweep grid options the label names anyway
+Defaults = Callable[[str, str], dict]  # ("head" or "loss", its name) → that entry's options and their defaults
+
+
+def run_label(facts: RunFacts, defaults: Defaults = lambda option, name: {}) -> str:
+    """What a run is: ``finetune TUNE`` for a finetuned encoder (a head on a cache has no prefix),
+    :func:`method_name` with only the head and loss options off their ``defaults``, the recipe (where
+    the run records one) and a sweep point's grid values (those of options the label does not name
+    already). Example: ``finetune lora · linear · ce · instance``."""
+    method = dict(facts.info["method"])
+    for key in ("head", "loss"):
+        opts = method.get(f"{key}_opts")
+        if isinstance(opts, dict) and isinstance(method.get(key), str):  # lists: ``key=value`` strings of earlier versions
+            own = defaults(key, method[key])
+            method[f"{key}_opts"] = {k: v for k, v in opts.items() if k not in own or own[k] != v}
+    label = method_name(method)
+    if facts.info.get("kind") == "finetune":
+        label = f"finetune {method.get('tune') or 'frozen'} · {label}"
+    recipe = facts.info.get("recipe") or facts.config.get("recipe")
+    if recipe:
+        label += f" ({recipe} recipe)"
+    if facts.grid_values is None:
+        return label
+    values = ", ".join(f"{k}={_shown(v)}" for k, v in facts.grid_values.items() if k not in NAMED_METHODS)
+    if facts.sweep_best:
+        return f"{label} [sweep best{': ' + values if values else ''}]"
+    return f"{label} [{values or 'sweep point'}]"
+
+
+def run_labels(runs: dict[str, RunFacts], defaults: Defaults = lambda option, name: {}) -> dict[str, str]:
+    """A label for each run (folder → its facts) that no other run has: :func:`run_label`, and where
+    runs would share one, the fewest options that tell them apart (``lr=0.1``), else the folder name."""
+    base = {run: run_label(facts, defaults) for run, facts in runs.items()}
+    told = {run: [] for run in runs}
+    for same in _clashes(base):
+        told.update(_telling({run: _config_options(runs[run].config) for run in same}))
+
+    def labels() -> dict[str, str]:
+        return {run: base[run] + (f" ({', '.join(told[run])})" if told[run] else "") for run in runs}
+
+    for same in _clashes(labels()):  # the folder name, else (folders of one name) the path as given
+        folders = [Path(run).name for run in same]
+        for run, folder in zip(same, folders):
+            told[run].append(folder if len(set(folders)) == len(folders) else run)
+    return labels()
+
+
+def _clashes(labels: dict[str, str]) -> list[list[str]]:
+    """The groups of runs that share a label."""
+    by_label: dict[str, list[str]] = {}
+    for run, label in labels.items():
+        by_label.setdefault(label, []).append(run)
+    return [same for same in by_label.values() if len(same) > 1]
+
+
+def _telling(options: dict[str, dict]) -> dict[str, list[str]]:
+    """Per run, ``key=value`` of the fewest options whose values tell the runs apart (chosen greedily:
+    the key that leaves the fewest runs sharing values, the shortest on ties); [] where none differ."""
+    keys = sorted({k for o in options.values() for k in o if len({_shown(o.get(k)) for o in options.values()}) > 1})
+    chosen: list[str] = []
+
+    def sharing(keys_: list[str]) -> int:
+        seen = [tuple(_shown(o.get(k)) for k in keys_) for o in options.values()]
+        return sum(seen.count(v) > 1 for v in seen)
+
+    while keys and sharing(chosen):
+        best = min(keys, key=lambda k: (sharing(chosen + [k]), sum(len(_shown(o.get(k))) for o in options.values())))
+        if sharing(chosen + [best]) == sharing(chosen):
+            break
+        chosen.append(best)
+        keys.remove(best)
+    return {run: [f"{k.rpartition('.')[2]}={_shown(o.get(k))}" for k in chosen] for run, o in options.items()}
+
+
+def _config_options(config: dict) -> dict:
+    """A saved config as flat options (method options as ``head_opts.depth``), without its output folder."""
+    flat = {}
+    for key, value in flatten(config).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        elif key != "out":
+            flat[key] = value
+    return flat
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts.workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, default_run_dir, finished_runs, recorded_features
+from ..artifacts.workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, default_run_dir, finished_runs, recorded_features, sweep_best
 from ..config import DataConfig, EvalConfig, ExtractConfig, FinetuneConfig, MethodConfig, Options, SecondStageConfig, TrainHeadConfig, option_fields
 from ..config.files import as_arguments, flag, flatten, from_flat
 from ..core.errors import LtclipError
@@ -105,8 +105,9 @@ def extract_config(values: dict, *, say: Say | None = None) -> ExtractConfig:
 
 
 def eval_config(values: dict, *, say: Say | None = None) -> EvalConfig:
-    """``ltclip eval``'s config: with no run given and no baseline asked for, the finished runs under
-    ``runs/``; the workspace's cache for the baselines where ``--features`` is not given."""
+    """``ltclip eval``'s config: with no run given and no baseline asked for, the finished runs (and
+    sweeps' ``best/`` runs) under ``runs/``; a sweep folder given is evaluated through its ``best/`` run;
+    the workspace's cache for the baselines where ``--features`` is not given."""
     values = dict(values)
     baselines = values.get("zero_shot") or values.get("knn") or values.get("ncm")
     if not values.get("runs") and not baselines:
@@ -114,10 +115,21 @@ def eval_config(values: dict, *, say: Say | None = None) -> EvalConfig:
         if not values["runs"]:
             raise LtclipError(f"nothing to evaluate: no run folders given and no finished run under {RUNS_DIR}/")
         _tell(say, "runs", f"the {len(values['runs'])} finished runs under {RUNS_DIR}/")
+    if values.get("runs"):
+        values["runs"] = tuple(_sweep_as_run(run, say) for run in values["runs"])
     if values.get("features") is None and baselines and recorded_features() is not None:
         values["features"] = str(_recorded_features())
         _tell(say, "--features", f"{values['features']}, named by ./{WORKSPACE_FILE}")
     return from_flat(EvalConfig, values, owner="eval")
+
+
+def _sweep_as_run(run: str, say: Say | None) -> str:
+    """``run``, or the ``best/`` run of the sweep folder ``run`` names."""
+    best = sweep_best(Path(run))
+    if best is None:
+        return run
+    _tell(say, run, f"a sweep folder, evaluated through its best point's run {best}")
+    return str(best)
 
 
 def checked(cfg, values: dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views, evaluate
 from ..evaluation.plots import per_class_path
 from ..evaluation.retrieval import class_means, knn_logits, ncm_logits, normalise, retrieval_mix
-from ..artifacts.runs import load_run, read_run_info
+from ..artifacts.runs import CONFIG_FILE, load_run, read_run_info
 from ..artifacts.store import FeatureCache, load_text_embeddings
+from ..artifacts.workspace import sweep_point
 
 ZERO_SHOT_SCALE = 100.0  # CLIP's logit scale
 
@@ -58,16 +60,15 @@ def _eval_file(run_dir: Path, split: str) -> Path:
     return run_dir / ("eval.json" if split == "test" else f"eval_{split}.json")
 
 
-def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
-    from ..evaluation.report import method_name
-
+def evaluate_run(run_dir: str, cfg: EvalConfig, device, name: str) -> dict:
+    """Score run ``run_dir`` on ``cfg.split``, its row labelled ``name`` (:func:`~ltclip.evaluation.report.run_labels`)."""
     run = load_run(run_dir, device=device)
     counts = np.asarray(run.info["class_counts"])
     if run.on_images:
         from .image_eval import image_run_logits
 
         logits, labels = image_run_logits(run, cfg, device)
-        result = _result(logits, labels, counts, cfg, name=method_name(run.info["method"]), kind="run",
+        result = _result(logits, labels, counts, cfg, name=name, kind="run",
                          dataset=run.info.get("dataset"), run_dir=str(run.path))
         save_json(_eval_file(run.path, cfg.split), result)
         return result
@@ -75,7 +76,6 @@ def evaluate_run(run_dir: str, cfg: EvalConfig, device) -> dict:
         inputs = FeatureInputs(cache, run.model.head.input, device=device)
         logits = average_views(run.model.predict(inputs, cfg.batch_size, device), cfg.views)
         labels = cache.labels
-        name = method_name({**run.info["method"]})
         if cfg.retrieval_mix > 0:
             knn = _knn_log_probs(_mean_embedding(cache, cfg.views), run.features, cfg, cfg.retrieval_k)
             logits = retrieval_mix(logits, knn, cfg.retrieval_mix)
@@ -135,10 +135,31 @@ def _data_inputs(info: dict, cfg: EvalConfig) -> list:
     return dataset_inputs(open_dataset(data), data)
 
 
+def _run_facts(run: str, info: dict):
+    """What run ``run``'s row label is made of: run.json, config.json ({} where it is missing or damaged)
+    and, for a sweep's point or best run, its grid values."""
+    from ..evaluation.report import RunFacts
+
+    try:
+        config = json.loads((Path(run) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    point = sweep_point(Path(run))
+    return RunFacts(info, config, *(point or ()))
+
+
+def _option_defaults(option: str, name: str) -> dict:
+    """The options of ``--head`` / ``--loss`` entry ``name`` and their defaults ({} for an unknown name)."""
+    from ..recipes.choices import registry
+
+    entries = registry({"head": "heads", "loss": "losses"}[option])
+    return entries.options(name) if name in entries else {}
+
+
 def run_eval(cfg: EvalConfig) -> list[dict]:
     """Evaluate runs and baselines; write eval.json per run and the requested reports."""
     from ..evaluation.plots import write_plots
-    from ..evaluation.report import write_csv, write_json, write_markdown
+    from ..evaluation.report import run_labels, write_csv, write_json, write_markdown
 
     if cfg.views not in ("mean", "first"):
         raise LtclipError(f"--views {cfg.views!r}: choose mean or first")
@@ -160,7 +181,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
                           "pass --allow-mixed to put them in one report")
     device = resolve_device(cfg.device, DistContext())
     results = evaluate_baselines(cfg) if wants_baseline else []
-    results += [evaluate_run(r, cfg, device) for r in cfg.runs]
+    names = run_labels({run: _run_facts(run, info) for run, info in infos.items()}, _option_defaults)
+    results += [evaluate_run(r, cfg, device, names[r]) for r in cfg.runs]
     if cfg.report:
         write_markdown(results, cfg.report)
     if cfg.json:
