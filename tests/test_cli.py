@@ -60,7 +60,7 @@ def test_datasets_info_on_real_places_lt(manifests, tmp_path):
 def test_make_synthetic_then_check(tmp_path):
     out = tmp_path / "syn"
     result = runner.invoke(app, ["datasets", "make-synthetic", str(out), "--classes", "4", "--max-per-class", "10", "--imbalance", "5",
-                                 "--val-per-class", "2", "--test-per-class", "2", "--size", "16"])
+                                 "--val-per-class", "2", "--test-per-class", "2", "--size", "16", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["train_counts"] == [10, 6, 3, 2]
     result = runner.invoke(app, ["datasets", "check", "synthetic", "--data-root", str(out)])

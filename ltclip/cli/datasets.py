@@ -93,7 +93,7 @@ def datasets_check(values: dict) -> None:
 @datasets_app.command("make-synthetic")
 @guarded
 def datasets_make_synthetic(
-    out: Annotated[str, typer.Argument(help="Output folder (images + split files + classnames.txt).")],
+    out: Annotated[str, typer.Argument(help="Output folder (images + split files + classnames.txt).", metavar="OUT")],
     classes: Annotated[int, typer.Option(help="Number of classes.")] = 20,
     imbalance: Annotated[float, typer.Option(help="Max/min training images per class.")] = 100.0,
     max_per_class: Annotated[int, typer.Option(help="Training images of the largest class.")] = 200,
@@ -102,6 +102,7 @@ def datasets_make_synthetic(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same images).")] = 0,
     workers: Annotated[int, typer.Option(help="Parallel generator processes.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full description (class names, counts) as JSON.")] = False,
 ):
     """Draw the built-in long-tailed set of shapes × colours × textures."""
     from ..data.synthetic import make_synthetic
@@ -110,7 +111,22 @@ def datasets_make_synthetic(
         out, classes=classes, imbalance=imbalance, max_per_class=max_per_class, val_per_class=val_per_class,
         test_per_class=test_per_class, size=size, seed=seed, workers=workers,
     )
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(json.dumps(summary, indent=2, default=str) if as_json else _synthetic_summary(summary))
+
+
+def _synthetic_summary(summary: dict) -> str:
+    """A few lines: where the set is, its classes, images per split and the imbalance."""
+    params, counts, images = summary["params"], summary["train_counts"], summary["images"]
+    names = summary["classnames"]
+    shown = ", ".join(names[:3]) + (f", …, {names[-1]}" if len(names) > 3 else "")
+    done = "already there (same options): nothing redrawn" if summary["skipped"] else "written"
+    return "\n".join([
+        f"{summary['out_dir']}: synthetic set {done}",
+        f"  {params['classes']} classes ({shown}), {params['size']} px",
+        f"  train {images['train']:,} images, {counts[0]:,} → {counts[-1]:,} per class (imbalance {counts[0] / counts[-1]:.0f}); "
+        f"val {images['val']:,}, test {images['test']:,} ({params['val_per_class']} and {params['test_per_class']} per class)",
+        f"  use it: --dataset synthetic --data-root {summary['out_dir']}",
+    ])
 
 
 @cache_app.command("info")

@@ -63,17 +63,28 @@ def _acquire(folder: Path, command: str, option: str) -> int:
     return fd
 
 
-def _release(fd: int, folder: Path, created: bool) -> None:
-    """Remove the lock file (while still holding it), unlock, and remove a folder this lock made that stayed empty."""
+def _release(fd: int, folder: Path, created: list[Path]) -> None:
+    """Remove the lock file (while still holding it), unlock, and remove the folders this lock made
+    (``folder`` and missing parents, deepest first) that stayed empty."""
     try:
         (folder / LOCK_FILE).unlink(missing_ok=True)
     finally:
         os.close(fd)
-    if created:
+    remove_empty(created)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Remove the folders a command made (:func:`missing_folders`, deepest first) while they are empty."""
+    for folder in made:
         try:
             folder.rmdir()
         except OSError:
-            pass  # the command wrote something: the folder stays
+            break  # something was written: this folder and those above it stay
 
 
 @contextmanager
@@ -81,9 +92,9 @@ def folder_lock(folder: str | Path, command: str, ctx=None, option: str = "--out
     """Hold ``folder`` (created if missing) exclusively for ``ltclip command``; a second writer gets one
     line naming the holder. ``ctx``: the DistContext under torchrun (only rank 0 locks)."""
     folder = Path(folder)
-    error, fd, created = None, None, False
+    error, fd, created = None, None, []
     if ctx is None or ctx.is_main:
-        created = not folder.exists()
+        created = missing_folders(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd = _acquire(folder, command, option)

@@ -40,4 +40,4 @@ class RichProgress(Progress):
             yield lambda n=1: bar.advance(tid, n)
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, soft_wrap=True)  # a line is never cut at the console's width

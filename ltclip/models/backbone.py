@@ -193,6 +193,53 @@ def resolve_weights(model_name: str, pretrained: str, preprocess_from: str | Non
     return pretrained, kwargs, identity
 
 
+def _tag_weights_cached(model_name: str, tag: str, cache_dir: str | None) -> bool:
+    """True when a tag's weights are in the Hugging Face cache; False when they are not but the Hub
+    answers one quick request; else one line at once (open_clip's own download retries a dead
+    network for a minute, logging every try)."""
+    import open_clip
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    hub = open_clip.get_pretrained_cfg(model_name, tag).get("hf_hub", "")
+    if not hub:
+        return False  # a plain URL: open_clip's single urllib request fails at once
+    repo, filename = os.path.split(hub)
+    filename = filename or HF_WEIGHTS_NAME
+    if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str)
+           for name in (*_get_safe_alternatives(filename), filename)):
+        return True
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT)  # one try, no retries
+    except HfHubHTTPError:
+        return False  # the Hub answered: open_clip's download reports what it says
+    except Exception as err:  # no route, refused, DNS, timeout, offline mode: the same advice
+        why = "HF_HUB_OFFLINE=1 is set" if isinstance(err, OfflineModeIsEnabled) else f"no network: {type(err).__name__}"
+        raise LtclipError(
+            f"--pretrained {tag}: could not load {model_name}'s weights: {repo}/{filename} is not in the local cache "
+            f"({cache_dir or constants.HF_HUB_CACHE}) and cannot be downloaded ({why}); on a machine with internet run "
+            f"`hf download {repo} {filename}` and copy its cache folder here (or point HF_HOME at it), "
+            "or pass --pretrained FILE"
+        ) from None
+    return False
+
+
+@contextmanager
+def _hub_offline(active: bool):
+    """Hugging Face's offline mode (``HF_HUB_OFFLINE``) inside the block when ``active``: cached weights
+    load without a request (open_clip first asks the Hub for a ``.safetensors`` twin of a cached
+    ``.bin``, and without a network that request is retried for 20 s)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or active
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def load_backbone(
     model_name: str,
     pretrained: str = "none",
@@ -204,8 +251,8 @@ def load_backbone(
 ) -> Backbone:
     """Build an open_clip model + eval preprocessing, frozen, in eval mode.
 
-    ``pretrained``: an open_clip tag (downloaded once into open_clip's cache; set
-    ``HF_HUB_OFFLINE=1`` to use the cache offline), a checkpoint file, or ``none`` (random weights:
+    ``pretrained``: an open_clip tag (downloaded once into the Hugging Face cache; missing there
+    and unreachable, a one-line error at once), a checkpoint file, or ``none`` (random weights:
     warned about and recorded); ``model_name`` may be ``local-dir:/path`` (config + weights +
     preprocessing from that folder). See :func:`resolve_weights`.
     """
@@ -214,10 +261,12 @@ def load_backbone(
     if precision not in PRECISIONS:
         raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     pretrained_arg, kwargs, identity = resolve_weights(model_name, pretrained, preprocess_from)
+    tag = pretrained_arg is not None and identity["pretrained"] != "file"
+    cached = tag and _tag_weights_cached(model_name, pretrained_arg, cache_dir)
     if pretrained_arg is None and not model_name.startswith("local-dir:"):
         log.warning("--pretrained none: %s has RANDOM weights; features are meaningless for real data", model_name)
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_random_weights_note():
+        with torch.random.fork_rng(devices=[]), _quiet_random_weights_note(), _hub_offline(cached):
             torch.manual_seed(0)  # random weights ('none') are the same in every process and run
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained_arg, precision=precision, device=device, cache_dir=cache_dir, **kwargs

@@ -6,7 +6,9 @@ import dataclasses
 import json
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..artifacts.outputs import CACHE_RECORD, check_out_folder, dataset_inputs, run_folder_inputs
 from ..core.atomic import save_json
-from ..core.lock import folder_lock
+from ..core.lock import folder_lock, missing_folders, remove_empty
 from ..config import ExtractConfig, provenance, to_dict
 from ..data.image_batches import NORMALIZATIONS, eval_transform, mean_std
 from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
@@ -104,14 +106,20 @@ def _normalized(backbone, normalize: str):
     return backbone
 
 
-def _out_dir(out: str) -> Path:
-    """``--out``, created if missing; a folder that cannot be made is a one-line error."""
+@contextmanager
+def _out_dir(out: str) -> Iterator[Path]:
+    """``--out``, created if missing (a folder that cannot be made is a one-line error); the folders
+    this made are removed again if nothing was written there (a model that could not load)."""
     path = Path(out)
+    made = missing_folders(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise LtclipError(f"--out {out}: cannot create the folder ({err.strerror}); choose a writable folder") from None
-    return path
+    try:
+        yield path
+    finally:
+        remove_empty(made)
 
 
 def _check_out(cfg: ExtractConfig, dataset) -> None:
@@ -362,11 +370,11 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     check_view_options(cfg.eval_resize, cfg.interpolation)
     fmt = _token_format(cfg)
     _check_out(cfg, dataset)
-    out = _out_dir(cfg.out)  # before the model loads: an unwritable --out is refused at once
-    _check_recorded(cfg, out)
-    ctx, device = setup(cfg.device)
-    with folder_lock(out, "extract", ctx):
-        return _extract(cfg, dataset, splits, fmt, out, ctx, device, progress)
+    with _out_dir(cfg.out) as out:  # before the model loads: an unwritable --out is refused at once
+        _check_recorded(cfg, out)
+        ctx, device = setup(cfg.device)
+        with folder_lock(out, "extract", ctx):
+            return _extract(cfg, dataset, splits, fmt, out, ctx, device, progress)
 
 
 def _extract(cfg: ExtractConfig, dataset, splits, fmt: TokenFormat, out: Path, ctx, device, progress: Progress) -> dict:
