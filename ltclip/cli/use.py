@@ -1,6 +1,7 @@
-"""``ltclip predict``: use a trained run (or a cache's zero-shot classifier) on image files.
+"""``ltclip predict``: use a trained run (or a cache's zero-shot classifier) on image files;
+``ltclip export``: write it as one file for another program.
 
-The options are the fields of :class:`PredictConfig`.
+The options are the fields of :class:`PredictConfig` and :class:`ExportConfig`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ..config import PredictConfig, from_flat
+from ..config import ExportConfig, PredictConfig, from_flat
 from .common import given, guarded
 from .generate import argument, command, config_options
 
@@ -29,7 +30,19 @@ def predict(values: dict) -> None:
         typer.echo(f"{len(predictions):,} predictions written to {values['out']}", err=True)
 
 
+def export(values: dict) -> None:
+    """Write a run (or --zero-shot on a cache) as one TorchScript or torch.export file, class names and preprocessing inside."""
+    from ..stages.export import run_export
+
+    info = run_export(from_flat(ExportConfig, given(values), owner="export"))
+    size = ", ".join(map(str, info["preprocess"]["size"]))
+    merged = f", {info['lora_weights_merged']} LoRA weights merged" if info["lora_weights_merged"] else ""
+    typer.echo(f"exported to {values['out']} ({info['format']}: [B, 3, {size}] -> [B, {info['num_classes']}] logits{merged})", err=True)
+
+
 def register(app: typer.Typer) -> None:
     params = [argument("items", Optional[list[str]], "RUN then image files or folders (with --zero-shot: only images)."),
               *config_options(PredictConfig)]
     app.command("predict")(guarded(command("predict", predict.__doc__, params, predict)))
+    params = [argument("run", Optional[str], "The run folder (none with --zero-shot)."), *config_options(ExportConfig)]
+    app.command("export")(guarded(command("export", export.__doc__, params, export)))

@@ -1,10 +1,11 @@
-"""``ltclip predict``'s config: which model, which images, how they are viewed and where the predictions go."""
+"""``ltclip predict``'s config (which model, which images, how they are viewed, where the predictions go)
+and ``ltclip export``'s (which model, which file)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import option
+from .fields import REQUIRED, option
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,16 @@ class PredictConfig:
                                  minimum=0)
     device: str = option("auto", "auto, cpu or cuda.")
     precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``ltclip export``: a run (or a cache's zero-shot classifier) as one file for another program."""
+
+    out: str = option(REQUIRED, "The file to write (.pt for torchscript, .pt2 for export); never replaced.", short="-o")
+    run: str | None = None  # the command's argument (none with --zero-shot)
+    format: str = option("torchscript", "torchscript (torch.jit.load) or export (torch.export.load, a .pt2 program).")
+    zero_shot: bool = option(False, "Export zero-shot CLIP with a cache's text embeddings (--features); no run.")
+    features: str | None = option(None, "Cache folder whose encoder and text embeddings --zero-shot uses.", short="-f")
+    batch_size: int = option(2, "Images in the example batch the model is traced with (other sizes work too).", minimum=1)
+    device: str = option("cpu", "cpu or cuda: where the model is traced (and the file's weights lie).")

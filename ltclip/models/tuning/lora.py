@@ -91,3 +91,17 @@ def lora(visual, *, rank: str = AUTO, alpha: float = 1.0, targets: str = "q,v", 
             fused = rows != [None]
             delta = LoRADelta(weight.shape, r, alpha, tuple(sorted(rows)) if fused else (0,), 3 if fused else 1)
             parametrize.register_parametrization(module, name, placed(delta, weight))
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its weight, which becomes a plain parameter ``W + scaling · B A``
+    (no parametrization left: the base architecture); the number of weights merged."""
+    merged = 0
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for name, chain in list(module.parametrizations.items()):
+            if all(isinstance(p, LoRADelta) for p in chain):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                merged += 1
+    return merged

@@ -1,0 +1,41 @@
+"""``ltclip export``: a run (or a cache's zero-shot classifier) as one self-contained file
+(:mod:`ltclip.artifacts.export`), its output checked before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifacts.export import check_format, export_classifier
+from ..artifacts.image_model import run_classifier, zero_shot_classifier
+from ..artifacts.outputs import check_output_files, folder_input, run_folder_inputs
+from ..artifacts.runs import read_run_info
+from ..config import ExportConfig
+from ..core.distributed import DistContext, resolve_device
+from ..core.errors import LtclipError
+
+
+def _check(cfg: ExportConfig) -> None:
+    if cfg.zero_shot and (cfg.run or not cfg.features):
+        raise LtclipError("--zero-shot exports a cache's zero-shot classifier: pass --features CACHE and no run")
+    if not cfg.zero_shot and cfg.features:
+        raise LtclipError("--features names the cache of --zero-shot; a run brings its own encoder: drop --features")
+    if not cfg.zero_shot and not cfg.run:
+        raise LtclipError("name a run folder (from `ltclip train-head` or `ltclip finetune`), or pass --zero-shot --features CACHE")
+    check_format(cfg.format)
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Write ``cfg.out``; the metadata stored in it."""
+    _check(cfg)
+    if cfg.zero_shot:
+        inputs, owner = [folder_input(cfg.features, "the feature cache")], f"--features {cfg.features}"
+        source = {"kind": "zero-shot", "features": cfg.features}
+    else:
+        info = read_run_info(cfg.run)
+        inputs, source, owner = run_folder_inputs(cfg.run, info), {"kind": info["kind"], "run": cfg.run}, f"run {cfg.run}"
+    check_output_files({"--out": cfg.out}, inputs)
+    if Path(cfg.out).exists():
+        raise LtclipError(f"--out {cfg.out}: the file exists and export never replaces one; choose another --out")
+    device = resolve_device(cfg.device, DistContext())
+    classifier = zero_shot_classifier(cfg.features, device) if cfg.zero_shot else run_classifier(cfg.run, device)
+    return export_classifier(classifier, cfg.out, fmt=cfg.format, batch_size=cfg.batch_size, source=source, owner=owner)
