@@ -13,18 +13,19 @@ from ltclip.cli import app
 from ltclip.cli.generate import command, config_options
 from ltclip.cli.train import HEAD_DEFAULTED
 from ltclip.config import (
-    EvalConfig, ExtractConfig, FinetuneConfig, PredictConfig, ReproduceConfig, SecondStageConfig, TrainHeadConfig, flags_of,
+    EvalConfig, ExportConfig, ExtractConfig, FinetuneConfig, PredictConfig, ReproduceConfig, SecondStageConfig, TrainHeadConfig, flags_of,
     option, option_fields,
 )
 
 runner = CliRunner()
 # Each command, the configs whose fields are its options, and the parameters that are no field.
 COMMANDS = {
-    "extract": ((ExtractConfig,), {"config", "recipe"}),
-    "train-head": ((TrainHeadConfig, SecondStageConfig), {"config", "recipe", "resume"}),
-    "finetune": ((FinetuneConfig,), {"config", "recipe", "resume"}),
+    "extract": ((ExtractConfig,), {"config"}),
+    "train-head": ((TrainHeadConfig, SecondStageConfig), {"config", "resume"}),
+    "finetune": ((FinetuneConfig,), {"config", "resume"}),
     "eval": ((EvalConfig,), {"config", "runs"}),
     "predict": ((PredictConfig,), {"items"}),
+    "export": ((ExportConfig,), {"run"}),
 }
 
 

@@ -122,18 +122,18 @@ def test_a_second_stage_trains_with_its_methods_defaults_unless_given(lt_cache, 
         result = runner.invoke(app, ["train-head", "--from", str(stage1), *args, "--epochs", "1", "--device", "cpu", "--out", str(out)])
         assert result.exit_code == 0, result.output
         assert saved_lr(out) == lr
-    assert "train-head --from defaults: lr=1.0" in runner.invoke(app, ["list", "two-stage"]).output
+    assert "train-head --from defaults: lr=1.0" in runner.invoke(app, ["list", "two-stage"], env={"COLUMNS": "1000"}).output  # unwrapped cells
 
 
 def test_every_recipe_loads_and_is_listed():
     assert {"imbalance-vlm", "lift"} <= set(list_recipes())
-    result = runner.invoke(app, ["list", "recipes"])
+    result = runner.invoke(app, ["list", "recipes"], env={"COLUMNS": "1000"})
     assert result.exit_code == 0, result.output
     for name in list_recipes():
         recipe = load_recipe(name)
         assert recipe.summary and recipe.source and recipe.stages
         assert name in result.output
-    heads = runner.invoke(app, ["list", "heads"]).output
+    heads = runner.invoke(app, ["list", "heads"], env={"COLUMNS": "1000"}).output
     assert "train-head defaults: optimizer=adamw lr=0.1 epochs=10; with --loss ce or focal: lr=0.6; at least 500 steps on small caches" in heads
 
 

@@ -23,3 +23,15 @@ def test_a_dataset_table_is_checked_like_the_stage(monkeypatch, tmp_path):
     with pytest.raises(LtclipError, match="--learning-rate: not an option of finetune"):
         load_recipe("bad")
     assert RECIPE_DIR.name == "recipes"
+
+
+def test_a_config_records_the_recipe_it_was_resolved_with_and_reruns_from_it():
+    from ltclip.config import FinetuneConfig, to_dict
+    from ltclip.recipes.resolve import extract_config, saved_config, stage_one_config
+
+    lift = finetune_config({"out": "o", "recipe": "lift"})
+    assert lift.recipe == "lift" and to_dict(lift)["recipe"] == "lift"  # config.json names it: reports label the run by it
+    assert finetune_config({"out": "o"}).recipe is None
+    seed = stage_one_config({"features": "f", "out": "o", "recipe": "imbalance-vlm"})
+    assert seed.recipe == "imbalance-vlm" and extract_config({"out": "o", "recipe": "imbalance-vlm"}).recipe == "imbalance-vlm"
+    assert saved_config(FinetuneConfig, to_dict(lift)) == lift  # read back from config.json

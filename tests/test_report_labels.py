@@ -59,6 +59,9 @@ def test_a_recorded_recipe_is_named():
     run = head_run()
     labels = distinct(run_labels({"runs/a": run, "runs/b": run._replace(config={**run.config, "recipe": "imbalance-vlm"})}))
     assert labels[1] == "linear · balanced_softmax · instance (imbalance-vlm recipe)"
+    lift = head_run(head="cosine", head_opts={"input": "pooled", "init_scale": 25.0})
+    lift = lift._replace(config={**lift.config, "recipe": "lift"})
+    assert run_label(lift) == "cosine · balanced_softmax · instance (lift recipe)"  # the recipe names its options
 
 
 def test_only_options_off_their_defaults_are_named():

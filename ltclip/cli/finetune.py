@@ -11,7 +11,7 @@ import typer
 from ..config import FinetuneConfig
 from .common import config_file_option, given, guarded, say_default
 from .generate import command, config_options
-from .train import recipe_option, resume_option
+from .train import resume_option
 
 
 def finetune(values: dict) -> None:
@@ -30,5 +30,5 @@ def finetune(values: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    params = [config_file_option(), recipe_option(), *config_options(FinetuneConfig), resume_option()]
+    params = [config_file_option(), *config_options(FinetuneConfig), resume_option()]
     app.command("finetune")(guarded(command("finetune", finetune.__doc__, params, finetune)))

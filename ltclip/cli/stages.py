@@ -20,7 +20,6 @@ from ..recipes.choices import KINDS
 from ..core.errors import LtclipError
 from .common import config_file_option, given, guarded, is_main_process, say_default
 from .generate import argument, command, config_options
-from .train import recipe_option
 
 
 def extract(values: dict) -> None:
@@ -135,7 +134,7 @@ def _print_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    extract_params = [config_file_option(), recipe_option(), *config_options(ExtractConfig)]
+    extract_params = [config_file_option(), *config_options(ExtractConfig)]
     app.command("extract")(guarded(command("extract", extract.__doc__, extract_params, extract)))
     eval_params = [argument("runs", Optional[list[str]], "Run folders from `ltclip train-head` or `ltclip finetune`."),
                    config_file_option(), *config_options(EvalConfig)]

@@ -18,10 +18,6 @@ from .generate import command, config_options, extra
 HEAD_DEFAULTED = ("epochs", "optimizer", "lr")
 
 
-def recipe_option():
-    return extra("recipe", Optional[str], ("--recipe",), "Named recipe (`ltclip list recipes`): its options are the defaults, any option given wins.")
-
-
 def resume_option():
     return extra("resume", bool, ("--resume",), "Continue an interrupted run in --out.", default=False)
 
@@ -30,7 +26,7 @@ def train_head_parameters():
     """train-head's parameters: stage 1's options, then those only a second stage takes."""
     heads = "the head's (`ltclip list heads`)"
     return [
-        config_file_option(), recipe_option(),
+        config_file_option(),
         *config_options(TrainHeadConfig, SecondStageConfig, second=("--from", SecondStageConfig),
                         default_text={name: heads for name in HEAD_DEFAULTED}),
         resume_option(),

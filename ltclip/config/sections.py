@@ -108,6 +108,8 @@ class ExtractConfig:
 
     out: str = option(REQUIRED, "Output folder: train.h5, val.h5, test.h5, text.h5.", short="-o",
                       default_text="features/DATASET-MODEL-PRETRAINED")
+    recipe: str | None = option(None, "Named recipe (`ltclip list recipes`): its options are the defaults, any option given "
+                                      "wins; the cache records it.")
     data: DataConfig = DataConfig()
     splits: tuple[str, ...] = option((), "Splits to extract, comma-separated or repeated.", default_text="every split the dataset has")
     model: str = option("ViT-B-16", "open_clip model name (or local-dir:/path).", short="-m")
@@ -146,6 +148,8 @@ class TrainHeadConfig:
     features: str = option(REQUIRED, "Feature cache folder from `ltclip extract`.", short="-f",
                            default_text="the one ./ltclip.toml names")
     out: str = option(REQUIRED, _OUT_RUN, short="-o", default_text="runs/HEAD-LOSS-SAMPLER")
+    recipe: str | None = option(None, "Named recipe (`ltclip list recipes`): its options are the defaults, any option given "
+                                      "wins; the run records it.")
     method: MethodConfig = MethodConfig()
     optim: OptimConfig = OptimConfig()
     val_split: str = option("val", "Split for model selection.")
@@ -189,6 +193,8 @@ class FinetuneConfig:
     """End-to-end training on images: an open_clip encoder (tuned as ``tuning`` says) and a head."""
 
     out: str = option(REQUIRED, _OUT_RUN, short="-o", default_text="runs/finetune-TUNE-HEAD-LOSS-SAMPLER")
+    recipe: str | None = option(None, "Named recipe (`ltclip list recipes`): its options are the defaults, any option given "
+                                      "wins; the run records it.")
     data: DataConfig = DataConfig()
     model: str = option("ViT-B-16", "open_clip model name.", short="-m")
     pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none'.", short="-p")

@@ -222,10 +222,13 @@ Defaults = Callable[[str, str], dict]  # ("head" or "loss", its name) → that e
 
 def run_label(facts: RunFacts, defaults: Defaults = lambda option, name: {}) -> str:
     """What a run is: ``finetune TUNE`` for a finetuned encoder (a head on a cache has no prefix),
-    :func:`method_name` with only the head and loss options off their ``defaults``, the recipe (where
-    the run records one) and a sweep point's grid values (those of options the label does not name
+    :func:`method_name` with only the head and loss options off their ``defaults`` (none under a
+    recipe, which names them), the recipe (where the run records one) and a sweep point's grid values (those of options the label does not name
     already). Example: ``finetune lora · linear · ce · instance``."""
     method = dict(facts.info["method"])
+    recipe = facts.info.get("recipe") or facts.config.get("recipe")
+    if recipe:  # the recipe names its head and loss options; runs that differ in them are told apart below
+        method.update(head_opts={}, loss_opts={})
     for key in ("head", "loss"):
         opts = method.get(f"{key}_opts")
         if isinstance(opts, dict) and isinstance(method.get(key), str):  # lists: ``key=value`` strings of earlier versions
@@ -234,7 +237,6 @@ def run_label(facts: RunFacts, defaults: Defaults = lambda option, name: {}) -> 
     label = method_name(method)
     if facts.info.get("kind") == "finetune":
         label = f"finetune {method.get('tune') or 'frozen'} · {label}"
-    recipe = facts.info.get("recipe") or facts.config.get("recipe")
     if recipe:
         label += f" ({recipe} recipe)"
     if facts.grid_values is None:

@@ -211,7 +211,7 @@ def _entry(cls, values: dict, name: str) -> str | None:
 def layer_options(stage: str, values: dict, *, head_defaults: Callable[[str], dict] | None = None,
                   say: Say | None = None) -> dict:
     """The option values ``stage`` trains with: ``values`` (given; may name a ``recipe``) over the
-    recipe's options over ``head_defaults(head)``. The result holds no ``recipe`` key."""
+    recipe's options over ``head_defaults(head)``; ``recipe`` keeps the recipe's name (a record)."""
     given = {k: v for k, v in values.items() if k != "recipe" and v is not None}
     name = values.get("recipe")
     layers = []  # (options, origin), highest first below the given ones
@@ -226,7 +226,7 @@ def layer_options(stage: str, values: dict, *, head_defaults: Callable[[str], di
     head = given.get("head", (layers[0][0] if layers else {}).get("head", MethodConfig.head))
     if head_defaults is not None:
         layers.append((head_defaults(head), f"for --head {head}"))
-    resolved = dict(given)
+    resolved = {**given, "recipe": name} if name is not None else dict(given)
     for options, origin in layers:
         for key, value in options.items():
             if key in resolved or any(key in pair and other in given for pair in ALTERNATIVES for other in pair if other != key):
