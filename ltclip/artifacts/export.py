@@ -4,8 +4,8 @@
 
 Trained LoRA updates are merged into their weights first, so the graph is the base architecture. The
 graph is traced on a random batch and checked on a batch of another size against the model itself; a
-model whose trace does not reproduce it (e.g. a head reading int8 tokens, whose codec goes through
-numpy) is refused in one line.
+model whose trace does not reproduce it (Python branches on a shape, a round trip through numpy) is
+refused in one line.
 """
 
 from __future__ import annotations

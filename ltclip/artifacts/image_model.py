@@ -69,9 +69,7 @@ class StoredFeatures(nn.Module):
             return self.backbone.encode_with_pooled(images)[1].half().float()
         if self.kind == "embeds":  # extract reads the embedding off the token pass when it stores tokens
             return self.backbone.encode(images, tokens=self.with_tokens)[0].half().float()
-        values, scales = self.codec.encode(self.backbone.encode(images, tokens=True)[1])
-        as_tensor = lambda a: None if a is None else torch.from_numpy(a).to(images.device)  # noqa: E731
-        return self.codec.decode(as_tensor(values), as_tensor(scales))
+        return self.codec.decode(*self.codec.encode_tensors(self.backbone.encode(images, tokens=True)[1]))
 
 
 class CacheHeadModel(nn.Module):

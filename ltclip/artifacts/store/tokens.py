@@ -186,20 +186,26 @@ class TokenCodec:
 
     def encode(self, tokens: torch.Tensor) -> EncodedTokens:
         """Stored rows of model tokens (..., T, W), computed on their device, returned as numpy."""
+        values, scales = self.encode_tensors(tokens)
+        return EncodedTokens(values.cpu().numpy(), None if scales is None else scales.cpu().numpy())
+
+    def encode_tensors(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`encode` as tensors on the tokens' device: ``(values, scales or None)`` (tensor ops
+        only, so a traced model that stores and reads tokens, ``decode(*encode_tensors(t))``, keeps them)."""
         fmt = self.format
         z = pool_tokens(tokens.float(), fmt.pool)
         if fmt.pca:
             mean, components = self._basis_on(z.device)
             z = (z - mean) @ components.T
         if fmt.dtype == "float16":
-            return EncodedTokens(z.half().cpu().numpy(), None)
+            return z.half(), None
         axis = -1 if fmt.scale == "token" else -2
         qmax = _QMAX[fmt.dtype]
         scales = z.abs().amax(dim=axis) / qmax
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         y = (z / scales.unsqueeze(axis)).clamp(-qmax, qmax)
         values = y.round().to(torch.int8) if fmt.dtype == "int8" else y.to(_FP8).view(torch.uint8)
-        return EncodedTokens(values.cpu().numpy(), scales.cpu().numpy())
+        return values, scales
 
     def decode(self, values: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """float32 tokens (..., T', W) from stored rows, on their device."""
