@@ -26,6 +26,10 @@ read back from the run's ``config.json``) on raw and on unit-norm features, and 
 (lr, epochs) at the default's (lr / 3, epochs), (3 lr, epochs) and (lr, 2 epochs) (``GRID``).
 "Best" is the highest test balanced accuracy of these four (an optimistic reference: chosen on
 test, not val).
+
+``--scales`` measures the linear and MLP heads' logit scale instead (``SCALES``: none, 16 fixed, 16
+learned, and 30 learned under SGD) on unit-norm features, with each head's AdamW defaults (no scale
+at the unscaled head's lr) and with the papers' SGD step, lr 0.05; writes DIR/scales.json.
 """
 
 from __future__ import annotations
@@ -136,6 +140,47 @@ def bench(root: Path, profiles: list[str], classes: int, heads: list[str]) -> li
     return rows
 
 
+# The linear and MLP heads' logit scale (--scales): no scale at the unscaled head's lr (the scaled default's × UNSCALED_LR),
+# a fixed and a learned scale of 16 at the defaults, and under the papers' SGD step a learned 30 besides
+SCALE_PLAN = (("linear", (32, 768)), ("mlp", (32, 256)))
+UNSCALED_LR = {"linear": {"ce": 16, "balanced_softmax": 16}, "mlp": {"ce": 8, "balanced_softmax": 4}}
+SCALES = {"none": ("scale=0",), "16 fixed": ("scale=16", "learn_scale=false"), "16 learned": ("scale=16",),
+          "30 learned": ("scale=30",)}
+OPTIMIZERS = {"adamw": {}, "sgd 0.05": {"optimizer": "sgd", "lr": 0.05}}
+
+
+def bench_scales(root: Path, profiles: list[str], classes: int) -> list[dict]:
+    """Balanced accuracy of each (profile, head, width, loss, optimizer) under each logit scale, unit-norm features."""
+    rows, k = [], 0
+    for name in profiles:
+        counts = profile(name, classes)
+        for head, widths in SCALE_PLAN:
+            for dim in widths:
+                unit = write_features(root / f"scales-{name}-{head}-{dim}", counts, dim, True, False)
+                for loss in LOSSES:
+                    for optimizer, values in OPTIMIZERS.items():
+                        row = {"profile": name, "head": head, "dim": dim, "loss": loss, "optimizer": optimizer}
+                        for scale, opts in SCALES.items():
+                            if scale == "30 learned" and optimizer == "adamw":
+                                continue
+                            given = {"head": head, "loss": loss, "head_opts": opts, **values}
+                            if scale == "none" and optimizer == "adamw":
+                                given["lr"] = stage_one_config({"features": "f", "out": "o", **given}).optim.lr * UNSCALED_LR[head][loss]
+                            k += 1
+                            row[scale] = test_balanced_accuracy(unit, root / f"s{k}", counts, given)
+                        rows.append(row)
+                        print(" ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()), file=sys.stderr, flush=True)
+    return rows
+
+
+def scale_table(rows: list[dict]) -> str:
+    lines = [f"| profile | head | width | loss | optimizer | {' | '.join(SCALES)} |", "|---|---|---:|---|---|" + "---:|" * len(SCALES)]
+    for r in rows:
+        cells = " | ".join(f"{r[s]:.1f}" if s in r else "" for s in SCALES)
+        lines.append(f"| {r['profile']} | {r['head']} | {r['dim']} | {r['loss']} | {r['optimizer']} | {cells} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| profile (classes, rows) | head | width | loss | default lr / epochs | default, raw | default, unit-norm | best of grid (lr / epochs) | gap |",
              "|---|---|---:|---|---|---:|---:|---:|---:|"]
@@ -153,8 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profiles", default="places_lt,imagenet_lt,inat18")
     parser.add_argument("--heads", default=",".join(h for h, _ in PLAN), help="heads to measure (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--scales", action="store_true", help="compare the linear and MLP heads' logit scales instead")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.scales:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench_scales(Path(tmp), args.profiles.split(","), args.classes)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "scales.json").write_text(json.dumps({"machine": machine_info(), "rows": rows, "wall_s": time.perf_counter() - start}, indent=2) + "\n")
+        print(scale_table(rows))
+        return {"rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench(Path(tmp), args.profiles.split(","), args.classes, args.heads.split(","))
     info = machine_info()

@@ -72,7 +72,7 @@ def test_mlp_hidden_zero_means_embedding_size():
 def test_linear_without_normalisation_is_affine():
     head = build("linear", normalize=False)
     x = batch(head)
-    torch.testing.assert_close(head(x), x @ head.classifier.weight.T + head.classifier.bias)
+    torch.testing.assert_close(head(x), head.classifier.logit_scale * (x @ head.classifier.weight.T + head.classifier.bias))
 
 
 # ---------------------------------------------------------------- decoder vs an independent reference
@@ -344,9 +344,9 @@ def test_decoder_without_final_norm_feeds_the_last_cls_token_to_the_classifier()
 def test_training_defaults_are_data_registered_with_each_head_not_class_attributes():
     prior_free = lambda lr: {"ce": {"lr": lr}, "focal": {"lr": lr}}  # noqa: E731
     measured = {  # docs/methods_benchmark.md, "Defaults that learn"
-        "linear": ({"optimizer": "adamw", "lr": 0.1, "epochs": 10}, prior_free(0.6), 500),
+        "linear": ({"optimizer": "adamw", "lr": 0.1 / 16, "epochs": 10}, prior_free(0.6 / 16), 500),  # logit scale 16
         "cosine": ({"optimizer": "adamw", "lr": 0.03, "epochs": 10}, {}, 500),
-        "mlp": ({"optimizer": "adamw", "lr": 0.01, "epochs": 30}, prior_free(0.03), 1000),
+        "mlp": ({"optimizer": "adamw", "lr": 0.0025, "epochs": 30}, prior_free(0.00375), 1000),
         "decoder": ({"optimizer": "adamw", "lr": 0.01, "epochs": 10}, prior_free(0.03), 0),
         "prompt": ({}, {}, 0),
         "text-init": ({}, {}, 0),

@@ -82,7 +82,11 @@ class HeadStack(nn.Module):
         if kind == "cosine":
             scale = torch.stack([c.scale for c in classifiers])
             return (z @ F.normalize(weight, dim=-1).T).view(len(z), len(ks), -1) * scale[:, None]
-        return torch.addmm(torch.cat([c.bias for c in classifiers]), z, weight.T).view(len(z), len(ks), -1)
+        logits = torch.addmm(torch.cat([c.bias for c in classifiers]), z, weight.T).view(len(z), len(ks), -1)
+        if not any(hasattr(c, "logit_scale") for c in classifiers):  # heads without a logit scale (scale=0)
+            return logits
+        one = logits.new_ones(())
+        return logits * torch.stack([getattr(c, "logit_scale", one) for c in classifiers])[:, None]
 
     @torch.no_grad()
     def keep_best(self, record: dict) -> None:

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from ...core.errors import LtclipError
 from ...evaluation.retrieval import class_means
+from ...models.heads.embedding import ScaledLinear
 from .base import TWO_STAGE, Calibrated, predict
 from .posthoc import TAU_GRID, balanced_accuracy, tau_grid
 
@@ -86,6 +87,8 @@ class ClassifierRetraining(Calibrated):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for m in resettable:
+                if isinstance(m, ScaledLinear):  # restarts at scale 1: cRT's step is set for plain linear logits
+                    m.init_scale = 1.0
                 m.reset_parameters()
 
     sampler = "class-balanced"

@@ -14,6 +14,9 @@ from .base import Head, HeadInputs, HeadNeeds, check_dropout, require
 from .factory import HEADS, HeadDefaults, without_prior
 from .starts import class_means, linear_probe
 
+# the linear and MLP heads' logit scale for new runs (0: none), measured in docs/methods_benchmark.md
+LOGIT_SCALE, LEARN_SCALE = 16.0, True
+
 
 class CosineClassifier(nn.Module):
     """Logits ``scale · cos(x, w_j)``: normalised inputs and weights, a learned (or fixed) scale."""
@@ -38,20 +41,72 @@ class CosineClassifier(nn.Module):
         return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
 
+class ScaledLinear(nn.Linear):
+    """Logits ``scale · (W x + b)``: a linear classifier with a learned (or fixed) logit scale."""
+
+    def __init__(self, in_features: int, out_features: int, init_scale: float, learn_scale: bool):
+        self.init_scale = float(init_scale)
+        super().__init__(in_features, out_features)
+        if learn_scale:
+            self.logit_scale = nn.Parameter(torch.full((), self.init_scale))
+        else:
+            self.register_buffer("logit_scale", torch.full((), self.init_scale))
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation divided by the initial scale (the initial logits are an
+        unscaled nn.Linear's), and the initial scale."""
+        super().reset_parameters()
+        with torch.no_grad():
+            self.weight.div_(self.init_scale)
+            self.bias.div_(self.init_scale)
+            if hasattr(self, "logit_scale"):
+                self.logit_scale.fill_(self.init_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logit_scale * super().forward(x)
+
+
+def scaled_classifier(in_features: int, out_features: int, scale: float, learn_scale: bool) -> nn.Linear:
+    """The linear and MLP heads' classifier: ``scale`` > 0 multiplies its logits (:class:`ScaledLinear`,
+    learned from ``scale`` unless ``learn_scale=false``); 0 is a plain ``nn.Linear``, as runs saved
+    before the option had (:class:`LogitScaled`)."""
+    require(scale >= 0, "scale", scale, "must be >= 0 (0: no logit scale)")
+    if scale == 0:
+        return nn.Linear(in_features, out_features)
+    return ScaledLinear(in_features, out_features, scale, learn_scale)
+
+
+class LogitScaled:
+    """Mixin of the heads with a ``scale`` option: runs saved before it rebuild without one (``scale=0``)."""
+
+    @classmethod
+    def saved_options(cls, options: dict) -> dict:
+        return {"scale": 0.0, **options}
+
+
 def _maybe_normalize(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=-1) if normalize else x
 
 
+# the scale starts from an unscaled head's logits and multiplies AdamW's steps by itself: at 1/16 of its
+# unscaled lr (0.1, CE 0.6) the linear head trains as it did; the MLP's measured lr is 1/4 (CE 1/8) of its 0.01 (0.03)
 @HEADS.register("linear", defaults=HeadDefaults(
-    {"optimizer": "adamw", "lr": 0.1, "epochs": 10}, loss_options=without_prior(0.6), min_steps=500))
-class LinearHead(Head):
-    """Linear probe ``W x + b`` on the (by default L2-normalised) embedding."""
+    {"optimizer": "adamw", "lr": 0.1 / LOGIT_SCALE, "epochs": 10}, loss_options=without_prior(0.6 / LOGIT_SCALE),
+    min_steps=500))
+class LinearHead(LogitScaled, Head):
+    """Linear probe ``W x + b`` on the (by default L2-normalised) embedding, times ``scale`` (0: none).
 
-    def __init__(self, inputs: HeadInputs, *, normalize: bool = True):
+    ``scale`` multiplies the logits (learned from it unless ``learn_scale=false``): on unit-norm
+    inputs the unscaled logits are bounded by the weights' norm, which a small step (SGD at 0.05)
+    leaves small, the softmax near uniform (docs/methods_benchmark.md, "Defaults that learn").
+    """
+
+    def __init__(self, inputs: HeadInputs, *, normalize: bool = True, scale: float = LOGIT_SCALE,
+                 learn_scale: bool = LEARN_SCALE):
         super().__init__(inputs)
         self.normalize = normalize
         self.feature_dim = inputs.embed_dim
-        self.classifier = nn.Linear(inputs.embed_dim, inputs.num_classes)
+        self.classifier = scaled_classifier(inputs.embed_dim, inputs.num_classes, scale, learn_scale)
 
     def features(self, x):
         return _maybe_normalize(x, self.normalize)
@@ -113,14 +168,15 @@ class CosineHead(Head):
 
 
 @HEADS.register("mlp", defaults=HeadDefaults(
-    {"optimizer": "adamw", "lr": 0.01, "epochs": 30}, loss_options=without_prior(0.03), min_steps=1000))
-class MLPHead(Head):
-    """(Normalised) input → Linear(D, hidden) → GELU → dropout = features; Linear(hidden, C).
+    {"optimizer": "adamw", "lr": 0.0025, "epochs": 30}, loss_options=without_prior(0.00375), min_steps=1000))
+class MLPHead(LogitScaled, Head):
+    """(Normalised) input → Linear(D, hidden) → GELU → dropout = features; Linear(hidden, C) × ``scale``.
 
-    ``hidden=0`` means ``hidden = D``.
+    ``hidden=0`` means ``hidden = D``; ``scale`` (0: none) multiplies the logits as the linear head's.
     """
 
-    def __init__(self, inputs: HeadInputs, *, hidden: int = 0, dropout: float = 0.0, normalize: bool = True):
+    def __init__(self, inputs: HeadInputs, *, hidden: int = 0, dropout: float = 0.0, normalize: bool = True,
+                 scale: float = LOGIT_SCALE, learn_scale: bool = LEARN_SCALE):
         super().__init__(inputs)
         require(hidden >= 0, "hidden", hidden, "must be >= 0 (0 means the embedding size)")
         check_dropout(dropout)
@@ -128,7 +184,7 @@ class MLPHead(Head):
         self.feature_dim = hidden or inputs.embed_dim
         self.fc = nn.Linear(inputs.embed_dim, self.feature_dim)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(self.feature_dim, inputs.num_classes)
+        self.classifier = scaled_classifier(self.feature_dim, inputs.num_classes, scale, learn_scale)
 
     def features(self, x):
         return self.dropout(F.gelu(self.fc(_maybe_normalize(x, self.normalize))))
