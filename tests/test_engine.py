@@ -49,7 +49,11 @@ assert len(Y) == 203
 
 
 def new_head(name: str = "linear", seed: int = 0, **opts) -> nn.Module:
+    """A head of ``name``; linear and MLP heads without a logit scale (the engine's learning rates and
+    tolerances here are set for plain logits)."""
     torch.manual_seed(seed)
+    if name in ("linear", "mlp"):
+        opts.setdefault("scale", 0.0)
     return create_head(name, HeadInputs(C, DIM), **opts)
 
 

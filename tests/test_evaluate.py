@@ -141,7 +141,7 @@ def test_changed_cache_is_refused_naming_both(setup, tmp_path):
     assert not (tmp_path / "run" / "eval.json").exists()
 
 
-def test_missing_split_mixed_datasets_and_nothing_to_do(setup, tmp_path):
+def test_missing_split_mixed_datasets_and_nothing_to_do(setup, tmp_path, monkeypatch):
     result = invoke("eval", setup / "run", "--split", "holdout")
     assert result.exit_code == 2 and "no 'holdout' split" in result.output
     make_features(tmp_path / "other", dataset="other")
@@ -149,6 +149,8 @@ def test_missing_split_mixed_datasets_and_nothing_to_do(setup, tmp_path):
     result = invoke("eval", setup / "run", tmp_path / "run2")
     assert result.exit_code == 2 and "--allow-mixed" in result.output
     assert invoke("eval", setup / "run", tmp_path / "run2", "--allow-mixed").exit_code == 0
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")  # no runs/ here (the session's folder may hold other tests' runs)
     result = invoke("eval")
     assert result.exit_code == 2 and "nothing to evaluate" in result.output
     result = invoke("eval", "--zero-shot")

@@ -217,7 +217,8 @@ def test_torchrun_two_processes_finetune_the_same_model_as_one(synthetic_root, t
 
 def test_list_tuning_counts_trainable_parameters_on_a_model():
     result = ok("list", "tuning", "--model", TINY_MODEL)
-    counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in result.output.strip().splitlines()}
+    rows = result.output.strip().splitlines()[2:]  # below the header and its rule; a row's first line names it
+    counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in rows if line[:1].strip()}
     blocks = sum(p.numel() for p in load_backbone(TINY_MODEL, "none").model.visual.transformer.resblocks.parameters())
     assert set(counts) == set(TUNING.names()) and counts["frozen"] == 0 and counts["full"] == blocks  # LIFT: blocks only
     assert runner.invoke(app, ["list", "losses", "--model", TINY_MODEL]).exit_code == 2
