@@ -130,6 +130,7 @@ def float32_pooled_cache(root: Path, folder: Path, text_from: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # about 1.6-2.2 s on 2 cores
 def test_lift_classifier_from_the_cache_equals_frozen_finetune(synthetic_root, tmp_path):
     extracted = tmp_path / "extracted"
     extract(synthetic_root, extracted, "--pooled")

@@ -59,6 +59,7 @@ def sweep_record(out: Path) -> dict:
     return json.loads((out / "sweep.json").read_text())
 
 
+@pytest.mark.slow  # about 1.6-2.2 s on 2 cores
 @pytest.mark.parametrize("optimizer, losses", [("adamw", "ce,balanced_softmax"), ("sgd", "logit_adjusted")])
 def test_batched_points_equal_the_same_points_trained_alone(features, tmp_path, optimizer, losses):
     out = tmp_path / "sweep"

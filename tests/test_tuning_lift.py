@@ -77,6 +77,7 @@ MEASURED = {
 }
 
 
+@pytest.mark.slow  # about 1.6-2.2 s on 2 cores
 @pytest.mark.parametrize("num_classes", [1000, 365, 8142])
 def test_trainable_counts_of_every_mode(vit, num_classes):
     counts = {mode: count_trainable(tuned(vit, mode, num_classes)) for mode in TUNING.names()}
