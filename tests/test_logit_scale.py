@@ -80,19 +80,15 @@ def test_a_run_saved_before_the_scale_rebuilds_and_predicts_exactly_as_before(na
     assert rebuild_head(name, new.config).config["scale"] == 16.0
 
 
-CLASSES = 60
-
-
 @pytest.fixture(scope="module")
 def places_unit_cache(tmp_path_factory) -> tuple[Path, np.ndarray]:
-    """60 evenly spaced ranks of the Places-LT train counts (4,980 … 5, 13,472 rows; 365 classes
-    take ~30 s a run), 32-d Gaussians around means at radius 3.5, rows L2-normalised."""
-    profile = np.sort(places_lt_train_counts())[::-1]
-    counts = profile[np.linspace(0, len(profile) - 1, CLASSES).astype(int)]
+    """The Places-LT train counts (365 classes, 4,980 … 5 images; 62,500 rows), 32-d Gaussians around
+    means at radius 3.5, rows L2-normalised."""
+    counts = np.sort(places_lt_train_counts())[::-1]
     _, splits = gaussian_lt(0, counts, 32, 3.5, {"val": 10, "test": 20})
     root = tmp_path_factory.mktemp("scale") / "features"
     for split, (x, y) in splits.items():
-        write_cache(root, split, x / np.linalg.norm(x, axis=1, keepdims=True), y, CLASSES)
+        write_cache(root, split, x / np.linalg.norm(x, axis=1, keepdims=True), y, len(counts))
     return root, counts
 
 
@@ -105,15 +101,15 @@ def sgd_run(root: Path, out: Path, counts, loss: str) -> dict:
         return evaluate(average_views(run.model.predict(FeatureInputs(cache, run.model.head.input))), cache.labels, counts)
 
 
-@pytest.mark.slow  # ~4 s: two 20-epoch runs on 13,472 rows
+@pytest.mark.slow  # ~11 s: two 20-epoch runs on the Places-LT profile's rows
 def test_with_the_papers_sgd_step_balanced_softmax_beats_ce_on_unit_norm_features(places_unit_cache, tmp_path):
     root, counts = places_unit_cache
     balanced = sgd_run(root, tmp_path / "bs", counts, "balanced_softmax")
     ce = sgd_run(root, tmp_path / "ce", counts, "ce")
-    # measured 76.8 / 63.6 (medium 77.7 / 63.3); at separation 4.2 unscaled heads stayed near uniform: 34.8 / 16.1
+    # measured 53.9 / 43.7 overall, 55.0 / 41.1 on medium classes (few 38.4 / 8.0)
     assert balanced["balanced_accuracy"] >= ce["balanced_accuracy"] + 5, (balanced, ce)
     assert balanced["medium"] >= ce["medium"] + 10, (balanced, ce)
-    assert balanced["balanced_accuracy"] >= 70, balanced
+    assert balanced["balanced_accuracy"] >= 45, balanced  # it learns: 1/365 is chance
 
 
 def test_crt_restarts_a_scaled_classifier_as_a_plain_one():
