@@ -13,24 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from conftest import TINY_MODEL
-from ltclip.cli import app
+from test_bad_inputs import invoke, ok
 from ltclip.data.registry import load_dataset
 
-runner = CliRunner()
 MARGIN = 1e-2  # images whose top two logits lie closer than this may swap under float16/int8 rounding
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def one_error_line(result, *fragments: str) -> str:

@@ -12,15 +12,11 @@ from ..artifacts.runs import read_run_info
 from ..config import ExportConfig
 from ..core.distributed import DistContext, resolve_device
 from ..core.errors import LtclipError
+from .predict import check_source
 
 
 def _check(cfg: ExportConfig) -> None:
-    if cfg.zero_shot and (cfg.run or not cfg.features):
-        raise LtclipError("--zero-shot exports a cache's zero-shot classifier: pass --features CACHE and no run")
-    if not cfg.zero_shot and cfg.features:
-        raise LtclipError("--features names the cache of --zero-shot; a run brings its own encoder: drop --features")
-    if not cfg.zero_shot and not cfg.run:
-        raise LtclipError("name a run folder (from `ltclip train-head` or `ltclip finetune`), or pass --zero-shot --features CACHE")
+    check_source(cfg, "exports a cache's zero-shot classifier")
     check_format(cfg.format)
 
 

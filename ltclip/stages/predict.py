@@ -149,14 +149,20 @@ def print_table(predictions: list[Prediction]) -> None:
     Console(width=max(120, Console().width)).print(table)  # paths are long: fold them less
 
 
-def _check(cfg: PredictConfig) -> None:
-    check_bad_images(cfg.bad_images)
+def check_source(cfg, zero_shot_does: str, run_and: str = "") -> None:
+    """A run, or ``--zero-shot --features CACHE`` (which ``zero_shot_does``), and not both: else one line."""
     if cfg.zero_shot and (cfg.run or not cfg.features):
-        raise LtclipError("--zero-shot classifies with a cache's text embeddings: pass --features CACHE and no run")
+        raise LtclipError(f"--zero-shot {zero_shot_does}: pass --features CACHE and no run")
     if not cfg.zero_shot and cfg.features:
         raise LtclipError("--features names the cache of --zero-shot; a run brings its own encoder: drop --features")
     if not cfg.zero_shot and not cfg.run:
-        raise LtclipError("name a run folder (from `ltclip train-head` or `ltclip finetune`) and images, or pass --zero-shot --features CACHE")
+        raise LtclipError(f"name a run folder (from `ltclip train-head` or `ltclip finetune`){run_and}, or pass --zero-shot "
+                          "--features CACHE")
+
+
+def _check(cfg: PredictConfig) -> None:
+    check_bad_images(cfg.bad_images)
+    check_source(cfg, "classifies with a cache's text embeddings", " and images")
     if cfg.out and Path(cfg.out).suffix.lower() not in OUT_FORMATS:
         raise LtclipError(f"--out {cfg.out}: name a .csv or .jsonl file")
 
