@@ -125,3 +125,15 @@ def test_crt_restarts_a_scaled_classifier_as_a_plain_one():
     z = torch.randn(4, 8)
     assert float(scaled.classifier.logit_scale) == 1.0
     torch.testing.assert_close(scaled(z), plain(z), rtol=0, atol=0)
+
+
+def test_tau_norm_keeps_a_scaled_classifiers_logit_scale():
+    """τ = 0 gives the stage-1 logits without the bias, whether or not the classifier scales them."""
+    from ltclip.methods.second_stage.methods import TauNormalisation
+    from ltclip.models.heads.embedding import scaled_classifier
+
+    torch.manual_seed(0)
+    scaled = scaled_classifier(8, 5, 16.0, True)
+    z = torch.randn(4, 8)
+    norm = TauNormalisation(scaled, in_dim=8, num_classes=5, tau=0.0)
+    torch.testing.assert_close(norm(z), scaled(z) - scaled.logit_scale * scaled.bias)

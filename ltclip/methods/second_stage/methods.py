@@ -15,7 +15,7 @@ penultimate features ``z`` it was trained on, and returns a :class:`Calibrated` 
   ``W, b`` frozen, ``f`` initialised to 1, class-balanced sampling, cross-entropy. Scaling the
   logit scales ``w_j`` and ``b_j`` alike, as their ``TauNormClassifier`` (``fc(x) * scales``) does.
 - ``tau-norm`` (Kang et al.): no training; ``logits'_j = z · w_j / ||w_j||^τ`` with the bias
-  dropped, as in the paper. ``τ`` maximises validation balanced accuracy over ``taus``
+  dropped, as in the paper (times a logit-scaled classifier's scale, so τ = 0 keeps its logits). ``τ`` maximises validation balanced accuracy over ``taus``
   (first best on ties); without a validation set ``τ = tau`` (default 1, the paper's usual
   choice). The sweep table is ``summary["tau_table"]``. Needs an ``nn.Linear`` classifier.
 - ``disalign`` (Zhang et al. CVPR 2021, "Distribution Alignment"): the adaptive calibration
@@ -139,7 +139,8 @@ class TauNormalisation(Calibrated):
 
     def forward(self, z: Tensor) -> Tensor:
         w = self.base.weight
-        return F.linear(z, w / w.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(self.tau))
+        logits = F.linear(z, w / w.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(self.tau))
+        return logits * self.base.logit_scale if isinstance(self.base, ScaledLinear) else logits  # τ = 0: the stage-1 logits, bias dropped
 
     trains = False
 
