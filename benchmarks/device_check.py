@@ -1,6 +1,6 @@
 """One prepared device measurement: extract, decoder, finetune, prompt tuning and kNN, side by side.
 
-Run as ``python benchmarks/device_check.py --size tiny|full --out DIR [--parts extract,decoder,...]
+Run as ``python -m benchmarks.device_check --size tiny|full --out DIR [--parts extract,decoder,...]
 [--device auto]``; writes DIR/device_check.json and DIR/device_check.md. Made for a session lent a GPU
 for a few minutes: ``--size full`` fits 8 minutes on one H100, ``--size tiny`` runs on a CPU.
 
@@ -33,7 +33,6 @@ import logging
 import os
 import resource
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,14 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as a file: `python benchmarks/device_check.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.bench_eval import PeakRSS, machine_info  # noqa: E402
-from benchmarks.bench_finetune import _Classes  # noqa: E402
-from benchmarks.bench_train_head import FrozenEncoderHead, ImageSource  # noqa: E402
-from benchmarks.timing import StepTimer, median  # noqa: E402
-from ltclip.core.progress import Progress  # noqa: E402
+from benchmarks.bench_eval import PeakRSS, machine_info
+from benchmarks.bench_finetune import _Classes
+from benchmarks.bench_train_head import FrozenEncoderHead, ImageSource
+from benchmarks.timing import StepTimer, median
+from ltclip.core.progress import Progress
 
 TINY = "ltclip-tiny-vit"
 PARTS = ("extract", "decoder", "finetune", "prompt", "faiss")
@@ -113,6 +109,21 @@ def peak_memory(device: torch.device):
         box["mib"] = mem.peak_mib
 
 
+def image_px(backbone) -> int:
+    px = backbone.preprocess_cfg["size"]
+    return px[0] if isinstance(px, (tuple, list)) else px
+
+
+def unless_out_of_memory(notes: list, label: str, measure):
+    """``measure()``, or None and a note when the device runs out of memory."""
+    try:
+        return measure()
+    except torch.cuda.OutOfMemoryError:
+        notes.append(f"{label}: out of device memory; skipped")
+        torch.cuda.empty_cache()
+        return None
+
+
 def user_precision(device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
@@ -121,7 +132,8 @@ def user_precision(device: torch.device) -> str:
 
 def device_info(device: torch.device) -> dict:
     info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": str(device), "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), **machine_info()}
+            "device": str(device), "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "loadavg": os.getloadavg(),
+            **machine_info()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=props.total_memory / 2**30,
@@ -250,8 +262,7 @@ def decoder_epochs(model: str, size: dict, device: torch.device, work: Path) -> 
     embed_dim, token_shape = backbone.encode_dims()
     cache = work / f"tokens-{model}"
     labels = write_token_cache(cache, rows_n, classes, embed_dim, token_shape)
-    px = backbone.preprocess_cfg["size"]
-    px = px[0] if isinstance(px, (tuple, list)) else px
+    px = image_px(backbone)
     source = ImageSource(torch.randn(rows_n, 3, px, px), labels)
 
     def config(tag: str, steps=None):
@@ -290,11 +301,7 @@ def decoder_epochs(model: str, size: dict, device: torch.device, work: Path) -> 
 
 def part_decoder(size: dict, device: torch.device, work: Path, rows: list, notes: list) -> None:
     for model in size["decoder_models"]:
-        try:
-            rows.extend(decoder_epochs(model, size, device, work))
-        except torch.cuda.OutOfMemoryError:
-            notes.append(f"{model}: out of device memory; skipped")
-            torch.cuda.empty_cache()
+        rows.extend(unless_out_of_memory(notes, model, lambda: decoder_epochs(model, size, device, work)) or [])
 
 
 # ------------------------------------------------------------------ finetune and prompt
@@ -313,8 +320,7 @@ def finetune_steps(model_name: str, tune: str, head: str, classes: int, batch: i
                                      "loss": "ce", "batch_size": batch, "steps": 1 + steps, "epochs": 1, "device": str(device),
                                      "seed": 0, "workers": 0, "precision": "amp"}, owner="device_check")
     backbone, model = stage.new_encoder_classifier(cfg, _Classes(classes), device)
-    px = backbone.preprocess_cfg["size"]
-    px = px[0] if isinstance(px, (tuple, list)) else px
+    px = image_px(backbone)
     labels = np.arange(batch * (1 + steps)) % classes
     trainable = count_trainable(backbone.model)
     lrs = {"head": cfg.optim.lr, **({"backbone": cfg.tuning.backbone_lr or cfg.optim.lr} if trainable else {})}
@@ -332,11 +338,9 @@ def train_rows(part: str, cases, size: dict, device: torch.device, notes: list, 
     from ltclip.core.distributed import device_precision
 
     for label, tune, head, classes, batch in cases:
-        try:
-            r = finetune_steps(size["tune_model"], tune, head, classes, batch, size["tune_steps"], device)
-        except torch.cuda.OutOfMemoryError:
-            notes.append(f"{label}: out of device memory; skipped")
-            torch.cuda.empty_cache()
+        r = unless_out_of_memory(notes, label, lambda: finetune_steps(size["tune_model"], tune, head, classes, batch,
+                                                                      size["tune_steps"], device))
+        if r is None:
             continue
         rows.append(row(part, f"{size['tune_model']}, batch {batch}, amp ({device_precision(device, 'amp')})", label, r["step_s"], "s/step", r["peak_mib"],
                         f"{batch / r['step_s']:,.0f} images/s", encoder_trainable=r["encoder_trainable"]))
@@ -413,7 +417,7 @@ def run_part(name: str, fn, cap_s: float, *args) -> tuple[dict, list]:
 def markdown(report: dict) -> str:
     d = report["device"]
     where = d.get("gpu") or f"CPU ({d['cpu_model']})"
-    lines = [f"{where}, {d['cpu_count']} CPUs, torch {d['torch']} (CUDA {d['cuda']}), {d['date_utc']}; "
+    lines = [f"{where}, {d['cpu_count']} CPUs (load average {d['loadavg'][0]:.1f}), torch {d['torch']} (CUDA {d['cuda']}), {d['date_utc']}; "
              f"size {report['size']}, {report['wall_s']:.0f} s in all.", "",
              "| part | case | method | result | peak memory MiB | relative |", "|---|---|---|---:|---:|---|"]
     for r in report["rows"]:

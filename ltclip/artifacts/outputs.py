@@ -17,8 +17,8 @@ from typing import Iterable, Mapping
 
 from ..core.errors import LtclipError
 from .runs import RUN_FILE, RUN_KINDS
+from .workspace import SWEEP_FILE
 
-SWEEP_FILE = "sweep.json"  # a sweep folder's record (ltclip.sweep.report)
 CACHE_RECORD = "extract.json"  # a cache folder's record (ltclip.stages.extract)
 FOLDER_KINDS = {"head": "a finished head run", "second_stage": "a finished second-stage run",
                 "finetune": "a finished finetuned run", "run": "a finished run", "sweep": "a sweep", "cache": "a feature cache"}

@@ -125,7 +125,7 @@ def _how_to_continue(resumable: bool, kwargs: dict) -> str:
     out = kwargs.get("out")
     if out is not None:
         from ..engine import LAST_FILE
-        from ..sweep.report import SWEEP_FILE
+        from ..artifacts.workspace import SWEEP_FILE
 
         if (Path(out) / SWEEP_FILE).is_file():
             return "rerun the same command with --resume to continue the sweep (finished points are kept)"

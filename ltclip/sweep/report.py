@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from ..artifacts.outputs import SWEEP_FILE
+from ..artifacts.workspace import SWEEP_FILE
 from ..core.atomic import atomic_path, save_json
 from ..evaluation.metrics import LOWER_IS_BETTER
 

@@ -25,6 +25,7 @@ from ..engine import BEST_FILE, LAST_FILE, SUMMARY_KEYS, check_optim
 from ..core.errors import LtclipError
 from ..core.progress import Progress
 from ..artifacts.runs import CONFIG_FILE, RUN_FILE, features_input, read_run_info
+from ..artifacts.workspace import SWEEP_BEST
 from ..stages.second_stage import check_options, run_second_stage
 from ..stages.train_head import run_train_head
 from . import report
@@ -32,7 +33,6 @@ from .grid import Point, expand, plan_groups
 from .group import train_group
 
 GROUPS_DIR = "groups"
-BEST_DIR = "best"
 
 
 def run_sweep(base: dict, grid: list[tuple[str, list]], metric: str, out: Path, progress: Progress | None = None,
@@ -98,9 +98,9 @@ def _sweep(base: dict, grid, metric: str, out: Path, points: list[Point], progre
     if best is None:
         raise LtclipError(f"no point of the sweep finished with a val {metric}; see {out / report.SWEEP_MD}", exit_code=1)
     _keep_best(out, next(p for p in points if p.name == best["name"]))
-    record["best"] = {"point": best["name"], "run": BEST_DIR, "val": best["val"], "options": best["options"]}
+    record["best"] = {"point": best["name"], "run": SWEEP_BEST, "val": best["val"], "options": best["options"]}
     report.save(out, record)
-    progress.log(f"sweep: {out}, best {best['name']} (val {metric} {best['val']:.4g}), kept as {out / BEST_DIR}")
+    progress.log(f"sweep: {out}, best {best['name']} (val {metric} {best['val']:.4g}), kept as {out / SWEEP_BEST}")
     return record
 
 
@@ -176,7 +176,7 @@ def _train_alone(point: Point, entry: dict, progress: Progress) -> None:
 
 def _keep_best(out: Path, point: Point) -> None:
     """``out/best``: the best point's run (without its checkpoints), its config that of a run in ``out/best``."""
-    dest, partial = out / BEST_DIR, out / f"{BEST_DIR}.partial"
+    dest, partial = out / SWEEP_BEST, out / f"{SWEEP_BEST}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(point.cfg.out, partial, ignore=shutil.ignore_patterns(LAST_FILE, BEST_FILE, LOCK_FILE, "tensorboard"))
     save_json(partial / CONFIG_FILE, to_dict(dataclasses.replace(point.cfg, out=str(dest))))
