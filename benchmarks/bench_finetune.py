@@ -78,7 +78,7 @@ QUICK = {"model": "ltclip-tiny-vit", "class_model": "ltclip-tiny-vit", "batch_si
 MiB = 2**20
 
 
-class _Classes:
+class Classes:
     """What ``new_encoder_classifier`` reads of a dataset: C class names."""
 
     def __init__(self, num_classes: int):
@@ -138,7 +138,7 @@ def child_main(spec: dict) -> dict:
         "head": "linear" if naive else spec["head"], "head_opts": tuple(spec["head_opts"]), "loss": "ce",
         "batch_size": batch, "steps": steps, "epochs": 1, "device": "cpu", "seed": 0, "workers": 0,
     }, owner="bench_finetune")
-    dataset = _Classes(classes)
+    dataset = Classes(classes)
     t = time.perf_counter()
     backbone, model = stage.new_encoder_classifier(cfg, dataset, torch.device("cpu"))
     if naive:

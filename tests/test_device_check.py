@@ -6,6 +6,7 @@ import time
 import pytest
 
 from benchmarks import device_check
+from benchmarks.device_parts import TUNE_MODES
 
 
 @pytest.mark.slow
@@ -23,7 +24,7 @@ def test_every_part_measures_its_methods_side_by_side(tmp_path, monkeypatch):
         assert r["value"] > 0
     assert len(methods["extract"]) == 4 and methods["extract"][0].startswith("input pipeline")
     assert len(methods["decoder"]) == 2
-    assert methods["finetune"] == [f"--tune {t}, linear head" for t in device_check.TUNE_MODES]
+    assert methods["finetune"] == [f"--tune {t}, linear head" for t in TUNE_MODES]
     assert len(methods["prompt"]) == len(device_check.SIZES["test"]["prompt_classes"])
     faiss_row = saved["rows"][-1]
     assert faiss_row["method"].startswith("faiss") and "same neighbours: 100.0%" in faiss_row["relative"]
