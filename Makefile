@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# One prepared GPU measurement (extract, decoder, finetune, prompt, kNN) for a session lent a device:
+# One prepared GPU measurement (extract, decoder, finetune, prompt, kNN) for a few minutes on a borrowed GPU:
 # about 8 minutes on one H100. `--size tiny` runs it on a CPU. See docs/performance.md, "Device check".
 bench-device: $(STAMP)
 	$(PY) -m benchmarks.device_check --size full --out benchmarks/results/device

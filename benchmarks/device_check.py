@@ -1,7 +1,7 @@
 """One prepared device measurement: extract, decoder, finetune, prompt tuning and kNN, side by side.
 
 Run as ``python -m benchmarks.device_check --size tiny|full --out DIR [--parts extract,decoder,...]
-[--device auto]``; writes DIR/device_check.json and DIR/device_check.md. Made for a session lent a GPU
+[--device auto]``; writes DIR/device_check.json and DIR/device_check.md. Made for a GPU available
 for a few minutes: ``--size full`` fits 8 minutes on one H100, ``--size tiny`` runs on a CPU.
 
 - ``extract``: images/s of ``run_extract`` against the raw forward of the same (pre-decoded) images and
