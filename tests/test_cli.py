@@ -108,3 +108,16 @@ def test_list_is_a_table_that_fits_80_columns(kind, monkeypatch):
     assert lines[0].split()[:3] == ["name", "what", "it"] and lines[0].split()[-1] == "options" and set(lines[1]) == {"─"}
     assert max(map(len, lines)) <= 80 and len(lines) > 3
     assert "``" not in result.output and ":func:" not in result.output and "\x1b[" not in result.output
+
+
+def test_eval_of_a_missing_folder_answers_before_torch_is_imported(tmp_path):
+    """A mistyped run folder is one line at once: eval's config is checked before any stage (and torch) loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom ltclip.cli import app\ntry:\n    app(['eval', 'runs/typo'])\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.stdout.split() == ["2", "False"], done
+    assert done.stderr.strip() == "error: runs/typo: no such folder; name run folders from `ltclip train-head` or " \
+                                  "`ltclip finetune` (`ls runs/`)"

@@ -40,11 +40,13 @@ def extract(values: dict) -> None:
 
 def evaluate(values: dict) -> None:
     """Shot-group metrics (many/medium/few/all) for runs and zero-shot / kNN / NCM baselines."""
-    from ..evaluation.report import markdown_table
     from ..recipes.resolve import eval_config
+
+    cfg = eval_config(given(values, drop=("config",)), say=say_default)  # torch-free: a missing run is refused at once
+    from ..evaluation.report import markdown_table
     from ..stages.evaluate import run_eval
 
-    typer.echo(markdown_table(run_eval(eval_config(given(values, drop=("config",)), say=say_default))))
+    typer.echo(markdown_table(run_eval(cfg)))
 
 
 def list_registered(

@@ -116,6 +116,10 @@ def eval_config(values: dict, *, say: Say | None = None) -> EvalConfig:
             raise LtclipError(f"nothing to evaluate: no run folders given and no finished run under {RUNS_DIR}/")
         _tell(say, "runs", f"the {len(values['runs'])} finished runs under {RUNS_DIR}/")
     if values.get("runs"):
+        missing = [run for run in values["runs"] if not Path(run).is_dir()]
+        if missing:
+            raise LtclipError(f"{missing[0]}: no such folder; name run folders from `ltclip train-head` or `ltclip finetune`"
+                              f" (`ls {RUNS_DIR}/`)")
         values["runs"] = tuple(_sweep_as_run(run, say) for run in values["runs"])
     if values.get("features") is None and baselines and recorded_features() is not None:
         values["features"] = str(_recorded_features())
