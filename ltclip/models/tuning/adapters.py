@@ -17,10 +17,11 @@ The bottleneck ``b`` defaults to LIFT's class-count rule (``bottleneck=auto``, :
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
-from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from ...core.errors import LtclipError
@@ -65,13 +66,21 @@ class ScaledBottleneck(Bottleneck):
         return self.scale * super().forward(x)
 
 
-class AdaptFormerBlock(ResidualAttentionBlock):
-    """open_clip's residual block with an AdaptFormer branch beside its MLP sub-layer, reading the
-    residual stream ``x`` rather than ``ln_2(x)`` (LIFT, ``models/peft_vit.py``)."""
+@functools.cache
+def _blocks() -> tuple[type, type]:
+    """``(open_clip's ResidualAttentionBlock, AdaptFormerBlock)``, built on first use: importing open_clip
+    (torchvision, about 1.7 s) is left to the commands that build a model, not ``ltclip list``."""
+    from open_clip.transformer import ResidualAttentionBlock
 
-    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
-        x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
-        return x + self.ls_2(self.mlp(self.ln_2(x))) + self.adaptformer(x)
+    class AdaptFormerBlock(ResidualAttentionBlock):
+        """open_clip's residual block with an AdaptFormer branch beside its MLP sub-layer, reading the
+        residual stream ``x`` rather than ``ln_2(x)`` (LIFT, ``models/peft_vit.py``)."""
+
+        def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+            x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+            return x + self.ls_2(self.mlp(self.ln_2(x))) + self.adaptformer(x)
+
+    return ResidualAttentionBlock, AdaptFormerBlock
 
 
 def _blocks_and_width(visual, mode: str, bottleneck, blocks, num_classes) -> tuple[list[nn.Module], int]:
@@ -99,10 +108,11 @@ def adaptformer(visual, *, bottleneck: str = AUTO, scale: float = 1.0, learn_sca
     """
     require(down_init in DOWN_INITS, "down_init", down_init, f"choose one of {', '.join(DOWN_INITS)}")
     chosen, b = _blocks_and_width(visual, "adaptformer", bottleneck, blocks, num_classes)
+    plain, with_branch = _blocks()
     for block in chosen:
-        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+        if type(block) is not plain or hasattr(block, "ln_1_kv"):
             raise LtclipError(f"tuning mode 'adaptformer' needs open_clip's self-attention ResidualAttentionBlock, "
                               f"not {type(block).__name__}")
         block.adaptformer = placed(ScaledBottleneck(block.ln_2.normalized_shape[0], b, scale, learn_scale, down_init),
                                    block.mlp.c_fc.weight)
-        block.__class__ = AdaptFormerBlock
+        block.__class__ = with_branch
