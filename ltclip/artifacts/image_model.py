@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import DataConfig, from_dict
 from ..core.errors import LtclipError
-from ..data.image_batches import eval_transform, mean_std
+from ..data.image_batches import normalized_preprocess
 from ..data.views import Views, check_view_options, make_views
 from .outputs import CACHE_RECORD
 from .runs import finetuned_backbone, load_run, read_run_info
@@ -133,10 +133,8 @@ def _finetuned(run_dir: str | Path, device) -> ImageClassifier:
     run = load_run(run_dir, device=device)
     model = run.model
     normalize = run.config.get("normalize", "model")
-    mean, std = mean_std(model.preprocess_cfg, normalize)
-    return ImageClassifier(model.eval(), eval_transform(model.preprocess, model.preprocess_cfg, normalize),
-                           {**model.preprocess_cfg, "mean": mean, "std": std}, _dataset_classnames(run.info),
-                           run.config.get("eval_resize"), run.config.get("interpolation"))
+    return ImageClassifier(model.eval(), *normalized_preprocess(model.preprocess, model.preprocess_cfg, normalize),
+                           _dataset_classnames(run.info), run.config.get("eval_resize"), run.config.get("interpolation"))
 
 
 def _dataset_classnames(info: dict) -> list[str]:
@@ -181,9 +179,7 @@ def _cache_encoder(features: Path, owner: str, device):
                               "re-extract the cache")
         backbone = load_backbone(attrs["model"], pretrained, device=device, preprocess_from=record.get("preprocess_from"))
         normalize = attrs.get("normalize", "model")
-    mean, std = mean_std(backbone.preprocess_cfg, normalize)
-    backbone.preprocess = eval_transform(backbone.preprocess, backbone.preprocess_cfg, normalize)
-    backbone.preprocess_cfg = {**backbone.preprocess_cfg, "mean": mean, "std": std}
+    backbone.preprocess, backbone.preprocess_cfg = normalized_preprocess(backbone.preprocess, backbone.preprocess_cfg, normalize)
     _check_identity(train, attrs, {**backbone.identity, "normalize": normalize})
     return backbone, cache, record
 

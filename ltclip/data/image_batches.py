@@ -38,6 +38,13 @@ def eval_transform(preprocess, preprocess_cfg: dict, normalize: str):
     return T.Compose([*steps, T.Normalize(*mean_std(preprocess_cfg, normalize))])
 
 
+def normalized_preprocess(preprocess, preprocess_cfg: dict, normalize: str) -> tuple:
+    """``(transform, preprocess_cfg)``: the model's evaluation preprocessing (:func:`eval_transform`) and
+    its config with the mean/std the crop views use, both normalised as ``normalize`` says."""
+    mean, std = mean_std(preprocess_cfg, normalize)
+    return eval_transform(preprocess, preprocess_cfg, normalize), {**preprocess_cfg, "mean": mean, "std": std}
+
+
 class GrowingSquareCrop:
     """LIFT+'s minimalist data augmentation (MDA): a random square crop resized to ``size``, no flip.
 

@@ -18,7 +18,7 @@ from ..artifacts.outputs import CACHE_RECORD, check_out_folder, dataset_inputs, 
 from ..core.atomic import save_json
 from ..core.lock import folder_lock, missing_folders, remove_empty
 from ..config import ExtractConfig, provenance, to_dict
-from ..data.image_batches import NORMALIZATIONS, eval_transform, mean_std
+from ..data.image_batches import NORMALIZATIONS, normalized_preprocess
 from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
 from ..data.registry import open_dataset
 from ..data.views import check_view_options, make_views
@@ -99,9 +99,7 @@ def _backbone(cfg: ExtractConfig, device):
 def _normalized(backbone, normalize: str):
     """``backbone`` whose preprocessing (and the mean/std the crop views use) is ``normalize``'s:
     the finetune stage's own evaluation transform (:func:`eval_transform`)."""
-    mean, std = mean_std(backbone.preprocess_cfg, normalize)
-    backbone.preprocess = eval_transform(backbone.preprocess, backbone.preprocess_cfg, normalize)
-    backbone.preprocess_cfg = {**backbone.preprocess_cfg, "mean": mean, "std": std}
+    backbone.preprocess, backbone.preprocess_cfg = normalized_preprocess(backbone.preprocess, backbone.preprocess_cfg, normalize)
     backbone.normalize = normalize
     return backbone
 

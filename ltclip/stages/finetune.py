@@ -11,7 +11,7 @@ import torch
 
 from ..config import FinetuneConfig, to_dict
 from ..data.image_batches import (
-    NORMALIZATIONS, TRAIN_CROPS, ImageSource, eval_transform, image_batches, mean_std, train_transform,
+    NORMALIZATIONS, TRAIN_CROPS, ImageSource, eval_transform, image_batches, normalized_preprocess, train_transform,
 )
 from ..data.registry import open_dataset
 from ..data.views import CenterView, check_view_options, lift_resize, make_views
@@ -131,9 +131,7 @@ def _train(cfg: FinetuneConfig, dataset, ctx, device, progress: Progress, resume
                  f"head {cfg.method.head} on {model.head.input}")
     if cfg.eval_resize is None:  # recorded as a number, so `ltclip eval RUN` views the test images the same way
         cfg = dataclasses.replace(cfg, eval_resize=lift_resize(backbone.preprocess_cfg))
-    eval_tf = eval_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize)
-    mean, std = mean_std(backbone.preprocess_cfg, cfg.normalize)
-    val_views = make_views("center", eval_tf, {**backbone.preprocess_cfg, "mean": mean, "std": std},
+    val_views = make_views("center", *normalized_preprocess(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize),
                            resize=cfg.eval_resize, interpolation=cfg.interpolation)
     out = Path(cfg.out)
     read = [dataset.split(s) for s in dict.fromkeys(("train", val_split or "train"))]

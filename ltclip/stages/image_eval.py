@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from ..config import DataConfig, EvalConfig, from_dict
-from ..data.image_batches import eval_transform, image_batches, mean_std
+from ..data.image_batches import image_batches, normalized_preprocess
 from ..data.registry import open_dataset
 from ..data.views import check_view_options, make_views
 from ..core.distributed import DistContext, default_workers
@@ -27,12 +27,11 @@ def image_run_logits(run, cfg: EvalConfig, device) -> tuple[np.ndarray, np.ndarr
     dataset = open_dataset(data)
     model = run.model
     normalize = run.config.get("normalize", "model")
-    mean, std = mean_std(model.preprocess_cfg, normalize)
+    transform, preprocess_cfg = normalized_preprocess(model.preprocess, model.preprocess_cfg, normalize)
     resize = cfg.eval_resize or run.config.get("eval_resize")
     interpolation = cfg.interpolation or run.config.get("interpolation")
     check_view_options(resize, interpolation)
-    views = make_views(cfg.test_views, eval_transform(model.preprocess, model.preprocess_cfg, normalize),
-                       {**model.preprocess_cfg, "mean": mean, "std": std}, resize=resize, interpolation=interpolation)
+    views = make_views(cfg.test_views, transform, preprocess_cfg, resize=resize, interpolation=interpolation)
     split = dataset.split(cfg.split)
     workers = default_workers(DistContext()) if cfg.workers is None else cfg.workers
     parts, labels = [], []
