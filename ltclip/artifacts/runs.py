@@ -11,6 +11,7 @@ written when the run starts, holds the fingerprints of the files it reads, which
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -38,8 +39,24 @@ def cache_fingerprint(path: str | Path) -> str:
     """sha256 of a cache file's identity: its attributes, labels and pooled embeddings.
 
     Token sequences come from the same forward pass as the embeddings, so hashing them (often
-    hundreds of GB) would add cost without catching anything more.
+    hundreds of GB) would add cost without catching anything more. A run fingerprints its cache when
+    it starts and when it finishes: the file is read once while it stays unchanged (same inode, size
+    and modification time).
     """
+    try:
+        found = Path(path).stat()
+    except OSError:
+        return _read_fingerprint(path)  # FeatureCache says what is wrong, in one line
+    return _fingerprint(str(Path(path).resolve()), found.st_ino, found.st_size, found.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    """:func:`cache_fingerprint` of ``path`` as it is at that inode, size and modification time."""
+    return _read_fingerprint(path)
+
+
+def _read_fingerprint(path: str | Path) -> str:
     with FeatureCache(path) as cache:
         h = hashlib.sha256()
         attrs = {k: v for k, v in cache.attrs.items() if k not in ("ltclip_version",)}
