@@ -30,7 +30,7 @@ from .store import FeatureCache, TokenCodec, load_text_embeddings
 
 log = logging.getLogger(__name__)
 
-CLIP_LOGIT_SCALE = 100.0  # the scale of CLIP's zero-shot logits (``ltclip eval --zero-shot``'s)
+CLIP_LOGIT_SCALE = 100.0  # the scale of CLIP's zero-shot logits (``ltclip eval --zero-shot`` and predict)
 IDENTITY_KEYS = ("model", "pretrained", "checkpoint_sha256", "quick_gelu", "preprocess", "normalize", "finetuned_run_sha256")
 
 

@@ -17,11 +17,10 @@ from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views, evaluate
 from ..evaluation.plots import per_class_path
 from ..evaluation.retrieval import class_means, knn_logits, ncm_logits, normalise, retrieval_mix
+from ..artifacts.image_model import CLIP_LOGIT_SCALE
 from ..artifacts.runs import CONFIG_FILE, load_run, read_run_info
 from ..artifacts.store import FeatureCache, load_text_embeddings
 from ..artifacts.workspace import sweep_point
-
-ZERO_SHOT_SCALE = 100.0  # CLIP's logit scale
 
 
 def _split_cache(features: Path, split: str, owner: str) -> FeatureCache:
@@ -99,7 +98,7 @@ def evaluate_baselines(cfg: EvalConfig) -> list[dict]:
                 raise LtclipError(f"--zero-shot: {text_path} is missing; rerun `ltclip extract` to write the text embeddings")
             text = load_text_embeddings(text_path)
             per_view = normalise(cache.load_embeds().astype(np.float32).reshape(-1, cache.embed_dim)) @ text.embeds.T
-            logits = average_views(ZERO_SHOT_SCALE * per_view.reshape(cache.num_rows, cache.views, -1), cfg.views)
+            logits = average_views(CLIP_LOGIT_SCALE * per_view.reshape(cache.num_rows, cache.views, -1), cfg.views)
             results.append(_result(logits, labels, counts, cfg, name="zero-shot CLIP", kind="zero-shot", dataset=dataset))
         if cfg.knn > 0:
             results.append(_result(_knn_log_probs(query, features, cfg, cfg.knn), labels, counts, cfg,
