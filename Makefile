@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pip takes torch from the machine's local wheel files where they exist.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast bench bench-device clean reproduce reproduce-lift
+.PHONY: demo test test-fast bench bench-device catalog clean reproduce reproduce-lift
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(STAMP)
 # about 8 minutes on one H100. `--size tiny` runs it on a CPU. See docs/performance.md, "Device check".
 bench-device: $(STAMP)
 	$(PY) -m benchmarks.device_check --size full --out benchmarks/results/device
+
+# ltclip/recipes/catalog.json: the registered methods as `ltclip list` shows them (read without torch);
+# remake it after registering a loss, head, sampler, second stage, schedule or tuning mode.
+catalog: $(STAMP)
+	$(PY) -m ltclip.recipes.catalog
 
 # The paper's table on one dataset: make reproduce DATASET=imagenet_lt|places_lt|inat18|cifar100_lt
 # DATA_ROOT=/data/... [MODEL=ViT-L-14 PRETRAINED=openai OUT=experiments/... ARGS="--precision bf16 ..."];

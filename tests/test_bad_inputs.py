@@ -363,9 +363,9 @@ def run_on_cache(tmp_path):
 
 def test_train_head_on_a_folder_without_train_h5(tmp_path):
     (tmp_path / "empty").mkdir()
-    for folder in (tmp_path / "empty", tmp_path / "absent"):
+    for folder, problem in ((tmp_path / "empty", "no train.h5"), (tmp_path / "absent", "no such cache folder")):
         fails("train-head", "--features", folder, "--out", tmp_path / "run", *LINEAR,
-              fragments=[f"--features {folder}: no train.h5", "ltclip extract"])
+              fragments=[f"--features {folder}: {problem}", "ltclip extract"])
     assert not (tmp_path / "run").exists()
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import shared_files, write_places_lt_standin
 from ltclip import __version__
 from ltclip.cli import app
-from ltclip.recipes.choices import KINDS
+from ltclip.recipes.catalog import KINDS
 
 runner = CliRunner()
 

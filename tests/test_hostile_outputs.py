@@ -215,7 +215,8 @@ def test_lock_is_released_on_error_and_on_ctrl_c_and_ranks_other_than_0_do_not_t
 
 def test_a_refused_train_head_leaves_no_folder_and_no_lock(run_on_cache, tmp_path):
     features, run = run_on_cache
-    fails("train-head", "--features", tmp_path / "absent", "--out", tmp_path / "new", *LINEAR, fragments=["no train.h5"])
+    (tmp_path / "empty").mkdir()  # a folder, but no cache: refused by the stage itself
+    fails("train-head", "--features", tmp_path / "empty", "--out", tmp_path / "new", *LINEAR, fragments=["no train.h5"])
     assert not (tmp_path / "new").exists()
     fails("train-head", "--features", features, "--out", run, *LINEAR, fragments=["already holds a run"])
     assert not (run / LOCK_FILE).exists()

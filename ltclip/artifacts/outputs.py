@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..core.errors import LtclipError
-from .runs import RUN_FILE, RUN_KINDS
-from .workspace import SWEEP_FILE
+from .runs import RUN_KINDS
+from .workspace import RUN_FILE, SWEEP_FILE
 
 CACHE_RECORD = "extract.json"  # a cache folder's record (ltclip.stages.extract)
 FOLDER_KINDS = {"head": "a finished head run", "second_stage": "a finished second-stage run",

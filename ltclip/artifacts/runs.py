@@ -26,11 +26,11 @@ from ..config import provenance
 from .feature_batches import FeatureInputs
 from ..core.errors import LtclipError
 from .store import FeatureCache
+from .workspace import RUN_FILE
 
 RUN_SCHEMA_VERSION = 1
 RUN_KINDS = ("head", "second_stage", "finetune")
 MODEL_FILE = "model.pt"
-RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
 INPUTS_FILE = "inputs.json"
 

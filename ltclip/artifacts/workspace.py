@@ -19,6 +19,7 @@ WORKSPACE_FILE = "ltclip.toml"
 FEATURES_DIR = Path("features")
 SWEEP_FILE, SWEEP_BEST = "sweep.json", "best"  # a sweep's record and its best point kept as a run (ltclip.sweep.run)
 RUNS_DIR = Path("runs")
+RUN_FILE = "run.json"  # written last: a folder holding it is a finished run (ltclip.artifacts.runs)
 
 
 def slug(text: str) -> str:
@@ -45,7 +46,7 @@ def default_run_dir(name: str, resume: bool) -> Path:
         if not existing:
             raise LtclipError(f"--resume: no run folder {candidates[0]} to resume; pass --out RUN")
         return existing[-1]
-    return next(c for c in candidates if not (c / "run.json").exists() and not is_locked(c))
+    return next(c for c in candidates if not (c / RUN_FILE).exists() and not is_locked(c))
 
 
 def record_features(features: Path, where: Path = Path(".")) -> Path:
@@ -81,17 +82,17 @@ def finished_runs(root: Path = RUNS_DIR) -> list[Path]:
     finished sweeps, in name order."""
     if not root.is_dir():
         return []
-    runs = [p.parent for p in root.glob("*/run.json")]
-    return sorted(runs + [p.parent for p in root.glob(f"*/{SWEEP_BEST}/run.json") if (p.parents[1] / SWEEP_FILE).is_file()])
+    runs = [p.parent for p in root.glob(f"*/{RUN_FILE}")]
+    return sorted(runs + [p.parent for p in root.glob(f"*/{SWEEP_BEST}/{RUN_FILE}") if (p.parents[1] / SWEEP_FILE).is_file()])
 
 
 def sweep_best(folder: Path) -> Path | None:
     """The run a sweep folder (holding ``sweep.json``, no ``run.json``) is evaluated through: its ``best/``;
     None for any other folder. A sweep that has not finished is refused."""
-    if not (folder / SWEEP_FILE).is_file() or (folder / "run.json").exists():
+    if not (folder / SWEEP_FILE).is_file() or (folder / RUN_FILE).exists():
         return None
     best = folder / SWEEP_BEST
-    if not (best / "run.json").is_file():
+    if not (best / RUN_FILE).is_file():
         raise LtclipError(f"{folder}: a sweep without a best run yet ({best} missing); finish it with "
                           "`ltclip sweep ... --resume`, or name one of its points/ folders")
     return best

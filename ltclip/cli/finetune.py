@@ -10,6 +10,7 @@ import typer
 
 from ..config import FinetuneConfig
 from .common import config_file_option, given, guarded, say_default
+from .precheck import check_given
 from .generate import command, config_options
 from .train import resume_option
 
@@ -17,11 +18,13 @@ from .train import resume_option
 def finetune(values: dict) -> None:
     """Fine-tune the image encoder (full, last-k, bitfit, ln, LoRA, adapters, VPT) with a head, end to end on images."""
     from ..recipes.resolve import finetune_config
+
+    resume = values.pop("resume")
+    check_given(values, FinetuneConfig)
+    cfg = finetune_config(given(values, drop=("config",)), say=say_default, resume=resume)  # torch loads below
     from ..core.progress import RichProgress
     from ..stages.finetune import run_finetune
 
-    resume = values.pop("resume")
-    cfg = finetune_config(given(values, drop=("config",)), say=say_default, resume=resume)
     progress = RichProgress()
     result = run_finetune(cfg, progress, resume=resume)
     best = result["best"] or {}

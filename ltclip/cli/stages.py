@@ -6,7 +6,6 @@ The options of extract and eval are the fields of :class:`ExtractConfig` and :cl
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,19 +15,22 @@ import typer
 
 from ..artifacts.workspace import record_features
 from ..config import EvalConfig, ExtractConfig
-from ..recipes.choices import KINDS
+from ..recipes.catalog import KINDS
 from ..core.errors import LtclipError
 from .common import config_file_option, given, guarded, is_main_process, say_default
 from .generate import argument, command, config_options
+from .precheck import check_given
 
 
 def extract(values: dict) -> None:
     """Run the frozen CLIP image encoder once; write embeddings (+ tokens) to a resumable HDF5 cache."""
     from ..recipes.resolve import extract_config
+
+    check_given(values, ExtractConfig)
+    cfg = extract_config(given(values, drop=("config",)), say=say_default)  # torch loads below
     from ..core.progress import RichProgress
     from ..stages.extract import run_extract
 
-    cfg = extract_config(given(values, drop=("config",)), say=say_default)
     progress = RichProgress()
     summary = run_extract(cfg, progress)
     for item in summary["splits"]:
@@ -42,6 +44,7 @@ def evaluate(values: dict) -> None:
     """Shot-group metrics (many/medium/few/all) for runs and zero-shot / kNN / NCM baselines."""
     from ..recipes.resolve import eval_config
 
+    check_given(values, EvalConfig)
     cfg = eval_config(given(values, drop=("config",)), say=say_default)  # torch-free: a missing run is refused at once
     from ..evaluation.report import markdown_table
     from ..stages.evaluate import run_eval
@@ -60,40 +63,23 @@ def list_registered(
         raise LtclipError("--model: only `ltclip list tuning` counts parameters on a model")
     if kind == "recipes":
         return _print_table(("name", "what it is", "options"), _recipe_rows())
-    from ..recipes.choices import registry
-    from ..models.tuning import trainable_counts
+    from ..recipes.catalog import catalog
 
-    reg = registry(kind)
-    counts = trainable_counts(model, reg.names()) if model else {}
-    rows = []
-    for name in reg.names():
-        about = "\n".join([_plain_text(reg.summary(name)), *_defaults_lines(kind, name, reg)])
-        count = (f"{counts[name]:,}",) if counts else ()
-        rows.append((name, *count, about, "\n".join(f"{k}={v}" for k, v in reg.options(name).items())))
+    entries = catalog()[kind]
+    counts = {}
+    if model:
+        from ..models.tuning import trainable_counts
+
+        counts = trainable_counts(model, [entry["name"] for entry in entries])
+    rows = [(entry["name"], *((f"{counts[entry['name']]:,}",) if counts else ()), entry["about"],
+             "\n".join(f"{k}={v}" for k, v in entry["options"].items())) for entry in entries]
     _print_table(("name", *(("trainable",) if counts else ()), "what it is", "options"), rows)
-
-
-def _defaults_lines(kind: str, name: str, reg) -> list[str]:
-    """The training defaults ``train-head`` takes from a head or a second-stage method."""
-    from ..models.heads import training_defaults
-    from ..recipes.resolve import MAX_LENGTHENING
-
-    if kind == "two-stage" and reg.get(name).defaults:
-        return ["train-head --from defaults: " + " ".join(f"{k}={v}" for k, v in reg.get(name).defaults.items())]
-    if kind != "heads" or not training_defaults(name).options:
-        return []
-    head = training_defaults(name)
-    by_opts: dict[str, list[str]] = {}  # losses with the same defaults share one phrase
-    for loss, opts in head.loss_options.items():
-        by_opts.setdefault(" ".join(f"{k}={v}" for k, v in opts.items()), []).append(loss)
-    extra = [f"with --loss {' or '.join(losses)}: {opts}" for opts, losses in by_opts.items()]
-    extra += [f"at least {head.min_steps} steps on small caches (up to {MAX_LENGTHENING}× the epochs)"] if head.min_steps else []
-    return ["train-head defaults: " + " ".join(f"{k}={v}" for k, v in head.options.items()) + "".join(f"; {e}" for e in extra)]
 
 
 def _recipe_rows() -> list[tuple[str, str, str]]:
     """Each recipe: its summary, and per stage the options it sets."""
     from ..recipes import list_recipes, load_recipe
+    from ..recipes.catalog import plain_text
 
     rows = []
     for name in list_recipes():
@@ -105,14 +91,8 @@ def _recipe_rows() -> list[tuple[str, str, str]]:
             stages.append(f"{stage}: {opts}{heads}")
         if recipe.loss_opts:
             stages.append("loss options: " + "; ".join(f"{loss}: {' '.join(o)}" for loss, o in recipe.loss_opts.items()))
-        rows.append((name, _plain_text(recipe.summary), "\n".join(stages)))
+        rows.append((name, plain_text(recipe.summary), "\n".join(stages)))
     return rows
-
-
-def _plain_text(text: str) -> str:
-    """Docstring reStructuredText as plain text: ``:func:`~a.f``` → ``f``, double and single backquotes dropped."""
-    text = re.sub(r":[\w:]+:`(~?)([^`]*)`", lambda m: m[2].rsplit(".", 1)[-1] if m[1] else m[2], text)
-    return re.sub(r"``?([^`]+)``?", r"\1", text)
 
 
 def _print_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

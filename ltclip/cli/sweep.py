@@ -20,6 +20,7 @@ from ..config import SecondStageConfig, TrainHeadConfig, option_fields
 from ..recipes.choices import check_choice
 from .common import given, guarded, say_default
 from .generate import command
+from .precheck import check_given
 from .train import train_head, train_head_parameters
 
 # Train-head options a sweep sets itself.
@@ -46,20 +47,23 @@ def sweep(
 
     Linear and cosine heads that share the batch stream train together in one pass.
     """
-    from ..core.progress import RichProgress
     from ..recipes.resolve import workspace_features
-    from ..sweep import run_sweep
 
     command = _train_head_command()
     base = _base_values(command, ctx.args)
     if not grid:
         raise LtclipError("--grid KEY=V1,V2 is required (e.g. --grid lr=1e-3,1e-2 --grid epochs=10,30)")
     axes = _parse_grid(command, grid, base)
+    for values in (base, *({name: value} for name, values in axes for value in values)):
+        check_given(values, TrainHeadConfig, SecondStageConfig)
     if "features" not in dict(axes) and "from_run" not in dict(axes):  # a grid over them gives each point its own
         base = workspace_features(base, say=say_default)
     if out is None:
         out = str(default_run_dir("sweep", resume))
         say_default("--out", out)
+    from ..core.progress import RichProgress
+    from ..sweep import run_sweep  # torch loads here
+
     run_sweep(base, axes, metric, Path(out), RichProgress(), resume=resume)
 
 

@@ -12,6 +12,7 @@ import typer
 from ..config import SecondStageConfig, TrainHeadConfig
 from .common import config_file_option, given, guarded, say_default
 from .generate import command, config_options, extra
+from .precheck import check_given
 
 # The options each head sets for itself (`ltclip list heads`; tests/test_cli.py checks the list).
 HEAD_DEFAULTED = ("epochs", "optimizer", "lr")
@@ -38,6 +39,7 @@ def train_head(values: dict) -> None:
     from ..core.progress import RichProgress
 
     resume = values.pop("resume")
+    check_given(values, TrainHeadConfig, SecondStageConfig)
     cfg = train_head_config(given(values, drop=("config",)), say=say_default, resume=resume)
     progress = RichProgress()
     if isinstance(cfg, SecondStageConfig):

@@ -12,17 +12,21 @@ import typer
 
 from ..config import ExportConfig, PredictConfig, from_flat
 from .common import given, guarded
+from ..data.image_paths import image_paths
 from .generate import argument, command, config_options
+from .precheck import check_given, check_input
 
 
 def predict(values: dict) -> None:
     """Top-k classes of image files from a run (head, second stage, finetuned) or --zero-shot on a cache."""
-    from ..stages.predict import print_table, run_predict
-
     values = given(values)
     items = list(values.pop("items", ()))
     if not values.get("zero_shot") and items:
         values["run"] = items.pop(0)
+    _check_named(values, PredictConfig)
+    image_paths(tuple(items), values.get("list_file"))  # images that are not there: one line before torch loads
+    from ..stages.predict import print_table, run_predict
+
     predictions = run_predict(from_flat(PredictConfig, {**values, "paths": tuple(items)}, owner="predict"))
     if not values.get("out"):
         print_table(predictions)
@@ -32,12 +36,20 @@ def predict(values: dict) -> None:
 
 def export(values: dict) -> None:
     """Write a run (or --zero-shot on a cache) as one TorchScript or torch.export file, class names and preprocessing inside."""
+    _check_named(values, ExportConfig)
     from ..stages.export import run_export
 
     info = run_export(from_flat(ExportConfig, given(values), owner="export"))
     size = ", ".join(map(str, info["preprocess"]["size"]))
     merged = f", {info['lora_weights_merged']} LoRA weights merged" if info["lora_weights_merged"] else ""
     typer.echo(f"exported to {values['out']} ({info['format']}: [B, 3, {size}] -> [B, {info['num_classes']}] logits{merged})", err=True)
+
+
+def _check_named(values: dict, cls) -> None:
+    """The run and the input options named exist (before torch loads)."""
+    if values.get("run") is not None:
+        check_input("run", "", values["run"])
+    check_given(values, cls)
 
 
 def register(app: typer.Typer) -> None:

@@ -40,6 +40,7 @@ class OptionSpec:
     maximum: float | None = None  # the largest valid value (inclusive)
     above: float | None = None  # every valid value is larger (exclusive minimum)
     below: float | None = None  # every valid value is smaller (exclusive maximum)
+    input: str | None = None  # what the value names, which must exist: one of INPUT_KINDS
 
     def flag_of(self, name: str) -> str:
         return self.flag or "--" + name.replace("_", "-")
@@ -63,11 +64,19 @@ class OptionSpec:
                 and (self.above is None or value > self.above) and (self.below is None or value < self.below))
 
 
+# What an input option names (checked before a stage loads: ltclip.cli.inputs): a folder, the data
+# root (a folder unless --download fills it), a file, a file found as given or in the manifest folder
+# or the data root, a feature cache, a finished run, or open_clip weights (a tag, or a checkpoint file
+# when the value looks like a path).
+INPUT_KINDS = ("folder", "data-root", "file", "data-file", "cache", "run", "weights")
+
 REQUIRED = dataclasses.MISSING  # the default of an option every config of its class must be given
 
 
 def option(default, help: str, **spec):
     """A dataclass field with a default and its command-line :class:`OptionSpec` (``help``, ``flag``, ...)."""
+    if spec.get("input") not in (None, *INPUT_KINDS):
+        raise ValueError(f"input={spec['input']!r}: not one of {', '.join(INPUT_KINDS)}")
     return dataclasses.field(default=default, metadata={"option": OptionSpec(help, **spec)})
 
 
@@ -111,16 +120,21 @@ def check_values(cfg) -> None:
         values.update({g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
                       if dataclasses.is_dataclass(value) else {f.name: value})
     for name, (kind, spec) in numeric_fields(type(cfg)).items():
-        value = values[name]
-        if value is None:
-            continue
-        shown = f"{spec.flag_of(name)} {_number(value) if isinstance(value, float) else value}"
-        wanted = "an integer" if kind is int else "a finite number"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                kind is int and value != int(value)):
-            raise LtclipError(f"{shown}: must be {wanted}" + (f" {spec.range_text()}" if spec.range_text() else ""))
-        if not spec.holds(value):
-            raise LtclipError(f"{shown}: must be {'an integer ' if kind is int else ''}{spec.range_text()}")
+        check_number(name, kind, spec, values[name])
+
+
+def check_number(name: str, kind: type, spec: OptionSpec, value) -> None:
+    """``value`` of numeric option ``name`` (None: not set) is a finite ``kind`` (int or float) in the
+    range ``spec`` declares; else a one-line error naming the flag and the range."""
+    if value is None:
+        return
+    shown = f"{spec.flag_of(name)} {_number(value) if isinstance(value, float) else value}"
+    wanted = "an integer" if kind is int else "a finite number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            kind is int and value != int(value)):
+        raise LtclipError(f"{shown}: must be {wanted}" + (f" {spec.range_text()}" if spec.range_text() else ""))
+    if not spec.holds(value):
+        raise LtclipError(f"{shown}: must be {'an integer ' if kind is int else ''}{spec.range_text()}")
 
 
 def _classes(cls) -> list[type]:

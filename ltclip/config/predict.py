@@ -15,9 +15,10 @@ class PredictConfig:
     run: str | None = None  # the command's first argument (none with --zero-shot)
     paths: tuple[str, ...] = ()  # the command's other arguments: image files and folders
     list_file: str | None = option(None, "File of image paths, one per line (relative ones: to the file's folder).",
-                                   flag="--list")
+                                   flag="--list", input="file")
     zero_shot: bool = option(False, "Zero-shot CLIP with a cache's text embeddings (--features); no run.")
-    features: str | None = option(None, "Cache folder whose encoder and text embeddings --zero-shot uses.", short="-f")
+    features: str | None = option(None, "Cache folder whose encoder and text embeddings --zero-shot uses.", short="-f",
+                                  input="cache")
     top_k: int = option(5, "Classes per image, most probable first.", short="-k", minimum=1)
     out: str | None = option(None, "Write the predictions to this .csv or .jsonl file.", short="-o",
                              default_text="a table on stdout")
@@ -42,6 +43,7 @@ class ExportConfig:
     run: str | None = None  # the command's argument (none with --zero-shot)
     format: str = option("torchscript", "torchscript (torch.jit.load) or export (torch.export.load, a .pt2 program).")
     zero_shot: bool = option(False, "Export zero-shot CLIP with a cache's text embeddings (--features); no run.")
-    features: str | None = option(None, "Cache folder whose encoder and text embeddings --zero-shot uses.", short="-f")
+    features: str | None = option(None, "Cache folder whose encoder and text embeddings --zero-shot uses.", short="-f",
+                                  input="cache")
     batch_size: int = option(2, "Images in the example batch the model is traced with (other sizes work too).", minimum=1)
     device: str = option("cpu", "cpu or cuda: where the model is traced (and the file's weights lie).")

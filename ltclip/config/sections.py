@@ -17,12 +17,13 @@ class DataConfig:
     """Which dataset and where its files are."""
 
     dataset: str = option("synthetic", "Registered dataset (`ltclip datasets list`) or 'custom'.", short="-d")
-    data_root: str = option(".", "Folder the split files' image paths are relative to.")
-    manifest_dir: str | None = option(None, "Folder holding the split files.", default_text="the data root")
-    train_list: str | None = option(None, "Your own train split file ('relative/path label' lines).")
-    val_list: str | None = option(None, "Your own val split file.")
-    test_list: str | None = option(None, "Your own test split file.")
-    classnames: str | None = option(None, "Class-name file ('key name' or one name per line, or categories JSON).")
+    data_root: str = option(".", "Folder the split files' image paths are relative to.", input="data-root")
+    manifest_dir: str | None = option(None, "Folder holding the split files.", default_text="the data root", input="folder")
+    train_list: str | None = option(None, "Your own train split file ('relative/path label' lines).", input="data-file")
+    val_list: str | None = option(None, "Your own val split file.", input="data-file")
+    test_list: str | None = option(None, "Your own test split file.", input="data-file")
+    classnames: str | None = option(None, "Class-name file ('key name' or one name per line, or categories JSON).",
+                                    input="data-file")
     templates: str | None = option(None, "Prompt templates: openai_imagenet, simple, synthetic, cifar, or a file.",
                                    default_text="the dataset's")
     imbalance: float = option(100.0, "CIFAR-100-LT imbalance ratio (10, 50, 100).", minimum=1)
@@ -96,6 +97,10 @@ class MethodConfig:
     sampler: str = option("instance", "Sampler.", choices="samplers")
 
 
+# A toy cache of a few hundred rows (one step an epoch) would otherwise train hundreds of epochs,
+# each validated and checkpointed: --min-steps grows the head's default epochs by this factor at most.
+MAX_LENGTHENING = 5
+
 _DEVICE = "auto, cpu or cuda."
 _WORKERS = "DataLoader decode workers."
 _WORKERS_DEFAULT = "this process's share of the CPUs, at most 8"
@@ -113,7 +118,7 @@ class ExtractConfig:
     data: DataConfig = DataConfig()
     splits: tuple[str, ...] = option((), "Splits to extract, comma-separated or repeated.", default_text="every split the dataset has")
     model: str = option("ViT-B-16", "open_clip model name (or local-dir:/path).", short="-m")
-    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none' (random).", short="-p")
+    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none' (random).", short="-p", input="weights")
     preprocess_from: str | None = option(None, "Tag whose preprocessing a checkpoint file needs.")
     tokens: bool = option(True, "Also store the ViT token sequence (the decoder head needs it).")
     pooled: bool = option(False, "Also store the ViT's pooled feature before the projection, ln_post(CLS), and "
@@ -133,7 +138,8 @@ class ExtractConfig:
     bad_images: str = option("fail", "fail, or skip (logged; zero features).")
     block_size: int = option(1024, "Rows written (and resumed) together.", minimum=1)
     seed: int = option(0, "Seed of the train views.", minimum=0)
-    from_run: str | None = option(None, "A finetuned run: extract with its encoder (its model and weights).", flag="--from-run")
+    from_run: str | None = option(None, "A finetuned run: extract with its encoder (its model and weights).", flag="--from-run",
+                                  input="run")
     token_pool: int = option(1, "Average the patch tokens over K×K windows (CLS kept; 1: no pooling).", minimum=1)
     token_dtype: str = option("float16", "Token storage: float16, int8 or fp8 (e4m3), the last two with a scale.")
     token_scale: str | None = option(None, "int8/fp8 scale per 'token' or per 'channel'.", default_text="token")
@@ -146,7 +152,7 @@ class TrainHeadConfig:
     """Stage 1: a head trained on a feature cache."""
 
     features: str = option(REQUIRED, "Feature cache folder from `ltclip extract`.", short="-f",
-                           default_text="the one ./ltclip.toml names")
+                           default_text="the one ./ltclip.toml names", input="cache")
     out: str = option(REQUIRED, _OUT_RUN, short="-o", default_text="runs/HEAD-LOSS-SAMPLER")
     recipe: str | None = option(None, "Named recipe (`ltclip list recipes`): its options are the defaults, any option given "
                                       "wins; the run records it.")
@@ -161,7 +167,7 @@ class TrainHeadConfig:
     posthoc_la: bool = option(False, "Post-hoc logit adjustment, tau chosen on val.")
     device: str = option("auto", _DEVICE)
     tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
-    min_steps: int = option(0, "Lengthen --epochs (at most 5×) until the run takes this many optimizer steps (0: off).",
+    min_steps: int = option(0, f"Lengthen --epochs (at most {MAX_LENGTHENING}×) until the run takes this many optimizer steps (0: off).",
                             default_text="the head's, where no length is given", minimum=0)
 
 
@@ -169,7 +175,7 @@ class TrainHeadConfig:
 class SecondStageConfig:
     """A second stage on a finished stage-1 run; ``sampler``/``loss`` None mean the method's own."""
 
-    from_run: str = option(REQUIRED, "Finished first-stage run: train a second stage on it.", flag="--from")
+    from_run: str = option(REQUIRED, "Finished first-stage run: train a second stage on it.", flag="--from", input="run")
     out: str = option(REQUIRED, _OUT_RUN, short="-o", default_text="runs/STAGE1-METHOD")
     two_stage: str | None = option(None, "Second-stage method, with --from.", choices="two-stage")
     two_stage_opts: Options = option(Options(), "Second-stage option key=value (repeatable).", flag="--two-stage-opt",
@@ -179,7 +185,7 @@ class SecondStageConfig:
     loss_opts: Options = option(Options(), "Loss option key=value (repeatable), e.g. tau=1.", flag="--loss-opt", choices_of="loss")
     optim: OptimConfig = SECOND_STAGE_OPTIM
     features: str | None = option(None, "Feature cache folder (must be the first stage's).", short="-f",
-                                  default_text="the first stage's")
+                                  default_text="the first stage's", input="cache")
     val_split: str = option("val", "Split for model selection.")
     max_ram: str | None = option(None, "Stream token caches larger than this, e.g. 8G.",
                                  default_text="half of the available memory, shared by the processes")
@@ -197,7 +203,7 @@ class FinetuneConfig:
                                       "wins; the run records it.")
     data: DataConfig = DataConfig()
     model: str = option("ViT-B-16", "open_clip model name.", short="-m")
-    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none'.", short="-p")
+    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none'.", short="-p", input="weights")
     preprocess_from: str | None = option(None, "Tag whose preprocessing a checkpoint file needs.")
     tuning: TuningConfig = TuningConfig()
     method: MethodConfig = MethodConfig()
@@ -223,7 +229,8 @@ class EvalConfig:
     """``ltclip eval``: shot-group metrics of runs and baselines, and the reports."""
 
     runs: tuple[str, ...] = ()  # the command's arguments
-    features: str | None = option(None, "Cache folder for the baselines.", short="-f", default_text="the one ./ltclip.toml names")
+    features: str | None = option(None, "Cache folder for the baselines.", short="-f", default_text="the one ./ltclip.toml names",
+                                  input="cache")
     split: str = option("test", "Split of each run's cache to evaluate.")
     zero_shot: bool = option(False, "Zero-shot CLIP with the cache's text embeddings.")
     knn: int = option(0, "kNN baseline with K neighbours from the train cache (0: off).", minimum=0)
@@ -232,7 +239,7 @@ class EvalConfig:
     retrieval_k: int = option(10, "Neighbours for --retrieval-mix.", minimum=1)
     temperature: float = option(0.07, "kNN vote temperature.", above=0)
     views: str = option("mean", "Test views: mean (average logits) or first.")
-    data_root: str | None = option(None, "Images of finetuned runs.", default_text="the run's own data root")
+    data_root: str | None = option(None, "Images of finetuned runs.", default_text="the run's own data root", input="folder")
     test_views: str = option("center", "Views of each image for finetuned runs: center, flip, fivecrop or tencrop.")
     eval_resize: int | None = option(None, "Finetuned runs: resize the short side to this before cropping the "
                                            "views, e.g. 248 with fivecrop (LIFT's tables).",
@@ -265,7 +272,7 @@ class ReproduceConfig:
     out: str = option(None, "Experiment folder: features/, runs/, the report.", short="-o",
                       default_text="experiments/DATASET-MODEL-PRETRAINED")
     model: str = option("ViT-L-14", "open_clip model name.", short="-m")
-    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none'.", short="-p")
+    pretrained: str = option("openai", "open_clip tag, checkpoint file, or 'none'.", short="-p", input="weights")
     recipe: str = option("imbalance-vlm", "Which table: imbalance-vlm (the paper's rows) or lift (LIFT's AdaptFormer row).")
     manifest_dir: str | None = None
     imbalance: float | None = None

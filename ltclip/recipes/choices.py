@@ -1,7 +1,7 @@
-"""The registries whose names are the valid values of options (``--head``, ``--loss``, ...).
+"""Options whose values are registered names (``--head``, ``--loss``, ...), checked.
 
-An option's field names its registry kind (``OptionSpec.choices``); :func:`registry` imports that
-registry when a value must be checked or listed (so ``--help`` needs no torch).
+An option's field names its registry kind (``OptionSpec.choices``); a value is checked against the
+catalog of registered names (:mod:`.catalog`), which needs no torch.
 """
 
 from __future__ import annotations
@@ -10,32 +10,12 @@ import difflib
 
 from ..core.errors import LtclipError
 from ..config import option_fields
-
-KINDS = ("losses", "heads", "samplers", "two-stage", "schedules", "tuning")
-
-
-def registry(kind: str):
-    """The :class:`~ltclip.core.registry.Registry` of ``kind`` (one of :data:`KINDS`)."""
-    if kind == "losses":
-        from ..methods.losses import LOSSES as found
-    elif kind == "heads":
-        from ..models.heads import HEADS as found
-    elif kind == "samplers":
-        from ..data.samplers import SAMPLERS as found
-    elif kind == "two-stage":
-        from ..methods.second_stage import TWO_STAGE as found
-    elif kind == "schedules":
-        from ..engine.optim import SCHEDULES as found
-    elif kind == "tuning":
-        from ..models.tuning import TUNING as found
-    else:
-        raise LtclipError(f"ltclip list {kind!r}: choose one of {', '.join(KINDS)}, recipes")
-    return found
+from .catalog import names as registered
 
 
 def check_choice(option: str, kind: str, value: str | None) -> None:
     """``value`` must be a registered name of ``kind``: else a one-line error naming ``option``."""
-    names = registry(kind).names()
+    names = registered(kind)
     if value is not None and value not in names:
         close = difflib.get_close_matches(value, names, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""

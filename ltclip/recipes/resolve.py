@@ -22,16 +22,14 @@ from typing import Callable
 from ..artifacts.workspace import RUNS_DIR, WORKSPACE_FILE, default_features_dir, default_run_dir, finished_runs, recorded_features, sweep_best
 from ..config import DataConfig, EvalConfig, ExtractConfig, FinetuneConfig, MethodConfig, Options, SecondStageConfig, TrainHeadConfig, option_fields
 from ..config.files import as_arguments, flag, flatten, from_flat
+from ..config.sections import MAX_LENGTHENING
 from ..core.errors import LtclipError
 from . import load_recipe, merge_opts
-from .choices import check_choice, check_choices
+from .choices import check_choices
 
 Say = Callable[[str, str], None]
 # Two ways to say one thing: a user who gives one of a pair overrides a lower layer's other one.
 ALTERNATIVES = (("epochs", "steps"), ("warmup", "warmup_steps"))
-# A toy cache of a few hundred rows (one step an epoch) would otherwise train hundreds of epochs,
-# each validated and checkpointed: the head's default epochs grow by this factor at most.
-MAX_LENGTHENING = 5
 
 
 def train_head_config(values: dict, *, say: Say | None = None, resume: bool = False):
@@ -52,7 +50,7 @@ def run_config(values: dict, *, say: Say | None = None):
 def stage_one_config(values: dict, *, say: Say | None = None) -> TrainHeadConfig:
     """Stage 1's config: the values given over ``--recipe`` over the head's defaults (for its loss;
     with ``min_steps`` where no layer above chose the run's length) over the dataclass."""
-    check_choice("--head", "heads", values.get("head"))
+    check_choices(TrainHeadConfig, values)
     others = layer_options("train-head", values)  # the head and loss its defaults depend on
     head = others.get("head", MethodConfig.head)
     own = head_defaults(head, others)
@@ -175,7 +173,7 @@ def parse_method_options(cls, values: dict) -> dict:
     0.5}``); a loss's option values are also tried on the loss, so that values it refuses are
     reported before anything trains."""
     from ..methods.losses import parse_loss
-    from .choices import registry
+    from .catalog import registry
 
     fields = option_fields(cls)
     out = dict(values)
@@ -312,5 +310,5 @@ def _shown(value) -> str:
     return " ".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-__all__ = ["MAX_LENGTHENING", "checked", "eval_config", "extract_config", "finetune_config", "head_defaults", "layer_options", "lengthened",
+__all__ = ["checked", "eval_config", "extract_config", "finetune_config", "head_defaults", "layer_options", "lengthened",
            "parse_method_options", "run_config", "saved_config", "second_stage_config", "stage_one_config", "train_head_config", "workspace_features"]

@@ -17,7 +17,8 @@ from ..core.distributed import DistContext
 from ..engine import LAST_FILE, ValidationStats
 from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views
-from ..artifacts.runs import CONFIG_FILE, INPUTS_FILE, MODEL_FILE, RUN_FILE, RunModel, cache_fingerprint
+from ..artifacts.runs import CONFIG_FILE, INPUTS_FILE, MODEL_FILE, RunModel, cache_fingerprint
+from ..artifacts.workspace import RUN_FILE
 from ..config import flag, flatten
 from ..data.manifests import file_sha256
 from ..engine.log import LOG_FILE

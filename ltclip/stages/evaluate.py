@@ -149,7 +149,7 @@ def _run_facts(run: str, info: dict):
 
 def _option_defaults(option: str, name: str) -> dict:
     """The options of ``--head`` / ``--loss`` entry ``name`` and their defaults ({} for an unknown name)."""
-    from ..recipes.choices import registry
+    from ..recipes.catalog import registry
 
     entries = registry({"head": "heads", "loss": "losses"}[option])
     return entries.options(name) if name in entries else {}

@@ -23,9 +23,8 @@ from typing import Callable, Sequence
 from ..core.atomic import atomic_path
 from ..config import ExtractConfig, ReproduceConfig as Settings
 from ..core.errors import LtclipError
-from ..artifacts.runs import RUN_FILE
 from ..artifacts.store import FeatureCache
-from ..artifacts.workspace import slug
+from ..artifacts.workspace import RUN_FILE, slug
 from ..recipes import load_recipe
 
 PAPER_COLUMNS = ("many", "medium", "few", "top1")  # the paper's table: Many / Medium / Few / All

@@ -24,8 +24,8 @@ from ..config import SecondStageConfig, to_dict
 from ..engine import BEST_FILE, LAST_FILE, SUMMARY_KEYS, check_optim
 from ..core.errors import LtclipError
 from ..core.progress import Progress
-from ..artifacts.runs import CONFIG_FILE, RUN_FILE, features_input, read_run_info
-from ..artifacts.workspace import SWEEP_BEST
+from ..artifacts.runs import CONFIG_FILE, features_input, read_run_info
+from ..artifacts.workspace import RUN_FILE, SWEEP_BEST
 from ..stages.second_stage import check_options, run_second_stage
 from ..stages.train_head import run_train_head
 from . import report
