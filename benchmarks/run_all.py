@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("bench_extract", "bench_train_head", "bench_streaming", "bench_token_cache", "bench_finetune", "bench_eval", "bench_learning", "bench_sweep")
+BENCHMARKS = ("bench_cli", "bench_extract", "bench_train_head", "bench_streaming", "bench_token_cache", "bench_finetune", "bench_eval", "bench_learning", "bench_sweep")
 
 
 def main(argv: list[str] | None = None) -> None:
