@@ -136,6 +136,8 @@ class ExtractConfig:
                                        default_text="the model's (bicubic for CLIP)")
     normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's), for every split.")
     bad_images: str = option("fail", "fail, or skip (logged; zero features).")
+    decode: str = option("cpu", "cpu (PIL in the DataLoader workers) or device (the workers read the files; JPEGs are decoded "
+                                "and cropped on --device, other files decoded on the CPU).")
     block_size: int = option(1024, "Rows written (and resumed) together.", minimum=1)
     seed: int = option(0, "Seed of the train views.", minimum=0)
     from_run: str | None = option(None, "A finetuned run: extract with its encoder (its model and weights).", flag="--from-run",
@@ -219,6 +221,8 @@ class FinetuneConfig:
                                      default_text="LIFT's: the resolution × 8/7, 256 at 224", minimum=0)
     normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's).")
     workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT, minimum=0)
+    decode: str = option("cpu", "cpu (PIL in the DataLoader workers) or device (the workers read the files; JPEGs are decoded "
+                                "and cropped on --device, other files decoded on the CPU).")
     val_split: str = option("val", "Split for model selection.")
     device: str = option("auto", _DEVICE)
     tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")

@@ -19,7 +19,7 @@ MAX_IMAGE_SIDE = 65_535
 # a PNG) would pass the pixel budget and become 224 × 89,600,000 px (60 GB as RGB) when resized to 224.
 MAX_ASPECT_RATIO = MAX_IMAGE_PIXELS // 1024**2
 _PIL_DEFAULT_LIMIT = Image.MAX_IMAGE_PIXELS
-_ORIENTATION = 0x0112  # the EXIF tag
+EXIF_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def check_image_size(width: int, height: int) -> None:
@@ -40,7 +40,7 @@ def _check_regular(info: os.stat_result) -> None:
         raise ValueError("the file is empty (0 bytes)")
 
 
-def _open_regular(path: Path):
+def open_regular(path: Path):
     """A binary file object on ``path``, refused (``ValueError``) unless a non-empty regular file.
 
     A FIFO or device is refused from its ``stat`` without being opened; the file is then opened
@@ -70,9 +70,9 @@ def read_rgb(path: str | Path) -> Image.Image:
     """
     if Image.MAX_IMAGE_PIXELS == _PIL_DEFAULT_LIMIT:  # ltclip checks the size itself, without a warning
         Image.MAX_IMAGE_PIXELS = None
-    with _open_regular(Path(path)) as f, Image.open(f) as im:
+    with open_regular(Path(path)) as f, Image.open(f) as im:
         check_image_size(*im.size)
-        upright = ImageOps.exif_transpose(im) if im.getexif().get(_ORIENTATION, 1) != 1 else im
+        upright = ImageOps.exif_transpose(im) if im.getexif().get(EXIF_ORIENTATION, 1) != 1 else im
         if upright.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
             grey = (np.clip(np.asarray(upright, dtype=np.int64), 0, 65535) + 128) // 257
             return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")

@@ -44,9 +44,14 @@ class ImageSplit(Dataset):
         try:
             return self.views(self.dataset.open_image(self.split.name, row), row), label, row, ""
         except Exception as err:  # any decode/IO failure of one image
-            where = f"{self.dataset.data_root}/{self.split.keys[row]}"
-            problem = " ".join(f"{where}: cannot read image ({type(err).__name__}: {err})".split())
-            return torch.zeros_like(self.views(Image.new("RGB", (8, 8)), row)), label, row, problem
+            blank = torch.zeros_like(self.views(Image.new("RGB", (8, 8)), row))
+            return blank, label, row, read_problem(self.dataset, self.split, row, err)
+
+
+def read_problem(dataset: LTDataset, split, row: int, err: Exception) -> str:
+    """The one-line description of an image that could not be read: its file and the reason."""
+    where = f"{dataset.data_root}/{split.keys[row]}"
+    return " ".join(f"{where}: cannot read image ({type(err).__name__}: {err})".split())
 
 
 def worker_init(_worker_id: int) -> None:

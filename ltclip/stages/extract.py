@@ -12,14 +12,14 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ..artifacts.outputs import CACHE_RECORD, check_out_folder, dataset_inputs, run_folder_inputs
 from ..core.atomic import save_json
 from ..core.lock import folder_lock, missing_folders, remove_empty
 from ..config import ExtractConfig, provenance, to_dict
 from ..data.image_batches import NORMALIZATIONS, normalized_preprocess
-from ..data.images import ImageSplit, apply_bad_image_policy, check_bad_images, worker_init
+from ..data.device_decode import check_decode, image_loader, on_tensors
+from ..data.images import apply_bad_image_policy, check_bad_images
 from ..data.registry import open_dataset
 from ..data.views import check_view_options, make_views
 from ..core.distributed import autocast, available_cpus, default_workers, setup
@@ -195,8 +195,8 @@ def _token_basis(cfg, fmt: TokenFormat, dataset, backbone, device, ctx, out: Pat
             raise LtclipError(f"--token-pca fits its basis on train images, but {dataset.name} has no train split")
         count = len(dataset.split("train"))
         sample = np.sort(np.random.default_rng(cfg.seed).permutation(count)[: cfg.token_pca_sample]).tolist()
-        images = ImageSplit(dataset, "train", make_views("center", backbone.preprocess, backbone.preprocess_cfg), sample)
-        loader = DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.workers, worker_init_fn=worker_init)
+        loader = image_loader(dataset, "train", make_views("center", backbone.preprocess, backbone.preprocess_cfg), sample,
+                              batch_size=cfg.batch_size, workers=cfg.workers, decode=cfg.decode, device=device)
         fit = PcaFit(backbone.encode_dims()[1][1])
         with progress.task(f"PCA basis ({len(sample):,} train images)", len(sample), "img") as advance, \
                 torch.inference_mode(), autocast(device, cfg.precision):
@@ -282,11 +282,9 @@ def _write_rows(cfg, dataset, split: str, views, backbone, device, writer: Featu
     """Compute the rows of the blocks ``writer`` still lacks and feed them to the store; returns how
     many images were read and the rows of those that could not be (zero features)."""
     blocks = BlockWriter(writer)
-    todo = ImageSplit(dataset, split, views, blocks.pending_rows())
-    loader = DataLoader(
-        todo, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, shuffle=False, worker_init_fn=worker_init,
-    )
+    todo = blocks.pending_rows()
+    loader = image_loader(dataset, split, views, todo, batch_size=cfg.batch_size, workers=cfg.workers, decode=cfg.decode,
+                          device=device, pin_memory=device.type == "cuda")
     skipped = []
     with progress.task(f"{split} ({len(todo):,} images)", len(todo), "img") as advance, torch.inference_mode(), autocast(device, cfg.precision):
         for images, _, row_ids, problems in _fetch(loader, single_thread=cfg.workers == 0):
@@ -365,6 +363,7 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     if cfg.batch_size < 1 or cfg.block_size < 1 or (cfg.workers is not None and cfg.workers < 0):
         raise LtclipError("--batch-size and --block-size must be >= 1 and --workers >= 0")
     check_bad_images(cfg.bad_images)
+    check_decode(cfg.decode)
     check_view_options(cfg.eval_resize, cfg.interpolation)
     fmt = _token_format(cfg)
     _check_out(cfg, dataset)
@@ -388,6 +387,8 @@ def _extract(cfg: ExtractConfig, dataset, splits, fmt: TokenFormat, out: Path, c
         fmt.check(backbone.encode_dims()[1])  # a pool that does not divide the patch grid, a PCA too wide
     if device.type == "cuda":
         backbone.model.to(memory_format=torch.channels_last)
+    for split in splits if cfg.decode == "device" else ():  # views with a step that cannot run on tensors: refused now
+        on_tensors(_views_for(cfg, split, backbone))
     basis = _token_basis(cfg, fmt, dataset, backbone, device, ctx, out, progress)
     results = [_extract_split(cfg, dataset, s, backbone, device, ctx, out, progress, fmt, basis) for s in splits]
     if ctx.is_main:

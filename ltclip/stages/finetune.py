@@ -13,6 +13,7 @@ from ..config import FinetuneConfig, to_dict
 from ..data.image_batches import (
     NORMALIZATIONS, TRAIN_CROPS, ImageSource, eval_transform, image_batches, normalized_preprocess, train_transform,
 )
+from ..data.device_decode import check_decode, on_tensors
 from ..data.registry import open_dataset
 from ..data.views import CenterView, check_view_options, lift_resize, make_views
 from ..artifacts.outputs import check_out_folder, dataset_inputs
@@ -76,7 +77,7 @@ def training_features(backbone, dataset, input: str, cfg: FinetuneConfig, device
     tf = eval_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize)
     rows = range(len(dataset.split("train")))
     features, labels = [], []
-    for x, y in image_batches(dataset, "train", CenterView(tf), rows, cfg.optim.batch_size, workers):
+    for x, y in image_batches(dataset, "train", CenterView(tf), rows, cfg.optim.batch_size, workers, cfg.decode, device):
         x = x.flatten(0, 1).to(device)
         features.append(backbone.encode_pooled(x) if input == "pooled" else backbone.encode(x)[0])
         labels.append(y.to(device))
@@ -85,6 +86,7 @@ def training_features(backbone, dataset, input: str, cfg: FinetuneConfig, device
 
 def check_options(cfg: FinetuneConfig) -> None:
     check_view_options(cfg.eval_resize, cfg.interpolation)
+    check_decode(cfg.decode)
     if cfg.train_crop not in TRAIN_CROPS:
         raise LtclipError(f"--train-crop {cfg.train_crop!r}: choose one of {', '.join(TRAIN_CROPS)}")
     if cfg.normalize not in NORMALIZATIONS:
@@ -95,12 +97,13 @@ def check_options(cfg: FinetuneConfig) -> None:
         raise LtclipError("--backbone-lr: --tune frozen trains nothing in the encoder; drop it")
 
 
-def score_images(model, dataset, split: str, views, batch_size: int, workers: int, device, precision: str, ctx) -> ValidationStats:
+def score_images(model, dataset, split: str, views, batch_size: int, workers: int, device, precision: str, ctx,
+                 decode: str = "cpu") -> ValidationStats:
     """Validation statistics of ``model`` on a split's images, each process scoring its contiguous share."""
     start, stop = shard_range(len(dataset.split(split)), ctx.rank, ctx.world_size)
     stats = ValidationStats(dataset.num_classes)
-    for logits, labels in image_logits(model, image_batches(dataset, split, views, range(start, stop), batch_size, workers),
-                                       device, precision):
+    batches = image_batches(dataset, split, views, range(start, stop), batch_size, workers, decode, device)
+    for logits, labels in image_logits(model, batches, device, precision):
         stats.add(average_views(logits), labels)
     stats.all_reduce(ctx)
     return stats
@@ -140,11 +143,13 @@ def _train(cfg: FinetuneConfig, dataset, ctx, device, progress: Progress, resume
     epochs = run_length(cfg.optim, steps_per_epoch(cfg.optim, len(dataset.split("train").labels), ctx.world_size))[1]
     source = ImageSource(dataset, "train", train_transform(backbone.preprocess, backbone.preprocess_cfg, cfg.normalize, cfg.augment,
                                                            cfg.interpolation, cfg.train_crop, epochs),
-                         seed=cfg.optim.seed, workers=workers, pin_memory=device.type == "cuda")
+                         seed=cfg.optim.seed, workers=workers, pin_memory=device.type == "cuda", decode=cfg.decode, device=device)
+    for views in (source.images.views, val_views) if cfg.decode == "device" else ():  # refused before training
+        on_tensors(views)  # if a step cannot run on tensors
 
     def validate(m):
         stats = score_images(m, dataset, val_split, val_views, cfg.optim.batch_size, workers, device,
-                             cfg.optim.precision, ctx)
+                             cfg.optim.precision, ctx, cfg.decode)
         return stats.summary(counts)
 
     lrs = {"head": cfg.optim.lr}
