@@ -164,6 +164,12 @@ def part_extract(size: dict, device: torch.device, work: Path, rows: list, notes
                     f"{n / split_s / forward_rate:.3g}× raw forward"))
     rows.append(row("extract", case, "ltclip extract, whole stage (model build, text file)", n / stage_s, "images/s",
                     mem["mib"], f"{n / stage_s / forward_rate:.3g}× raw forward"))
+    timer = TaskTimes()  # the same split with the JPEGs decoded and cropped on the device
+    with peak_memory(device) as mem:
+        run_extract(dataclasses.replace(cfg, out=str(work / "features-device-decode"), decode="device"), timer)
+    split_s = next(s for name, s in timer.wall_s.items() if name.startswith("train"))
+    rows.append(row("extract", case, "ltclip extract --decode device, train split loop", n / split_s, "images/s", mem["mib"],
+                    f"{n / split_s / forward_rate:.3g}× raw forward"))
 
 
 # ------------------------------------------------------------------ decoder

@@ -22,7 +22,8 @@ def test_every_part_measures_its_methods_side_by_side(tmp_path, monkeypatch):
     for r in saved["rows"]:
         methods.setdefault(r["part"], []).append(r["method"])
         assert r["value"] > 0
-    assert len(methods["extract"]) == 4 and methods["extract"][0].startswith("input pipeline")
+    assert len(methods["extract"]) == 5 and methods["extract"][0].startswith("input pipeline")
+    assert methods["extract"][-1].startswith("ltclip extract --decode device")
     assert len(methods["decoder"]) == 2
     assert methods["finetune"] == [f"--tune {t}, linear head" for t in TUNE_MODES]
     assert len(methods["prompt"]) == len(device_check.SIZES["test"]["prompt_classes"])
