@@ -102,7 +102,8 @@ def test_default_epochs_reach_the_heads_minimum_steps_on_a_small_cache(lt_cache)
 
     cfg, why = lengthened(stage_one_config(base), 3893)
     assert cfg.optim.epochs == math.ceil(500 / 16) == 32
-    assert why == "32 (its 10 epochs are 160 steps on 3,893 rows; lengthened towards --min-steps 500, at most 5×)"
+    assert why == ("32 (its 10 epochs are 160 steps on 3,893 rows; lengthened towards --min-steps 500, at most 5×), "
+                   "validated and checkpointed every 3 epochs (--eval-every-epochs 3)")
     assert lengthened(cfg, 3893) == (cfg, None)  # a saved config is not lengthened again
     assert epochs({"batch_size": 4096}) == 50  # one step an epoch: 5 × 10, not 500
     assert epochs({"batch_size": 64}) == 10  # 61 steps an epoch: 610 already

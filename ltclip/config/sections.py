@@ -61,6 +61,8 @@ class OptimConfig:
     seed: int = option(0, "Seed of the initialisation, sampler and views.", minimum=0)
     eval_every: int = option(0, "Also validate every N steps (0: at epoch ends only).", minimum=0)
     checkpoint_every: int = option(0, "Also checkpoint every N steps (0: at epoch ends only).", minimum=0)
+    eval_every_epochs: int = option(1, "Validate and checkpoint at every N-th epoch end and the last (1: every epoch); "
+                                       "a default length lengthened on a small cache takes its lengthening.", minimum=1)
     select: str = option("balanced_accuracy", "Validation metric that picks the kept weights (highest; lowest for nll and ece), "
                                               "or last: the last epoch's weights (validation only logged).")
 

@@ -85,7 +85,8 @@ class NanGuard(Hook):
 
 
 class ModelSelection(Hook):
-    """``validate(model) -> metrics`` every ``cfg.eval_every`` steps and after every epoch, on every process.
+    """``validate(model) -> metrics`` every ``cfg.eval_every`` steps and at the epoch ends :func:`epoch_end_due`
+    names, on every process.
 
     The weights with the best ``cfg.select`` metric (highest; lowest for nll and ece) are kept in
     memory, or in ``best.pt`` with an ``out`` folder, and loaded at the end; ``cfg.select=None``
@@ -93,9 +94,10 @@ class ModelSelection(Hook):
     keeps the last weights, with the latest validation as ``state.best`` (no ``best.pt``).
     """
 
-    def __init__(self, model: torch.nn.Module, validate: Callable[[torch.nn.Module], dict] | None, cfg, log: TrainLog,
-                 env: RunEnv):
+    def __init__(self, model: torch.nn.Module, validate: Callable[[torch.nn.Module], dict] | None, cfg, epochs: int,
+                 log: TrainLog, env: RunEnv):
         self.model, self.validate, self.select, self.every, self.log = model, validate, cfg.select, cfg.eval_every, log
+        self.every_epochs, self.epochs = cfg.eval_every_epochs, epochs
         self.out, self.ctx = env.out, env.ctx
         self.best_weights: dict | None = None  # without ``out``
 
@@ -104,7 +106,8 @@ class ModelSelection(Hook):
             self.log.record({"epoch": state.epoch, "step": state.step, **self._validate(state, state.epoch)})
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
-        record.update(self._validate(state, record["epoch"]))
+        if epoch_end_due(record["epoch"], self.every_epochs, self.epochs):
+            record.update(self._validate(state, record["epoch"]))
 
     def on_end(self, state: FitState) -> None:
         if state.best is None or self.select == SELECT_LAST:
@@ -152,14 +155,16 @@ class EpochLog(Hook):
 
 
 class Checkpoints(Hook):
-    """``last.pt`` every ``cfg.checkpoint_every`` steps and at epoch ends, these at most every
-    ``env.epoch_checkpoint_s`` seconds (the last epoch's always), once the NaN guard has passed the
-    losses and the weights: a checkpoint never holds weights a NaN or an overflow has reached."""
+    """``last.pt`` every ``cfg.checkpoint_every`` steps and at the epoch ends :func:`epoch_end_due` names,
+    these at most every ``env.epoch_checkpoint_s`` seconds (the last epoch's always), once the NaN
+    guard has passed the losses and the weights: a checkpoint never holds weights a NaN or an
+    overflow has reached."""
 
     def __init__(self, trained: Trained, guard: NanGuard, tally: LossTally, cfg, epochs: int, env: RunEnv):
         if env.epoch_checkpoint_s and env.ctx.enabled:
             raise ValueError("fit: epoch_checkpoint_s is a per-process clock; use it on one process")
         self.trained, self.guard, self.tally, self.every, self.epochs = trained, guard, tally, cfg.checkpoint_every, epochs
+        self.every_epochs = cfg.eval_every_epochs
         self.path = env.out / LAST_FILE if env.out is not None and env.ctx.is_main else None
         self.epoch_interval_s = env.epoch_checkpoint_s
         self.saved_at = time.monotonic()
@@ -169,7 +174,9 @@ class Checkpoints(Hook):
             self.save(state)
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
-        if record["epoch"] == self.epochs - 1 or time.monotonic() - self.saved_at >= self.epoch_interval_s:
+        last = record["epoch"] == self.epochs - 1
+        if last or (epoch_end_due(record["epoch"], self.every_epochs, self.epochs)
+                    and time.monotonic() - self.saved_at >= self.epoch_interval_s):
             self.save(state)
 
     def save(self, state: FitState) -> None:
@@ -178,6 +185,12 @@ class Checkpoints(Hook):
         self.saved_at = time.monotonic()
         if self.path is not None:
             save_checkpoint(self.path, {**self.trained.state_dict(), "rng": rng_state(), "state": to_python(vars(state))})
+
+
+def epoch_end_due(epoch: int, every_epochs: int, epochs: int) -> bool:
+    """Whether the end of ``epoch`` (from 0) of ``epochs`` validates and checkpoints: every
+    ``every_epochs``-th epoch's (``--eval-every-epochs``), and the last one's."""
+    return (epoch + 1) % every_epochs == 0 or epoch == epochs - 1
 
 
 def _epoch_line(epochs: int, record: dict) -> str:

@@ -86,7 +86,7 @@ def fit(
         state = resume(env.out, trained)
         progress.log(f"resuming {env.out} at step {state.step} of {plan.total} (epoch {state.epoch + 1} of {plan.epochs})")
     log.start(state.step)
-    loop.run(state, [loop.guard, ModelSelection(model, validate, cfg, log, env), EpochLog(log, progress, plan.epochs),
+    loop.run(state, [loop.guard, ModelSelection(model, validate, cfg, plan.epochs, log, env), EpochLog(log, progress, plan.epochs),
                      Checkpoints(trained, loop.guard, loop.tally, cfg, plan.epochs, env)])
     return FitResult(state.best, log.history, state.step, plan.epochs)
 

@@ -84,7 +84,7 @@ def _defaults_lines(kind: str, name: str, reg) -> list[str]:
     for loss, opts in head.loss_options.items():
         by_opts.setdefault(" ".join(f"{k}={v}" for k, v in opts.items()), []).append(loss)
     extra = [f"with --loss {' or '.join(losses)}: {opts}" for opts, losses in by_opts.items()]
-    extra += [f"at least {head.min_steps} steps on small caches (up to {MAX_LENGTHENING}× the epochs)"] if head.min_steps else []
+    extra += [f"at least {head.min_steps} steps on small caches (up to {MAX_LENGTHENING}× the epochs, validated as often as its own)"] if head.min_steps else []
     return ["train-head defaults: " + " ".join(f"{k}={v}" for k, v in head.options.items()) + "".join(f"; {e}" for e in extra)]
 
 

@@ -260,7 +260,8 @@ def head_defaults(head: str, resolved: dict) -> dict:
 def lengthened(cfg, rows: int):
     """``cfg`` (a stage-1 config) with its epochs grown towards ``cfg.min_steps`` optimizer steps on
     ``rows`` training rows (by at most ``MAX_LENGTHENING`` times) and ``min_steps`` spent, and why
-    (None when nothing changed)."""
+    (None when nothing changed). A run lengthened k-fold (k whole) validates and checkpoints every
+    k-th epoch (``eval_every_epochs`` × k): as often as its own epochs would, so its time is its steps'."""
     from ..engine import steps_per_epoch
 
     optim = cfg.optim
@@ -268,11 +269,13 @@ def lengthened(cfg, rows: int):
         return cfg, None
     per_epoch, base = steps_per_epoch(optim, rows), optim.epochs
     epochs = min(MAX_LENGTHENING * base, max(base, math.ceil(cfg.min_steps / per_epoch)))
-    spent = dataclasses.replace(cfg, min_steps=0, optim=dataclasses.replace(optim, epochs=epochs))
+    every = optim.eval_every_epochs * (epochs // base)
+    spent = dataclasses.replace(cfg, min_steps=0, optim=dataclasses.replace(optim, epochs=epochs, eval_every_epochs=every))
     if epochs == base:
         return spent, None
+    cadence = f", validated and checkpointed every {every} epochs (--eval-every-epochs {every})" if every > optim.eval_every_epochs else ""
     return spent, (f"{epochs} (its {base} epochs are {base * per_epoch} steps on {rows:,} rows; lengthened towards "
-                   f"--min-steps {cfg.min_steps}, at most {MAX_LENGTHENING}×)")
+                   f"--min-steps {cfg.min_steps}, at most {MAX_LENGTHENING}×){cadence}")
 
 
 def _run_name(values: dict) -> str:

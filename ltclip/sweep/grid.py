@@ -105,7 +105,7 @@ def stream_key(cfg: TrainHeadConfig | SecondStageConfig) -> tuple | None:
     if cfg.method.head not in BATCHABLE_HEADS or o.grad_clip > 0:
         return None
     return (cfg.features, cfg.val_split, cfg.max_ram, cfg.read_blocks, cfg.shuffle_pool, cfg.device, cfg.tensorboard, cfg.method.sampler,
-            o.batch_size, o.accum, o.optimizer, o.nesterov, o.precision, o.seed, o.eval_every, o.checkpoint_every)
+            o.batch_size, o.accum, o.optimizer, o.nesterov, o.precision, o.seed, o.eval_every, o.checkpoint_every, o.eval_every_epochs)
 
 
 def _stream_ignores_length(sampler: str, counts, epochs: int, longest: int) -> bool:
