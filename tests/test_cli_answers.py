@@ -9,6 +9,12 @@ import sys
 
 import pytest
 
+from ltclip.config import (
+    EvalConfig, ExportConfig, ExtractConfig, FinetuneConfig, PredictConfig, TrainHeadConfig, flatten, from_flat,
+    to_dict,
+)
+from ltclip.config.fields import option_fields
+from ltclip.core.errors import LtclipError
 from ltclip.recipes.catalog import CATALOG_FILE, KINDS, build_catalog, catalog, registry
 
 # (command line, exit code, what its one error line says; None: not an error)
@@ -42,6 +48,12 @@ CASES = [
     (["eval", "--zero-shot", "-f", "typo"], 2, "--features typo: no such cache folder"),
     (["eval", "--data-root", "typo", "run"], 2, "--data-root typo: folder not found"),
     (["sweep", "-f", "typo", "--grid", "lr=1,2"], 2, "--features typo: no such cache folder"),
+    (["finetune", "-o", "r", "--precision", "fp64"], 2, "--precision 'fp64': choose one of fp32, bf16, fp16, amp"),
+    (["finetune", "-o", "r", "--train-crop", "mdaa"], 2, "--train-crop 'mdaa': choose one of random, mda"),
+    (["extract", "-o", "f", "--test-views", "five"], 2, "--test-views 'five': choose one of center, flip, fivecrop, tencrop"),
+    (["extract", "-o", "f", "--decode", "gpu"], 2, "--decode 'gpu': choose one of cpu, device"),
+    (["train-head", "-f", "cache", "-o", "r", "--optimizer", "adam"], 2, "--optimizer 'adam': choose one of adamw, sgd"),
+    (["export", "run", "-o", "x.pt", "--format", "onnx"], 2, "--format 'onnx': choose one of torchscript, export"),
     (["sweep", "-f", "cache", "--grid", "features=cache,typo"], 2, "--features typo: no such cache folder"),
 ]
 
@@ -86,3 +98,18 @@ def test_the_catalog_is_the_registries(kind):
     is what the registries say now; after registering a method, `make catalog` remakes it."""
     assert catalog()[kind] == build_catalog()[kind], f"{CATALOG_FILE} is stale: run `make catalog`"
     assert [entry["name"] for entry in catalog()[kind]] == registry(kind).names()
+
+
+REQUIRED_VALUES = {"out": "o", "features": "f", "from_run": "r"}
+FIXED = [(cls, name, spec) for cls in (ExtractConfig, TrainHeadConfig, FinetuneConfig, EvalConfig, PredictConfig, ExportConfig)
+         for name, (_, spec) in option_fields(cls).items() if spec.one_of]
+
+
+@pytest.mark.parametrize("cls, name, spec", FIXED, ids=[f"{cls.__name__}.{name}" for cls, name, _ in FIXED])
+def test_every_fixed_value_option_takes_its_set_and_refuses_the_rest(cls, name, spec):
+    """Every option declared ``one_of``: each of its values builds a config; any other is one line naming the flag."""
+    required = {k: v for k, v in REQUIRED_VALUES.items() if k in option_fields(cls)}
+    for value in spec.one_of:
+        assert flatten(to_dict(from_flat(cls, {**required, name: value}, owner="test")))[name] == value
+    with pytest.raises(LtclipError, match=f"^{spec.flag_of(name)} 'bogus': choose one of {', '.join(spec.one_of)}$"):
+        from_flat(cls, {**required, name: "bogus"}, owner="test")

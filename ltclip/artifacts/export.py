@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config.values import EXPORT_FORMATS as FORMATS
 from ..core.atomic import atomic_path
 from ..core.errors import LtclipError
 from ..models.tuning.lora import merge_lora
 from .image_model import ImageClassifier
 
 METADATA_FILE = "ltclip.json"  # the name of the metadata inside the exported file
-FORMATS = ("torchscript", "export")
 FORMAT_VERSION = 1
 
 

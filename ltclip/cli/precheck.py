@@ -1,7 +1,7 @@
 """What a command line gives, checked before any stage (and torch) loads, so a mistake answers at once.
 
 Each given value is checked as its config field declares (:func:`~ltclip.config.option`): a number
-against its range, a registered name against the catalog (``ltclip list``), and a path against
+against its range, a fixed value against its set, a registered name against the catalog (``ltclip list``), and a path against
 what it names (``input=KIND``, :data:`~ltclip.config.fields.INPUT_KINDS`): one line naming the flag.
 The configs are checked again, whole, when they are built, and the stages check their inputs more
 deeply when they read them (a cache's splits, a run's files); this is the mistyped option, at once.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..artifacts.workspace import RUN_FILE
 from ..config import DataConfig
-from ..config.fields import check_number, numeric_fields, option_fields
+from ..config.fields import check_number, check_one_of, numeric_fields, option_fields
 from ..core.errors import LtclipError
 from ..recipes.choices import check_choices
 
@@ -24,12 +24,13 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 def check_given(values: dict, *classes) -> None:
     """Every value given in ``values`` (flat option values; None: not given) for an option of config
-    classes ``classes``: its number range, its registered name, the input it names."""
+    classes ``classes``: its number range or set of values, its registered name, the input it names."""
     for cls in classes:
         for name, (kind, spec) in numeric_fields(cls).items():
             check_number(name, kind, spec, values.get(name))
         check_choices(cls, values)
         for name, (_, spec) in option_fields(cls).items():
+            check_one_of(name, spec, values.get(name))
             if spec.input and values.get(name) is not None:
                 check_input(spec.input, spec.flag_of(name), str(values[name]), values)
 

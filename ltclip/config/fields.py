@@ -11,8 +11,9 @@ field's name unless given), a short alias, and where its choices are registered;
         momentum: float = option(0.9, "SGD momentum.", minimum=0, below=1)
 
 A numeric field states its valid range there too (``minimum``/``maximum`` inclusive, ``above``/``below``
-exclusive); :func:`check_values` refuses a built config with a value outside it, or a non-finite
-number in any numeric field, naming the flag: ``--momentum 5: must be in [0, 1)``.
+exclusive), a field of fixed values the set (``one_of=TEST_VIEWS``); :func:`check_values` refuses a
+built config with a value outside them, or a non-finite number in any numeric field, naming the flag:
+``--momentum 5: must be in [0, 1)``, ``--test-views 'five': choose one of center, flip, fivecrop, tencrop``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class OptionSpec:
     above: float | None = None  # every valid value is larger (exclusive minimum)
     below: float | None = None  # every valid value is smaller (exclusive maximum)
     input: str | None = None  # what the value names, which must exist: one of INPUT_KINDS
+    one_of: tuple[str, ...] | None = None  # the values it takes (a set of ltclip.config.values)
 
     def flag_of(self, name: str) -> str:
         return self.flag or "--" + name.replace("_", "-")
@@ -121,6 +123,14 @@ def check_values(cfg) -> None:
                       if dataclasses.is_dataclass(value) else {f.name: value})
     for name, (kind, spec) in numeric_fields(type(cfg)).items():
         check_number(name, kind, spec, values[name])
+    for name, (_, spec) in option_fields(type(cfg)).items():
+        check_one_of(name, spec, values[name])
+
+
+def check_one_of(name: str, spec: OptionSpec, value) -> None:
+    """``value`` of option ``name`` (None: not set) is one of the values its field declares."""
+    if spec.one_of is not None and value is not None and value not in spec.one_of:
+        raise LtclipError(f"{spec.flag_of(name)} {value!r}: choose one of {', '.join(spec.one_of)}")
 
 
 def check_number(name: str, kind: type, spec: OptionSpec, value) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .fields import REQUIRED, option
+from .values import BAD_IMAGE_POLICIES, ENCODE_PRECISIONS, EXPORT_FORMATS, INTERPOLATIONS, TEST_VIEWS
 
 
 @dataclass(frozen=True)
@@ -22,17 +23,17 @@ class PredictConfig:
     top_k: int = option(5, "Classes per image, most probable first.", short="-k", minimum=1)
     out: str | None = option(None, "Write the predictions to this .csv or .jsonl file.", short="-o",
                              default_text="a table on stdout")
-    test_views: str = option("center", "Views of each image whose logits are averaged: center, flip, fivecrop or tencrop.")
+    test_views: str = option("center", "Views of each image whose logits are averaged: center, flip, fivecrop or tencrop.", one_of=TEST_VIEWS)
     eval_resize: int | None = option(None, "Resize the short side to this before cropping the views.",
                                      default_text="the run's (or cache's) recorded value", minimum=0)
     interpolation: str | None = option(None, "bilinear or bicubic resampling of the --eval-resize views.",
-                                       default_text="the run's (or cache's) recorded value")
-    bad_images: str = option("fail", "Unreadable images: fail (stop) or skip (warn, no prediction).")
+                                       default_text="the run's (or cache's) recorded value", one_of=INTERPOLATIONS)
+    bad_images: str = option("fail", "Unreadable images: fail (stop) or skip (warn, no prediction).", one_of=BAD_IMAGE_POLICIES)
     batch_size: int = option(64, "Images per forward pass.", minimum=1)
     workers: int | None = option(None, "Image decode workers.", default_text="this process's share of the CPUs, at most 8",
                                  minimum=0)
     device: str = option("auto", "auto, cpu or cuda.")
-    precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).")
+    precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).", one_of=ENCODE_PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ExportConfig:
 
     out: str = option(REQUIRED, "The file to write (.pt for torchscript, .pt2 for export); never replaced.", short="-o")
     run: str | None = None  # the command's argument (none with --zero-shot)
-    format: str = option("torchscript", "torchscript (torch.jit.load) or export (torch.export.load, a .pt2 program).")
+    format: str = option("torchscript", "torchscript (torch.jit.load) or export (torch.export.load, a .pt2 program).", one_of=EXPORT_FORMATS)
     zero_shot: bool = option(False, "Export zero-shot CLIP with a cache's text embeddings (--features); no run.")
     features: str | None = option(None, "Cache folder whose encoder and text embeddings --zero-shot uses.", short="-f",
                                   input="cache")

@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .fields import REQUIRED, Options, option
+from .values import (
+    BAD_IMAGE_POLICIES, DECODES, ENCODE_PRECISIONS, INTERPOLATIONS, NORMALIZATIONS, OPTIMIZERS, SCHEDULE_UNITS, SEARCH_BACKENDS, TEST_VIEWS,
+    TOKEN_DTYPES, TOKEN_SCALES, TRAIN_CROPS, TRAIN_PRECISIONS, VIEW_POOLS,
+)
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -45,7 +49,7 @@ class OptimConfig:
     steps: int | None = option(None, "Total optimizer steps instead of --epochs.", minimum=1)
     batch_size: int = option(256, "Rows per optimizer step, over all processes.", minimum=1)
     accum: int = option(1, "Micro-batches per optimizer step (gradient accumulation).", minimum=1)
-    optimizer: str = option("adamw", "adamw or sgd (timm's factory).")
+    optimizer: str = option("adamw", "adamw or sgd (timm's factory).", one_of=OPTIMIZERS)
     lr: float = option(1e-3, "Peak learning rate.", above=0)
     weight_decay: float = option(1e-4, "Weight decay.", minimum=0)
     momentum: float = option(0.9, "SGD momentum.", minimum=0, below=1)
@@ -53,11 +57,11 @@ class OptimConfig:
     decay_1d: bool = option(True, "Weight decay also on biases, norms and other 1-D parameters.")
     schedule: str = option("cosine", "Learning-rate schedule per step.", choices="schedules")
     schedule_unit: str = option("step", "step (the schedule advances every optimizer step) or epoch (the lr is constant "
-                                        "within an epoch, as LIFT's CosineAnnealingLR stepped per epoch).")
+                                        "within an epoch, as LIFT's CosineAnnealingLR stepped per epoch).", one_of=SCHEDULE_UNITS)
     warmup: float = option(0.0, "Linear warm-up, in epochs.", minimum=0)
     warmup_steps: int | None = option(None, "Linear warm-up in optimizer steps, instead of --warmup epochs.", minimum=0)
     grad_clip: float = option(0.0, "Clip the gradient norm (0: off).", minimum=0)
-    precision: str = option("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA with a GradScaler) or amp (fp16 on CUDA, fp32 elsewhere).")
+    precision: str = option("fp32", "fp32, bf16, fp16 (autocast; fp16 on CUDA with a GradScaler) or amp (fp16 on CUDA, fp32 elsewhere).", one_of=TRAIN_PRECISIONS)
     seed: int = option(0, "Seed of the initialisation, sampler and views.", minimum=0)
     eval_every: int = option(0, "Also validate every N steps (0: at epoch ends only).", minimum=0)
     checkpoint_every: int = option(0, "Also checkpoint every N steps (0: at epoch ends only).", minimum=0)
@@ -128,25 +132,25 @@ class ExtractConfig:
     batch_size: int = option(256, "Images per forward pass.", minimum=1)
     workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT, minimum=0)
     device: str = option("auto", _DEVICE)
-    precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).")
-    test_views: str = option("center", "center, flip, fivecrop or tencrop views of val/test images.")
+    precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).", one_of=ENCODE_PRECISIONS)
+    test_views: str = option("center", "center, flip, fivecrop or tencrop views of val/test images.", one_of=TEST_VIEWS)
     train_views: int = option(0, "K seeded augmented views per training image (0: the model's preprocessing).", minimum=0)
     eval_resize: int | None = option(None, "Resize the short side of val/test images to this before cropping, "
                                            "e.g. 256 (LIFT's center crop) or 248 (LIFT's fivecrop).",
                                      default_text="the model's preprocessing; ×256/224 for five and ten crops", minimum=0)
     interpolation: str | None = option(None, "bilinear or bicubic resampling of the train views and the --eval-resize views.",
-                                       default_text="the model's (bicubic for CLIP)")
-    normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's), for every split.")
-    bad_images: str = option("fail", "fail, or skip (logged; zero features).")
+                                       default_text="the model's (bicubic for CLIP)", one_of=INTERPOLATIONS)
+    normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's), for every split.", one_of=NORMALIZATIONS)
+    bad_images: str = option("fail", "fail, or skip (logged; zero features).", one_of=BAD_IMAGE_POLICIES)
     decode: str = option("cpu", "cpu (PIL in the DataLoader workers) or device (the workers read the files; JPEGs are decoded "
-                                "and cropped on --device, other files decoded on the CPU).")
+                                "and cropped on --device, other files decoded on the CPU).", one_of=DECODES)
     block_size: int = option(1024, "Rows written (and resumed) together.", minimum=1)
     seed: int = option(0, "Seed of the train views.", minimum=0)
     from_run: str | None = option(None, "A finetuned run: extract with its encoder (its model and weights).", flag="--from-run",
                                   input="run")
     token_pool: int = option(1, "Average the patch tokens over K×K windows (CLS kept; 1: no pooling).", minimum=1)
-    token_dtype: str = option("float16", "Token storage: float16, int8 or fp8 (e4m3), the last two with a scale.")
-    token_scale: str | None = option(None, "int8/fp8 scale per 'token' or per 'channel'.", default_text="token")
+    token_dtype: str = option("float16", "Token storage: float16, int8 or fp8 (e4m3), the last two with a scale.", one_of=TOKEN_DTYPES)
+    token_scale: str | None = option(None, "int8/fp8 scale per 'token' or per 'channel'.", default_text="token", one_of=TOKEN_SCALES)
     token_pca: int = option(0, "Store tokens as W PCA coordinates (basis fitted on train tokens; 0: off).", minimum=0)
     token_pca_sample: int = option(1024, "Train images whose tokens fit the PCA basis.", minimum=1)
 
@@ -214,17 +218,17 @@ class FinetuneConfig:
     optim: OptimConfig = FINETUNE_OPTIM
     augment: bool = option(True, "RandomResizedCrop + horizontal flip at every step.")
     train_crop: str = option("random", "random (RandomResizedCrop + horizontal flip) or mda (LIFT+'s: square crops, no flip, "
-                                       "the smallest crop area growing per epoch from 0.08 to 1).")
+                                       "the smallest crop area growing per epoch from 0.08 to 1).", one_of=TRAIN_CROPS)
     interpolation: str | None = option("bilinear", "bilinear (LIFT's) or bicubic resampling of the training crops "
-                                                 "and the --eval-resize validation views.")
+                                                 "and the --eval-resize validation views.", one_of=INTERPOLATIONS)
     eval_resize: int | None = option(None, "Validation images: resize the short side to this, then center-crop; "
                                            "0: the model's preprocessing. The run records the value, and `ltclip eval` "
                                            "views the test images the same way.",
                                      default_text="LIFT's: the resolution × 8/7, 256 at 224", minimum=0)
-    normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's).")
+    normalize: str = option("model", "model (the model's mean/std) or imagenet (the seed code's).", one_of=NORMALIZATIONS)
     workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT, minimum=0)
     decode: str = option("cpu", "cpu (PIL in the DataLoader workers) or device (the workers read the files; JPEGs are decoded "
-                                "and cropped on --device, other files decoded on the CPU).")
+                                "and cropped on --device, other files decoded on the CPU).", one_of=DECODES)
     val_split: str = option("val", "Split for model selection.")
     device: str = option("auto", _DEVICE)
     tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
@@ -244,18 +248,18 @@ class EvalConfig:
     retrieval_mix: float = option(0.0, "Blend each run with kNN votes: weight alpha in [0, 1].", minimum=0, maximum=1)
     retrieval_k: int = option(10, "Neighbours for --retrieval-mix.", minimum=1)
     temperature: float = option(0.07, "kNN vote temperature.", above=0)
-    views: str = option("mean", "Test views: mean (average logits) or first.")
+    views: str = option("mean", "Test views: mean (average logits) or first.", one_of=VIEW_POOLS)
     data_root: str | None = option(None, "Images of finetuned runs.", default_text="the run's own data root", input="folder")
-    test_views: str = option("center", "Views of each image for finetuned runs: center, flip, fivecrop or tencrop.")
+    test_views: str = option("center", "Views of each image for finetuned runs: center, flip, fivecrop or tencrop.", one_of=TEST_VIEWS)
     eval_resize: int | None = option(None, "Finetuned runs: resize the short side to this before cropping the "
                                            "views, e.g. 248 with fivecrop (LIFT's tables).",
                                      default_text="the run's --eval-resize, else the model's preprocessing", minimum=0)
     interpolation: str | None = option(None, "Finetuned runs: bilinear or bicubic resampling of the --eval-resize views.",
-                                       default_text="the run's --interpolation, else the model's")
+                                       default_text="the run's --interpolation, else the model's", one_of=INTERPOLATIONS)
     workers: int | None = option(None, "Image decode workers for finetuned runs.", default_text=_WORKERS_DEFAULT, minimum=0)
     many: int = option(100, "Classes with more training images than this are 'many'.", minimum=0)
     few: int = option(20, "Classes with fewer training images than this are 'few'.", minimum=0)
-    backend: str = option("auto", "kNN search: auto, faiss or torch.")
+    backend: str = option("auto", "kNN search: auto, faiss or torch.", one_of=SEARCH_BACKENDS)
     batch_size: int = option(1024, "Rows per forward pass.", minimum=1)
     device: str = option("auto", _DEVICE)
     allow_mixed: bool = option(False, "Allow runs of different datasets in one report.")
@@ -286,7 +290,7 @@ class ReproduceConfig:
     epochs: int | None = option(None, "Epochs of every training step.", default_text="the recipe's", minimum=1)
     steps: int | None = option(None, "Optimizer steps of every training step instead of epochs (smoke tests, budgets).", minimum=1)
     batch_size: int | None = option(None, "Batch of every training step.", default_text="the recipe's", minimum=1)
-    precision: str | None = option(None, "fp32, fp16 or bf16 for extraction and training.", default_text="the commands'")
+    precision: str | None = option(None, "fp32, fp16 or bf16 for extraction and training.", default_text="the commands'", one_of=ENCODE_PRECISIONS)
     device: str | None = option(None, "auto, cpu or cuda.", default_text="auto")
     workers: int | None = option(None, "Image decode workers of extract, finetune and their eval.", default_text="the commands'", minimum=0)
     launcher: str | None = option(None, "Run extract and training steps under this, e.g. 'torchrun --nproc_per_node=8'.")

@@ -75,7 +75,7 @@ def default_workers(ctx: DistContext, cap: int = 8) -> int:
     return max(0, min(cap, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "amp")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # besides fp32: no autocast
 
 
 def device_precision(device: torch.device, precision: str) -> str:
@@ -83,8 +83,8 @@ def device_precision(device: torch.device, precision: str) -> str:
     LIFT's ``prec: amp``, and fp32 elsewhere; the other values are themselves."""
     from .errors import LtclipError
 
-    if precision not in PRECISIONS:
-        raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in ("fp32", "amp", *AUTOCAST_DTYPES):
+        raise LtclipError(f"--precision {precision!r}: choose one of fp32, {', '.join(AUTOCAST_DTYPES)}, amp")
     if precision == "amp":
         return "fp16" if device.type == "cuda" else "fp32"
     return precision
@@ -99,4 +99,4 @@ def autocast(device: torch.device, precision: str):
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
         raise LtclipError("--precision fp16 needs a CUDA device; use fp32 or bf16 on a CPU")
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])

@@ -27,13 +27,13 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
+from ..config.values import DECODES
 from ..core.errors import LtclipError
 from .base import LTDataset
 from .image_files import EXIF_ORIENTATION, check_image_size, open_regular
 from .images import ImageSplit, read_problem, worker_init
 from .views import Views
 
-DECODES = ("cpu", "device")
 _JPEG_START = b"\xff\xd8\xff"
 # Transforms that take a uint8 [C, H, W] tensor as they take a PIL image (the same parameters drawn).
 _ON_TENSORS = (T.Resize, T.CenterCrop, T.RandomResizedCrop, T.RandomHorizontalFlip, T.FiveCrop, T.TenCrop, T.Normalize)

@@ -18,14 +18,13 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from .base import LTDataset
+from ..config.values import TRAIN_CROPS
 from ..core.errors import LtclipError
 from .device_decode import check_decode, decode, encoded_loader, image_loader, on_tensors, stack_views
 from .images import ImageSplit, apply_bad_image_policy, worker_init
 from .views import Views, _interpolation, _size
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORMALIZATIONS = ("model", "imagenet")
-TRAIN_CROPS = ("random", "mda")
 
 
 def mean_std(preprocess_cfg: dict, normalize: str) -> tuple:

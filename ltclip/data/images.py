@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..config.values import BAD_IMAGE_POLICIES
 from ..core.errors import LtclipError
 from .base import LTDataset
 from .views import Views
 
 log = logging.getLogger(__name__)
 
-BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
 class ImageSplit(Dataset):

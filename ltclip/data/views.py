@@ -7,10 +7,8 @@ import hashlib
 import torch
 from torchvision import transforms as T
 
+from ..config.values import INTERPOLATIONS, TEST_VIEWS
 from ..core.errors import LtclipError
-
-TEST_VIEWS = ("center", "flip", "fivecrop", "tencrop")
-INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 class Views:

@@ -17,13 +17,13 @@ import torch
 
 from ..config import OptimConfig
 from ..core.errors import LtclipError
+from ..config.values import OPTIMIZERS
 from ..core.registry import Registry
 from .grouped_optim import GroupedAdamW
 
 SCHEDULES: Registry = Registry("schedule")
-# ltclip's optimizer names → timm's (`sgd` is heavy-ball momentum; with nesterov=True timm's "nesterov").
-OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum"}
-SCHEDULE_UNITS = ("step", "epoch")
+# ltclip's optimizer names (--optimizer) → timm's (`sgd` is heavy-ball momentum; with nesterov=True timm's "nesterov").
+TIMM_NAMES = dict(zip(OPTIMIZERS, ("adamw", "momentum")))
 
 
 @SCHEDULES.register("cosine")
@@ -106,7 +106,7 @@ def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None
         else:
             extra = {"momentum": own.momentum} if cfg.optimizer == "sgd" else {}
             groups += [{"weight_decay": own.weight_decay, **g, "lr": own.lr, "part": prefix, **extra} for g in part if g["params"]]
-    name = "nesterov" if cfg.optimizer == "sgd" and cfg.nesterov else OPTIMIZERS[cfg.optimizer]
+    name = "nesterov" if cfg.optimizer == "sgd" and cfg.nesterov else TIMM_NAMES[cfg.optimizer]
     extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
     optimizer = create_optimizer_v2(groups, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
     if grouped and type(optimizer) is torch.optim.AdamW:

@@ -13,13 +13,10 @@ from dataclasses import dataclass
 from typing import Collection
 
 from ..config.fields import check_values
-from ..core.distributed import PRECISIONS
+from ..config.values import OPTIMIZERS, SCHEDULE_UNITS, SELECT_LAST, SUMMARY_KEYS, TRAIN_PRECISIONS
 from ..core.errors import LtclipError
-from .optim import OPTIMIZERS, SCHEDULE_UNITS, SCHEDULES, schedule_epoch_steps, warmup_steps
+from .optim import SCHEDULES, schedule_epoch_steps, warmup_steps
 from .options import ParamGroups
-from .validation import SUMMARY_KEYS
-
-SELECT_LAST = "last"  # --select: keep the last epoch's weights (validation only logged)
 
 
 def check_optim(cfg, world_size: int = 1, metrics: Collection[str] | None = SUMMARY_KEYS) -> None:
@@ -42,8 +39,8 @@ def check_optim(cfg, world_size: int = 1, metrics: Collection[str] | None = SUMM
         raise LtclipError(f"--schedule-unit {cfg.schedule_unit!r}: choose one of {', '.join(SCHEDULE_UNITS)}")
     if metrics is not None and cfg.select not in (None, SELECT_LAST, *metrics):
         raise LtclipError(f"--select {cfg.select!r}: choose one of {', '.join((*metrics, SELECT_LAST))}")
-    if cfg.precision not in PRECISIONS:
-        raise LtclipError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if cfg.precision not in TRAIN_PRECISIONS:
+        raise LtclipError(f"--precision {cfg.precision!r}: choose one of {', '.join(TRAIN_PRECISIONS)}")
 
 
 def check_warmup(cfg, per_epoch: int) -> None:

@@ -12,8 +12,6 @@ import torch
 
 from ..evaluation.metrics import as_numpy, calibration_bins, row_stats, shot_groups
 
-SUMMARY_KEYS = ("top1", "balanced_accuracy", "many", "medium", "few", "nll", "ece")
-
 
 class ValidationStats:
     """Per-class hits and support, the NLL sum and the calibration bins of the rows seen so far.

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config.values import SEARCH_BACKENDS as BACKENDS
 from ..core.errors import LtclipError
 from .metrics import as_numpy
 
-BACKENDS = ("auto", "faiss", "torch")
 # Mixing weight of the uniform distribution in kNN probabilities, so their log is finite.
 KNN_EPS = 1e-6
 # Largest similarity block the torch backend materialises at once (bytes).

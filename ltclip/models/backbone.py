@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
+from ..config.values import ENCODE_PRECISIONS
 from ..data.manifests import file_sha256
 from ..core.errors import LtclipError
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def register_tiny_configs() -> list[str]:
@@ -258,8 +258,8 @@ def load_backbone(
     """
     import open_clip
 
-    if precision not in PRECISIONS:
-        raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in ENCODE_PRECISIONS:
+        raise LtclipError(f"--precision {precision!r}: choose one of {', '.join(ENCODE_PRECISIONS)}")
     pretrained_arg, kwargs, identity = resolve_weights(model_name, pretrained, preprocess_from)
     tag = pretrained_arg is not None and identity["pretrained"] != "file"
     cached = tag and _tag_weights_cached(model_name, pretrained_arg, cache_dir)

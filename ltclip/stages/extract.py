@@ -17,7 +17,8 @@ from ..artifacts.outputs import CACHE_RECORD, check_out_folder, dataset_inputs, 
 from ..core.atomic import save_json
 from ..core.lock import folder_lock, missing_folders, remove_empty
 from ..config import ExtractConfig, provenance, to_dict
-from ..data.image_batches import NORMALIZATIONS, normalized_preprocess
+from ..config.values import NORMALIZATIONS
+from ..data.image_batches import normalized_preprocess
 from ..data.device_decode import check_decode, image_loader, on_tensors
 from ..data.images import apply_bad_image_policy, check_bad_images
 from ..data.registry import open_dataset

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from ..config import FinetuneConfig, to_dict
-from ..data.image_batches import (
-    NORMALIZATIONS, TRAIN_CROPS, ImageSource, eval_transform, image_batches, normalized_preprocess, train_transform,
-)
+from ..config.values import NORMALIZATIONS, TRAIN_CROPS
+from ..data.image_batches import ImageSource, eval_transform, image_batches, normalized_preprocess, train_transform
 from ..data.device_decode import check_decode, on_tensors
 from ..data.registry import open_dataset
 from ..data.views import CenterView, check_view_options, lift_resize, make_views

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...config.values import TOKEN_DTYPES, TOKEN_SCALES
 from ...core.errors import LtclipError
 
-TOKEN_DTYPES = ("float16", "int8", "fp8")
-TOKEN_SCALES = ("token", "channel")
 _QMAX = {"int8": 127.0, "fp8": 448.0}  # fp8: e4m3's largest finite value
 STORED_DTYPES = {"float16": np.dtype(np.float16), "int8": np.dtype(np.int8), "fp8": np.dtype(np.uint8)}
 _FP8 = getattr(torch, "float8_e4m3fn", None)
