@@ -32,6 +32,7 @@ CASES = [
     (["train-head", "-f", "cache", "-o", "r", "--loss", "focall"], 2, "--loss 'focall': unknown (did you mean focal?)"),
     (["train-head", "-f", "cache", "-o", "r", "--momentum", "5"], 2, "--momentum 5: must be in [0, 1)"),
     (["train-head", "-f", "cache", "-o", "r", "--epochs", "0"], 2, "--epochs 0: must be an integer >= 1"),
+    (["train-head", "-f", "cache", "-o", "r", "--eval-every-epochs", "0"], 2, "--eval-every-epochs 0: must be an integer >= 1"),
     (["finetune", "-o", "r", "--data-root", "typo"], 2, "--data-root typo: folder not found"),
     (["finetune", "-o", "r", "--pretrained", "typo.pt"], 2, "--pretrained typo.pt: checkpoint file not found"),
     (["finetune", "-o", "r", "--tune", "lorra"], 2, "--tune 'lorra': unknown (did you mean lora?)"),
