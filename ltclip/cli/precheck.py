@@ -16,6 +16,8 @@ from ..artifacts.workspace import RUN_FILE
 from ..config import DataConfig
 from ..config.fields import check_number, check_one_of, numeric_fields, option_fields
 from ..core.errors import LtclipError
+from ..core.registry import parse_options
+from ..recipes.catalog import option_defaults
 from ..recipes.choices import check_choices
 
 # Suffixes that make a --pretrained value a checkpoint file rather than an open_clip tag.
@@ -29,10 +31,14 @@ def check_given(values: dict, *classes) -> None:
         for name, (kind, spec) in numeric_fields(cls).items():
             check_number(name, kind, spec, values.get(name))
         check_choices(cls, values)
-        for name, (_, spec) in option_fields(cls).items():
+        fields = option_fields(cls)
+        for name, (_, spec) in fields.items():
             check_one_of(name, spec, values.get(name))
             if spec.input and values.get(name) is not None:
                 check_input(spec.input, spec.flag_of(name), str(values[name]), values)
+            entry = _method_named(cls, values, spec.choices_of) if spec.choices_of else None
+            if entry is not None and isinstance(values.get(name), (list, tuple)):
+                parse_options(spec.flag_of(name), *option_defaults(fields[spec.choices_of][1].choices, entry), values[name])
 
 
 def check_input(kind: str, label: str, value: str, values: dict | None = None) -> None:
@@ -59,6 +65,16 @@ def check_input(kind: str, label: str, value: str, values: dict | None = None) -
             raise LtclipError(f"{shown}: not a finished run ({RUN_FILE} missing); finish it (--resume) or name a finished one")
     if kind == "weights" and _looks_like_a_file(value) and not path.is_file():
         raise LtclipError(f"{shown}: checkpoint file not found; give a file, an open_clip tag (e.g. openai) or none")
+
+
+def _method_named(cls, values: dict, name: str) -> str | None:
+    """The method whose ``key=value`` options are given: named on the command line, or (no recipe
+    choosing it) the default of ``cls``; None where only a later layer knows it."""
+    if values.get(name) is not None:
+        return values[name]
+    if values.get("recipe") is not None:
+        return None
+    return option_fields(cls)[name][0].default
 
 
 def _data_dirs(values: dict) -> list[Path]:

@@ -54,8 +54,9 @@ def sweep(
     if not grid:
         raise LtclipError("--grid KEY=V1,V2 is required (e.g. --grid lr=1e-3,1e-2 --grid epochs=10,30)")
     axes = _parse_grid(command, grid, base)
-    for values in (base, *({name: value} for name, values in axes for value in values)):
-        check_given(values, TrainHeadConfig, SecondStageConfig)
+    stage = SecondStageConfig if "from_run" in base or "from_run" in dict(axes) else TrainHeadConfig
+    for values in (base, *({**base, name: value} for name, values in axes for value in values)):
+        check_given(values, stage)
     if "features" not in dict(axes) and "from_run" not in dict(axes):  # a grid over them gives each point its own
         base = workspace_features(base, say=say_default)
     if out is None:

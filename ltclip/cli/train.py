@@ -39,7 +39,7 @@ def train_head(values: dict) -> None:
     from ..core.progress import RichProgress
 
     resume = values.pop("resume")
-    check_given(values, TrainHeadConfig, SecondStageConfig)
+    check_given(values, SecondStageConfig if values.get("from_run") else TrainHeadConfig)
     cfg = train_head_config(given(values, drop=("config",)), say=say_default, resume=resume)
     progress = RichProgress()
     if isinstance(cfg, SecondStageConfig):

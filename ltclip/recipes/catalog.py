@@ -43,8 +43,9 @@ def registry(kind: str):
 
 @functools.cache
 def catalog() -> dict[str, list[dict]]:
-    """Kind (:data:`KINDS`) → its entries, each ``{"name", "about", "options"}``
-    (``about``: the summary and training defaults as plain text; ``options``: key → default as text)."""
+    """Kind (:data:`KINDS`) → its entries, each ``{"name", "owner", "about", "options", "defaults"}``
+    (``owner``: how option errors name it; ``about``: the summary and training defaults as plain text;
+    ``options``: key → default as text; ``defaults``: key → default as JSON, a tuple as a list)."""
     return json.loads(CATALOG_FILE.read_text(encoding="utf-8"))
 
 
@@ -53,14 +54,22 @@ def names(kind: str) -> list[str]:
     return [entry["name"] for entry in catalog()[kind]]
 
 
+def option_defaults(kind: str, name: str) -> tuple[str, dict]:
+    """How option errors name entry ``name`` of ``kind``, and its options' defaults typed as the
+    registry has them (what :func:`~ltclip.core.registry.parse_options` checks ``key=value`` against)."""
+    entry = next(e for e in catalog()[kind] if e["name"] == name)
+    return entry["owner"], {k: tuple(v) if isinstance(v, list) else v for k, v in entry["defaults"].items()}
+
+
 def build_catalog() -> dict[str, list[dict]]:
     """The catalog from the registries (imports every method, hence torch)."""
     out = {}
     for kind in KINDS:
         reg = registry(kind)
-        out[kind] = [{"name": name,
+        out[kind] = [{"name": name, "owner": f"{reg.kind} {name!r}",
                       "about": "\n".join([plain_text(reg.summary(name)), *_defaults_lines(kind, name, reg)]),
-                      "options": {key: str(value) for key, value in reg.options(name).items()}}
+                      "options": {key: str(value) for key, value in reg.options(name).items()},
+                      "defaults": reg.options(name)}
                      for name in reg.names()]
     return out
 
