@@ -126,7 +126,7 @@ def test_bad_exports_are_one_line_errors_that_write_nothing(world, tmp_path, mon
     one_error_line(invoke("export", run, "--out", run / "run.json"), "--out", "would replace run.json")
     assert (run / "run.json").read_bytes() == record
     out = tmp_path / "out.pt"
-    one_error_line(invoke("export", run, "--out", out, "--format", "onnx"), "--format 'onnx'", "torchscript or export")
+    one_error_line(invoke("export", run, "--out", out, "--format", "onnx"), "--format 'onnx'", "choose one of torchscript, export")
     one_error_line(invoke("export", run, "--out", out, "--zero-shot", "--features", world["cache"]), "--zero-shot", "no run")
     one_error_line(invoke("export", run, "--out", out, "--features", world["cache"]), "--features", "drop --features")
     one_error_line(invoke("export", "--out", out), "name a run folder")

@@ -54,7 +54,7 @@ def metadata(classifier: ImageClassifier, source: dict, fmt: str, merged: int) -
 
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
-        raise LtclipError(f"--format {fmt!r}: choose torchscript or export")
+        raise LtclipError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
 def export_classifier(classifier: ImageClassifier, out: str | Path, *, fmt: str = "torchscript", batch_size: int = 2,
