@@ -17,6 +17,7 @@ import torch
 
 from ..config import OptimConfig
 from ..core.errors import LtclipError
+from ..config.fields import check_values
 from ..config.values import OPTIMIZERS
 from ..core.registry import Registry
 from .grouped_optim import GroupedAdamW
@@ -87,8 +88,7 @@ def create_optimizer(model: torch.nn.Module, cfg, parts: dict[str, float] | None
     """
     from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
-    if cfg.optimizer not in OPTIMIZERS:
-        raise LtclipError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    check_values(cfg)  # --optimizer among OPTIMIZERS, the other fields in their ranges
     if not any(p.requires_grad for p in model.parameters()):
         raise LtclipError("nothing to train: every parameter of the model is frozen")
     groups = []

@@ -17,12 +17,12 @@ from ..artifacts.outputs import CACHE_RECORD, check_out_folder, dataset_inputs, 
 from ..core.atomic import save_json
 from ..core.lock import folder_lock, missing_folders, remove_empty
 from ..config import ExtractConfig, provenance, to_dict
-from ..config.values import NORMALIZATIONS
+from ..config.fields import check_values
 from ..data.image_batches import normalized_preprocess
-from ..data.device_decode import check_decode, image_loader, on_tensors
-from ..data.images import apply_bad_image_policy, check_bad_images
+from ..data.device_decode import image_loader, on_tensors
+from ..data.images import apply_bad_image_policy
 from ..data.registry import open_dataset
-from ..data.views import check_view_options, make_views
+from ..data.views import make_views
 from ..core.distributed import autocast, available_cpus, default_workers, setup
 from ..core.errors import LtclipError
 from ..models.backbone import load_backbone
@@ -355,17 +355,11 @@ def _text_file(cfg, dataset, backbone, device, out: Path, progress: Progress) ->
 def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     """Extract every requested split (resumable), then the class text embeddings. Returns a summary."""
     progress = progress or Progress()
-    if cfg.normalize not in NORMALIZATIONS:
-        raise LtclipError(f"--normalize {cfg.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
+    check_values(cfg)  # every range and set of values its fields declare, as a built config is checked
     dataset = open_dataset(cfg.data)
     splits = cfg.splits or tuple(dataset.splits)
     for split in splits:
         dataset.split(split)  # refuse unknown splits before any work
-    if cfg.batch_size < 1 or cfg.block_size < 1 or (cfg.workers is not None and cfg.workers < 0):
-        raise LtclipError("--batch-size and --block-size must be >= 1 and --workers >= 0")
-    check_bad_images(cfg.bad_images)
-    check_decode(cfg.decode)
-    check_view_options(cfg.eval_resize, cfg.interpolation)
     fmt = _token_format(cfg)
     _check_out(cfg, dataset)
     with _out_dir(cfg.out) as out:  # before the model loads: an unwritable --out is refused at once

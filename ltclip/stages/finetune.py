@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from ..config import FinetuneConfig, to_dict
-from ..config.values import NORMALIZATIONS, TRAIN_CROPS
+from ..config.fields import check_values
 from ..data.image_batches import ImageSource, eval_transform, image_batches, normalized_preprocess, train_transform
-from ..data.device_decode import check_decode, on_tensors
+from ..data.device_decode import on_tensors
 from ..data.registry import open_dataset
-from ..data.views import CenterView, check_view_options, lift_resize, make_views
+from ..data.views import CenterView, lift_resize, make_views
 from ..artifacts.outputs import check_out_folder, dataset_inputs
 from ..core.distributed import default_workers, setup
 from ..core.lock import folder_lock
@@ -84,14 +84,8 @@ def training_features(backbone, dataset, input: str, cfg: FinetuneConfig, device
 
 
 def check_options(cfg: FinetuneConfig) -> None:
-    check_view_options(cfg.eval_resize, cfg.interpolation)
-    check_decode(cfg.decode)
-    if cfg.train_crop not in TRAIN_CROPS:
-        raise LtclipError(f"--train-crop {cfg.train_crop!r}: choose one of {', '.join(TRAIN_CROPS)}")
-    if cfg.normalize not in NORMALIZATIONS:
-        raise LtclipError(f"--normalize {cfg.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
-    if cfg.tuning.backbone_lr is not None and not cfg.tuning.backbone_lr > 0:
-        raise LtclipError(f"--backbone-lr {cfg.tuning.backbone_lr}: must be positive")
+    """Every range and set of values the config's fields declare, then the options that depend on each other."""
+    check_values(cfg)
     if cfg.tuning.tune == "frozen" and cfg.tuning.backbone_lr is not None:
         raise LtclipError("--backbone-lr: --tune frozen trains nothing in the encoder; drop it")
 
