@@ -660,6 +660,40 @@ def test_a_ctrl_c_that_python_swallows_is_raised_again(capsys):
     assert err.startswith("interrupted; rerun the same command") and "Exception ignored" not in err
 
 
+def test_a_stop_inside_a_dataloader_constructor_is_one_line(capsys, monkeypatch):
+    """SIGTERM that lands after a DataLoader started its workers but before it set their status
+    leaves an iterator whose ``__del__`` fails; the guard frees it quietly: one line, no traceback."""
+    import gc
+
+    import torch
+    import typer
+    from torch.utils.data import dataloader
+
+    from ltclip.cli.common import Terminated, guarded
+
+    started = dataloader._MultiProcessingDataLoaderIter._reset
+
+    def stopped_by_sigterm(self, loader, first_iter=False):
+        if first_iter:
+            raise Terminated()  # where the signal lands: workers started, _workers_status not yet set
+        started(self, loader, first_iter)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_reset", stopped_by_sigterm)
+    printed = []  # what Python would print as "Exception ignored in ...", with its traceback
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+
+    def work():
+        return next(iter(torch.utils.data.DataLoader(list(range(4)), num_workers=1)))
+
+    with pytest.raises(typer.Exit) as stopped:
+        guarded(work)()
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    del stopped
+    gc.collect()  # without the guard's cleanup the half-built iterator's __del__ fails here
+    assert printed == []
+    assert capsys.readouterr().err.startswith("terminated; rerun the same command")
+
+
 @pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_says_to_rerun_without_resume(tmp_path):
     features = write_token_cache(tmp_path / "features")

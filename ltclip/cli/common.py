@@ -7,12 +7,14 @@ and argument errors answer at once.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import logging
 import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -61,6 +63,7 @@ def guarded(fn):
         except KeyboardInterrupt as stop:
             logging.getLogger(__name__).debug("interrupted", exc_info=True)
             terminated = isinstance(stop, Terminated)
+            _finalise_quietly(stop)
             typer.echo(f"{'terminated' if terminated else 'interrupted'}; {_how_to_continue(resumable, kwargs)}", err=True)
             raise typer.Exit(128 + signal.SIGTERM if terminated else 130) from None
         finally:
@@ -92,6 +95,24 @@ def _stop_on_sigterm():
 
     signal.signal(signal.SIGTERM, terminated)
     return signal.SIG_DFL
+
+
+def _finalise_quietly(stop: KeyboardInterrupt) -> None:
+    """Free now what the stop cut off, logging (not printing) the errors of their finalisers.
+
+    A stop that lands inside a constructor leaves a half-built object in the interrupted frames; a
+    DataLoader iterator stopped after starting its workers fails in ``__del__`` (its shutdown reads
+    an attribute set later) and Python would print that as "Exception ignored" with a traceback when
+    the frames go. The worker processes are still ended by that shutdown's own ``finally``.
+    """
+    log = logging.getLogger(__name__)
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda info: log.debug("while stopping: %s in %r", info.exc_value, info.object)
+    try:
+        traceback.clear_frames(stop.__traceback__)
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def _interrupt_again(hook):
