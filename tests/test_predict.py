@@ -159,7 +159,7 @@ def test_load_gives_a_classifier_whose_parts_agree(world, synthetic_root):
 
 
 @pytest.mark.slow
-def test_csv_jsonl_and_table_outputs(world, synthetic_root, tmp_path):
+def test_csv_jsonl_and_table_outputs(world, synthetic_root, tmp_path, monkeypatch):
     run, images = world["runs"]["linear"], test_images(synthetic_root)[:5]
     ok("predict", run, *images, "--top-k", "2", "--workers", "0", "--device", "cpu", "--out", tmp_path / "p.csv")
     rows = list(csv.reader((tmp_path / "p.csv").open()))
@@ -172,7 +172,11 @@ def test_csv_jsonl_and_table_outputs(world, synthetic_root, tmp_path):
     folder.mkdir(parents=True)
     for p in images[:2]:
         shutil.copy(p, folder / p.name)
+    searched = []  # a folder of a million images is searched once, not once to check and once to predict
+    rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: searched.append(self) or rglob(self, pattern))
     table = ok("predict", run, tmp_path / "imgs", "--workers", "0", "--device", "cpu").output
+    assert searched == [tmp_path / "imgs"]
     assert images[0].name in table and images[1].name in table and images[2].name not in table
 
 

@@ -24,10 +24,10 @@ def predict(values: dict) -> None:
     if not values.get("zero_shot") and items:
         values["run"] = items.pop(0)
     _check_named(values, PredictConfig)
-    image_paths(tuple(items), values.get("list_file"))  # images that are not there: one line before torch loads
+    found = image_paths(tuple(items), values.get("list_file"))  # images that are not there: one line before torch loads
     from ..stages.predict import print_table, run_predict
 
-    predictions = run_predict(from_flat(PredictConfig, {**values, "paths": tuple(items)}, owner="predict"))
+    predictions = run_predict(from_flat(PredictConfig, {**values, "paths": tuple(items)}, owner="predict"), found)
     if not values.get("out"):
         print_table(predictions)
     else:

@@ -139,12 +139,13 @@ def _check(cfg: PredictConfig) -> None:
         raise LtclipError(f"--out {cfg.out}: name a .csv or .jsonl file")
 
 
-def run_predict(cfg: PredictConfig) -> list[Prediction]:
-    """Predict the images ``cfg`` names; write ``--out`` (checked before any work) when given."""
+def run_predict(cfg: PredictConfig, found: list[Path] | None = None) -> list[Prediction]:
+    """Predict the images ``cfg`` names (``found``: their files, when the caller has listed them
+    already); write ``--out`` (checked before any work) when given."""
     from ..artifacts.runs import read_run_info
 
     _check(cfg)
-    paths = image_paths(cfg.paths, cfg.list_file)
+    paths = image_paths(cfg.paths, cfg.list_file) if found is None else found
     inputs = [file_input(p, "an input image") for p in paths] + ([file_input(cfg.list_file, "the --list file")] if cfg.list_file else [])
     inputs += [folder_input(cfg.features, "the feature cache")] if cfg.zero_shot else run_folder_inputs(cfg.run, read_run_info(cfg.run))
     check_output_files({"--out": cfg.out}, inputs)
