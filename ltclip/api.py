@@ -70,7 +70,7 @@ def _as_list(images) -> list:
 
 def load(run: str | Path | None = None, *, features: str | Path | None = None, device: str = "auto") -> Classifier:
     """The classifier of a finished run folder, or with ``features=CACHE`` (and no run) CLIP zero-shot
-    with that cache's encoder and class text embeddings. ``device``: auto, cpu or cuda."""
+    with that cache's encoder and class text embeddings. ``device``: auto, cpu, cuda or cuda:N."""
     if (run is None) == (features is None):
         raise LtclipError("ltclip.load: pass a run folder, or features=CACHE for zero-shot (not both)")
     where = resolve_device(device, DistContext())

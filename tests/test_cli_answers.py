@@ -59,6 +59,8 @@ CASES = [
     (["extract", "-o", "f", "--decode", "gpu"], 2, "--decode 'gpu': choose one of cpu, device"),
     (["train-head", "-f", "cache", "-o", "r", "--optimizer", "adam"], 2, "--optimizer 'adam': choose one of adamw, sgd"),
     (["export", "run", "-o", "x.pt", "--format", "onnx"], 2, "--format 'onnx': choose one of torchscript, export"),
+    (["train-head", "-f", "cache", "-o", "r", "--device", "gpu"], 2, "--device 'gpu': choose one of auto, cpu, cuda, cuda:N"),
+    (["export", "run", "-o", "x.pt", "--device", "cuda:one"], 2, "--device 'cuda:one': choose one of auto, cpu, cuda, cuda:N"),
     (["sweep", "-f", "cache", "--grid", "features=cache,typo"], 2, "--features typo: no such cache folder"),
 ]
 
@@ -115,7 +117,8 @@ FIXED = [(cls, name, spec) for cls in (ExtractConfig, TrainHeadConfig, FinetuneC
 def test_every_fixed_value_option_takes_its_set_and_refuses_the_rest(cls, name, spec):
     """Every option declared ``one_of``: each of its values builds a config; any other is one line naming the flag."""
     required = {k: v for k, v in REQUIRED_VALUES.items() if k in option_fields(cls)}
-    for value in spec.one_of:
+    for value in (v.replace(":N", ":1") for v in spec.one_of):  # cuda:N stands for cuda:0, cuda:1, ...
         assert flatten(to_dict(from_flat(cls, {**required, name: value}, owner="test")))[name] == value
-    with pytest.raises(LtclipError, match=f"^{spec.flag_of(name)} 'bogus': choose one of {', '.join(spec.one_of)}$"):
-        from_flat(cls, {**required, name: "bogus"}, owner="test")
+    for bogus in ("bogus", *(v for v in spec.one_of if v.endswith(":N")), *(v.replace(":N", ":x") for v in spec.one_of if ":N" in v)):
+        with pytest.raises(LtclipError, match=f"^{spec.flag_of(name)} '{bogus}': choose one of {', '.join(spec.one_of)}$"):
+            from_flat(cls, {**required, name: bogus}, owner="test")

@@ -765,6 +765,27 @@ def test_tensorboard_after_a_resume_shows_each_step_once(tmp_path):
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
 
 
+def test_device_names_resolve_or_are_refused_in_one_line(monkeypatch):
+    """auto/cpu/cuda/cuda:N: ``cuda`` is the rank's GPU, ``cuda:N`` that GPU, if it is visible."""
+    from ltclip.core.distributed import DistContext, resolve_device
+
+    rank1 = DistContext(rank=1, world_size=2, local_rank=1)
+    assert resolve_device("cpu", rank1) == torch.device("cpu")
+    for bad in ("gpu", "cuda:x", "cpu:0", "cuda:"):
+        with pytest.raises(LtclipError, match=f"^--device '{bad}': choose one of auto, cpu, cuda, cuda:N$"):
+            resolve_device(bad, rank1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", rank1) == torch.device("cpu")
+    with pytest.raises(LtclipError, match="^--device cuda:0: no CUDA device is visible"):
+        resolve_device("cuda:0", rank1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", rank1) == torch.device("cuda:1")
+    assert resolve_device("cuda:0", rank1) == torch.device("cuda:0")
+    with pytest.raises(LtclipError, match=r"^--device cuda:2: 2 CUDA device\(s\) visible, cuda:0 to cuda:1; pass one of them$"):
+        resolve_device("cuda:2", rank1)
+
+
 def test_amp_precision_is_fp16_on_cuda_and_fp32_elsewhere():
     from ltclip.core.distributed import device_precision
 

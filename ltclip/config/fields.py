@@ -127,9 +127,17 @@ def check_values(cfg) -> None:
         check_one_of(name, spec, values[name])
 
 
+def takes(one_of: tuple[str, ...], value: str) -> bool:
+    """``value`` is one of the set ``one_of``, where an entry ``name:N`` stands for name:0, name:1, ..."""
+    head, colon, index = str(value).partition(":")
+    if colon:
+        return index.isdigit() and f"{head}:N" in one_of
+    return value in one_of
+
+
 def check_one_of(name: str, spec: OptionSpec, value) -> None:
     """``value`` of option ``name`` (None: not set) is one of the values its field declares."""
-    if spec.one_of is not None and value is not None and value not in spec.one_of:
+    if spec.one_of is not None and value is not None and not takes(spec.one_of, value):
         raise LtclipError(f"{spec.flag_of(name)} {value!r}: choose one of {', '.join(spec.one_of)}")
 
 

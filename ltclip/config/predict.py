@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .fields import REQUIRED, option
-from .values import BAD_IMAGE_POLICIES, ENCODE_PRECISIONS, EXPORT_FORMATS, INTERPOLATIONS, TEST_VIEWS
+from .values import BAD_IMAGE_POLICIES, DEVICES, ENCODE_PRECISIONS, EXPORT_FORMATS, INTERPOLATIONS, TEST_VIEWS
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class PredictConfig:
     batch_size: int = option(64, "Images per forward pass.", minimum=1)
     workers: int | None = option(None, "Image decode workers.", default_text="this process's share of the CPUs, at most 8",
                                  minimum=0)
-    device: str = option("auto", "auto, cpu or cuda.")
+    device: str = option("auto", "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N.", one_of=DEVICES)
     precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).", one_of=ENCODE_PRECISIONS)
 
 
@@ -47,4 +47,5 @@ class ExportConfig:
     features: str | None = option(None, "Cache folder whose encoder and text embeddings --zero-shot uses.", short="-f",
                                   input="cache")
     batch_size: int = option(2, "Images in the example batch the model is traced with (other sizes work too).", minimum=1)
-    device: str = option("cpu", "cpu or cuda: where the model is traced (and the file's weights lie).")
+    device: str = option("cpu", "cpu, cuda or cuda:N (or auto): where the model is traced (and the file's weights lie).",
+                         one_of=DEVICES)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .fields import REQUIRED, Options, option
 from .values import (
-    BAD_IMAGE_POLICIES, DECODES, ENCODE_PRECISIONS, INTERPOLATIONS, NORMALIZATIONS, OPTIMIZERS, SCHEDULE_UNITS, SEARCH_BACKENDS, TEST_VIEWS,
+    BAD_IMAGE_POLICIES, DECODES, DEVICES, ENCODE_PRECISIONS, INTERPOLATIONS, NORMALIZATIONS, OPTIMIZERS, SCHEDULE_UNITS, SEARCH_BACKENDS, TEST_VIEWS,
     TOKEN_DTYPES, TOKEN_SCALES, TRAIN_CROPS, TRAIN_PRECISIONS, VIEW_POOLS,
 )
 
@@ -107,7 +107,7 @@ class MethodConfig:
 # each validated and checkpointed: --min-steps grows the head's default epochs by this factor at most.
 MAX_LENGTHENING = 5
 
-_DEVICE = "auto, cpu or cuda."
+_DEVICE = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N."
 _WORKERS = "DataLoader decode workers."
 _WORKERS_DEFAULT = "this process's share of the CPUs, at most 8"
 _OUT_RUN = "Run folder (never a finished run)."
@@ -131,7 +131,7 @@ class ExtractConfig:
                                  "LIFT's text start for it (heads with --head-opt input=pooled).")
     batch_size: int = option(256, "Images per forward pass.", minimum=1)
     workers: int | None = option(None, _WORKERS, default_text=_WORKERS_DEFAULT, minimum=0)
-    device: str = option("auto", _DEVICE)
+    device: str = option("auto", _DEVICE, one_of=DEVICES)
     precision: str = option("fp32", "fp32, fp16 or bf16 (autocast).", one_of=ENCODE_PRECISIONS)
     test_views: str = option("center", "center, flip, fivecrop or tencrop views of val/test images.", one_of=TEST_VIEWS)
     train_views: int = option(0, "K seeded augmented views per training image (0: the model's preprocessing).", minimum=0)
@@ -173,7 +173,7 @@ class TrainHeadConfig:
                                  "of this many rows, e.g. 1024 (0: the sampler's own order).", minimum=0)
     shuffle_pool: int | None = option(None, "Blocks shuffled together in the --read-blocks order.", default_text="16", minimum=1)
     posthoc_la: bool = option(False, "Post-hoc logit adjustment, tau chosen on val.")
-    device: str = option("auto", _DEVICE)
+    device: str = option("auto", _DEVICE, one_of=DEVICES)
     tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
     min_steps: int = option(0, f"Lengthen --epochs (at most {MAX_LENGTHENING}×) until the run takes this many optimizer steps (0: off).",
                             default_text="the head's, where no length is given", minimum=0)
@@ -198,7 +198,7 @@ class SecondStageConfig:
     max_ram: str | None = option(None, "Stream token caches larger than this, e.g. 8G.",
                                  default_text="half of the available memory, shared by the processes")
     posthoc_la: bool = option(False, "Post-hoc logit adjustment, tau chosen on val.")
-    device: str = option("auto", _DEVICE)
+    device: str = option("auto", _DEVICE, one_of=DEVICES)
     tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
 
 
@@ -230,7 +230,7 @@ class FinetuneConfig:
     decode: str = option("cpu", "cpu (PIL in the DataLoader workers) or device (the workers read the files; JPEGs are decoded "
                                 "and cropped on --device, other files decoded on the CPU).", one_of=DECODES)
     val_split: str = option("val", "Split for model selection.")
-    device: str = option("auto", _DEVICE)
+    device: str = option("auto", _DEVICE, one_of=DEVICES)
     tensorboard: bool = option(False, "Also write TensorBoard scalars to RUN/tensorboard (needs tensorboard).")
 
 
@@ -261,7 +261,7 @@ class EvalConfig:
     few: int = option(20, "Classes with fewer training images than this are 'few'.", minimum=0)
     backend: str = option("auto", "kNN search: auto, faiss or torch.", one_of=SEARCH_BACKENDS)
     batch_size: int = option(1024, "Rows per forward pass.", minimum=1)
-    device: str = option("auto", _DEVICE)
+    device: str = option("auto", _DEVICE, one_of=DEVICES)
     allow_mixed: bool = option(False, "Allow runs of different datasets in one report.")
     report: str | None = option(None, "Markdown table to write.")
     json: str | None = option(None, "JSON results to write.")
@@ -291,7 +291,7 @@ class ReproduceConfig:
     steps: int | None = option(None, "Optimizer steps of every training step instead of epochs (smoke tests, budgets).", minimum=1)
     batch_size: int | None = option(None, "Batch of every training step.", default_text="the recipe's", minimum=1)
     precision: str | None = option(None, "fp32, fp16 or bf16 for extraction and training.", default_text="the commands'", one_of=ENCODE_PRECISIONS)
-    device: str | None = option(None, "auto, cpu or cuda.", default_text="auto")
+    device: str | None = option(None, _DEVICE, default_text="auto", one_of=DEVICES)
     workers: int | None = option(None, "Image decode workers of extract, finetune and their eval.", default_text="the commands'", minimum=0)
     launcher: str | None = option(None, "Run extract and training steps under this, e.g. 'torchrun --nproc_per_node=8'.")
 

@@ -4,7 +4,7 @@ and the modules that act on a value import its set from here."""
 
 from __future__ import annotations
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: the N-th visible GPU; auto: cuda when one is visible, else cpu
 TRAIN_PRECISIONS = ("fp32", "bf16", "fp16", "amp")  # amp: fp16 with a GradScaler on CUDA, fp32 elsewhere
 ENCODE_PRECISIONS = ("fp32", "fp16", "bf16")  # a frozen encoder's autocast (extract, predict)
 OPTIMIZERS = ("adamw", "sgd")
@@ -22,4 +22,3 @@ TOKEN_SCALES = ("token", "channel")
 VIEW_POOLS = ("mean", "first")  # eval --views: average the views' logits, or take the first view's
 SEARCH_BACKENDS = ("auto", "faiss", "torch")
 EXPORT_FORMATS = ("torchscript", "export")
-EXPORT_DEVICES = ("cpu", "cuda")

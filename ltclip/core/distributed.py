@@ -40,18 +40,22 @@ def init_distributed(device_type: str) -> DistContext:
 
 
 def resolve_device(device: str, ctx: DistContext) -> torch.device:
-    """``auto`` → the rank's GPU when CUDA is available, else CPU."""
+    """``auto`` → ``cuda`` when CUDA is available, else CPU; ``cuda`` → the rank's GPU; ``cuda:N`` → GPU N."""
     from .errors import LtclipError
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
+    head, colon, index = device.partition(":")
+    if device != "cpu" and (head != "cuda" or (colon and not index.isdigit())):
+        raise LtclipError(f"--device {device!r}: choose one of auto, cpu, cuda, cuda:N")
+    if head == "cuda":
         if not torch.cuda.is_available():
-            raise LtclipError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-        if device == "cuda":
+            raise LtclipError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
+        if colon and int(index) >= torch.cuda.device_count():
+            raise LtclipError(f"--device {device}: {torch.cuda.device_count()} CUDA device(s) visible, "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pass one of them")
+        if not colon:
             device = f"cuda:{ctx.local_rank}"
-    elif device != "cpu":
-        raise LtclipError(f"--device {device!r}: choose auto, cpu or cuda")
     return torch.device(device)
 
 
