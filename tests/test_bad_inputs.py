@@ -386,6 +386,25 @@ def test_a_val_split_from_another_extraction_is_refused_not_mixed(tmp_path, chan
     fails("eval", "--knn", "3", "--features", features, "--split", "val", fragments=[fragment])
 
 
+IMAGE_OPTION_VALUES = {"data_root": ".", "test_views": "tencrop", "eval_resize": "256", "interpolation": "bilinear",
+                       "workers": "2", "decode": "device"}
+
+
+def test_image_options_without_a_finetuned_run_are_refused_not_ignored(run_on_cache):
+    """A cache's test views were chosen when it was extracted: --test-views (or any other option of
+    finetuned runs' images) on cache runs and baselines would be silently unused."""
+    from ltclip.stages.evaluate import IMAGE_OPTIONS
+
+    assert set(IMAGE_OPTION_VALUES) == set(IMAGE_OPTIONS)
+    features, run = run_on_cache
+    for option, value in IMAGE_OPTION_VALUES.items():
+        flag = "--" + option.replace("_", "-")
+        fails("eval", run, flag, value, fragments=[f"{flag}: only finetuned runs are scored on images", f"drop {flag}"])
+        fails("eval", "--zero-shot", "--features", features, flag, value, fragments=[f"{flag}: only finetuned runs"])
+    assert not (run / "eval.json").exists()
+    ok("eval", run, "--test-views", "center")  # the default, said out loud
+
+
 def test_eval_refuses_a_test_split_or_text_file_from_another_extraction(run_on_cache, tmp_path):
     features, run = run_on_cache
     replace_split(features, "test", model="ViT-B-16")

@@ -9,6 +9,7 @@ step (1/255 ÷ the smallest std = 0.0150 in normalised units), 0.002–0.003 on 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -211,12 +212,20 @@ def test_extract_on_the_device_gives_the_cpu_paths_embeddings(jpeg_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_finetune_on_the_device_trains_and_validates(jpeg_root, tmp_path):
+def test_finetune_and_its_eval_on_the_device(jpeg_root, tmp_path, monkeypatch):
     run = tmp_path / "run"
     ok("finetune", "--dataset", "synthetic", "--data-root", jpeg_root, "--model", TINY_MODEL, "--pretrained", "none",
        "--tune", "lora", "--head", "linear", "--train-crop", "mda", "--steps", "2", "--batch-size", "16",
        "--workers", "0", "--device", "cpu", "--decode", "device", "--out", run)
     assert (run / "train_log.jsonl").read_text().strip()
+    scores, calls = {}, []
+    monkeypatch.setattr(device_decode, "decode_jpeg", lambda data, **options: calls.append(len(data)) or decode_jpeg(data, **options))
+    for decode in ("cpu", "device"):  # eval views the run's test images on the device too
+        ok("eval", run, "--workers", "0", "--device", "cpu", "--test-views", "flip", "--decode", decode, "--json", tmp_path / f"{decode}.json")
+        scores[decode] = json.loads((tmp_path / f"{decode}.json").read_text())["results"][0]
+    test_images = len(open_dataset(DataConfig(data_root=str(jpeg_root))).split("test"))
+    assert sum(calls) == test_images
+    assert abs(scores["cpu"]["top1"] - scores["device"]["top1"]) <= 100 / test_images, scores  # one image may flip
 
 
 @pytest.mark.parametrize("command", ["extract", "finetune"])

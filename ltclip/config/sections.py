@@ -257,6 +257,8 @@ class EvalConfig:
     interpolation: str | None = option(None, "Finetuned runs: bilinear or bicubic resampling of the --eval-resize views.",
                                        default_text="the run's --interpolation, else the model's", one_of=INTERPOLATIONS)
     workers: int | None = option(None, "Image decode workers for finetuned runs.", default_text=_WORKERS_DEFAULT, minimum=0)
+    decode: str = option("cpu", "Finetuned runs: cpu (PIL in the DataLoader workers) or device (JPEGs decoded and cropped "
+                                "on --device).", one_of=DECODES)
     many: int = option(100, "Classes with more training images than this are 'many'.", minimum=0)
     few: int = option(20, "Classes with fewer training images than this are 'few'.", minimum=0)
     backend: str = option("auto", "kNN search: auto, faiss or torch.", one_of=SEARCH_BACKENDS)

@@ -124,6 +124,22 @@ def _check_outputs(cfg: EvalConfig, infos: dict[str, dict]) -> None:
     check_output_files(outputs, inputs, own={f"the eval file of {run}": _eval_file(Path(run), cfg.split) for run in infos})
 
 
+# The options that only say how finetuned runs view their images (a cache's views were fixed when it was extracted).
+IMAGE_OPTIONS = ("data_root", "test_views", "eval_resize", "interpolation", "workers", "decode")
+
+
+def _check_image_options(cfg: EvalConfig, infos: dict[str, dict]) -> None:
+    """An image option given where no run is scored on images is refused, not silently unused."""
+    if any(info["kind"] == "finetune" for info in infos.values()):
+        return
+    defaults = EvalConfig()
+    for option in IMAGE_OPTIONS:
+        if getattr(cfg, option) != getattr(defaults, option):
+            flag = "--" + option.replace("_", "-")
+            raise LtclipError(f"{flag}: only finetuned runs are scored on images, and none is named (a cache's views "
+                              f"were chosen by `ltclip extract --test-views`); drop {flag}")
+
+
 def _data_inputs(info: dict, cfg: EvalConfig) -> list:
     """The dataset files a finetuned run is scored on (its split files, class names and images)."""
     from ..config import DataConfig, from_dict
@@ -171,6 +187,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     if not cfg.runs and not wants_baseline:
         raise LtclipError("nothing to evaluate: name run folders, or --zero-shot / --knn K / --ncm with --features")
     infos = {run: read_run_info(run) for run in cfg.runs}
+    _check_image_options(cfg, infos)
     _check_outputs(cfg, infos)
     datasets = {info.get("dataset") for info in infos.values()}
     if wants_baseline:

@@ -35,8 +35,8 @@ def image_run_logits(run, cfg: EvalConfig, device) -> tuple[np.ndarray, np.ndarr
     split = dataset.split(cfg.split)
     workers = default_workers(DistContext()) if cfg.workers is None else cfg.workers
     parts, labels = [], []
-    for logits, y in image_logits(model, image_batches(dataset, cfg.split, views, range(len(split)), cfg.batch_size, workers),
-                                  device):
+    batches = image_batches(dataset, cfg.split, views, range(len(split)), cfg.batch_size, workers, cfg.decode, device)
+    for logits, y in image_logits(model, batches, device):
         parts.append(logits)
         labels.append(y)
     return average_views(np.concatenate(parts), cfg.views), np.concatenate(labels)
