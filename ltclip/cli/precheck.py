@@ -15,6 +15,7 @@ from pathlib import Path
 from ..artifacts.workspace import RUN_FILE
 from ..config import DataConfig
 from ..config.fields import check_number, check_one_of, numeric_fields, option_fields
+from ..config.values import SELECT_LAST, SUMMARY_KEYS
 from ..core.errors import LtclipError
 from ..core.registry import parse_options
 from ..recipes.catalog import option_defaults
@@ -22,6 +23,10 @@ from ..recipes.choices import check_choices
 
 # Suffixes that make a --pretrained value a checkpoint file rather than an open_clip tag.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+# What --select may name on the command line: the commands validate with the summary's metrics (the
+# engine, called from Python, also selects on a caller's own, so the field declares no set).
+SELECTABLE = (*SUMMARY_KEYS, SELECT_LAST)
 
 
 def check_given(values: dict, *classes) -> None:
@@ -34,6 +39,8 @@ def check_given(values: dict, *classes) -> None:
         fields = option_fields(cls)
         for name, (_, spec) in fields.items():
             check_one_of(name, spec, values.get(name))
+            if name == "select" and values.get(name) is not None and values[name] not in SELECTABLE:
+                raise LtclipError(f"--select {values[name]!r}: choose one of {', '.join(SELECTABLE)}")
             if spec.input and values.get(name) is not None:
                 check_input(spec.input, spec.flag_of(name), str(values[name]), values)
             entry = _method_named(cls, values, spec.choices_of) if spec.choices_of else None
