@@ -18,7 +18,9 @@ for a few minutes: ``--size full`` fits 8 minutes on one H100, ``--size tiny`` r
 
 Weights are random (``--pretrained none``): speed does not depend on them. Each part runs under its own
 time cap (SIGALRM): past it, the rows measured so far are kept and the part says it was stopped; a
-missing dependency or an out-of-memory error becomes a note and the run goes on. Peak memory is
+missing dependency, an out-of-memory error or any other error becomes a note (the traceback goes to
+stderr) and the run goes on. DIR's files are rewritten after every part, so a run stopped from outside
+keeps the parts it finished. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA and the process's RSS (sampled every 5 ms) on a CPU.
 """
 
@@ -33,6 +35,7 @@ import resource
 import signal
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -82,7 +85,8 @@ def time_cap(seconds: float):
 
 def run_part(name: str, fn, cap_s: float, *args) -> tuple[dict, list]:
     """Run one part under its cap: its rows and ``{status, wall_s, cap_s, notes}``; never raises for a
-    cap, a missing dependency or a device out of memory."""
+    cap, a missing dependency, a device out of memory or an error of the part (status "failed": the
+    next parts still run on the few minutes a device is lent for)."""
     rows, notes = [], []
     t = time.perf_counter()
     status = "done"
@@ -99,6 +103,10 @@ def run_part(name: str, fn, cap_s: float, *args) -> tuple[dict, list]:
         status = "stopped"
         notes.append("out of device memory")
         torch.cuda.empty_cache()
+    except Exception as err:
+        status = "failed"
+        traceback.print_exc()
+        notes.append(f"failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
     return {"status": status, "wall_s": time.perf_counter() - t, "cap_s": cap_s, "notes": notes}, rows
 
 
@@ -155,13 +163,18 @@ def main(argv: list[str] | None = None) -> dict:
             report["rows"] += rows
             p = report["parts"][name]
             print(f"{name}: {p['status']} in {p['wall_s']:.1f} s" + "".join(f"; {n}" for n in p["notes"]), flush=True)
-    report["wall_s"] = time.perf_counter() - start
-    report["device"]["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "device_check.md").write_text(markdown(report))
+            save(report, args.out, time.perf_counter() - start)
     print(markdown(report))
     return report
+
+
+def save(report: dict, out: Path, wall_s: float) -> None:
+    """Write (again) DIR/device_check.json and .md with the parts done so far."""
+    report["wall_s"] = wall_s
+    report["device"]["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "device_check.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,30 @@ def test_a_missing_dependency_skips_the_part_with_a_note():
     assert status["status"] == "skipped" and "ltclip_no_such_module" in status["notes"][0] and rows == []
 
 
+ROW = {"part": "decoder", "case": "c", "method": "before the error", "value": 1.0, "unit": "s", "peak_mib": None, "relative": ""}
+
+
+def test_a_failing_part_is_a_note_and_the_parts_done_are_saved(tmp_path, monkeypatch, capsys):
+    """An error in one part (a CUDA-only bug, say) must not cost the other parts of a short device loan."""
+    def broken(size, device, work, rows, notes):
+        rows.append(ROW)
+        raise RuntimeError("CUDA error: an illegal memory access\nwas encountered")
+
+    written = []
+
+    def no_faiss(size, device, work, rows, notes):  # the last part: what was saved before it ran
+        written.append(json.loads((tmp_path / "out" / "device_check.json").read_text()))
+
+    monkeypatch.setitem(device_check.FUNCTIONS, "decoder", broken)
+    monkeypatch.setitem(device_check.FUNCTIONS, "faiss", no_faiss)
+    monkeypatch.chdir(tmp_path)
+    report = device_check.main(["--size", "test", "--out", "out", "--device", "cpu", "--parts", "decoder,faiss"])
+    decoder = report["parts"]["decoder"]
+    assert decoder["status"] == "failed" and decoder["notes"] == ["failed: RuntimeError: CUDA error: an illegal memory access was encountered"]
+    assert report["parts"]["faiss"]["status"] == "done" and "Traceback" in capsys.readouterr().err
+    assert list(written[0]["parts"]) == ["decoder"] and written[0]["rows"] == [ROW]
+
+
 def test_an_unknown_part_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         device_check.main(["--size", "test", "--out", str(tmp_path), "--parts", "extract,gpu"])
