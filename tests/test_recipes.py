@@ -35,3 +35,19 @@ def test_a_config_records_the_recipe_it_was_resolved_with_and_reruns_from_it():
     seed = stage_one_config({"features": "f", "out": "o", "recipe": "imbalance-vlm"})
     assert seed.recipe == "imbalance-vlm" and extract_config({"out": "o", "recipe": "imbalance-vlm"}).recipe == "imbalance-vlm"
     assert saved_config(FinetuneConfig, to_dict(lift)) == lift  # read back from config.json
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[train-head]\nhead = "linear"\n[train-head.head_opts]\nlinear = ["depth=3"]\n',
+     "^--head-opt 'depth' is not an option of head 'linear'; valid keys: "),
+    ('[train-head]\nhead = "linear"\n[train-head.head_opts]\nliner = ["normalize=true"]\n',
+     "^recipe bad: head_opts for 'liner', which is not one of the heads"),
+    ('[loss_opts]\nfocal = ["gamma=abc"]\n[train-head]\nloss = "focal"\n', r"^--loss-opt gamma='abc': expected float"),
+])
+def test_a_recipes_method_options_are_checked_without_torch(monkeypatch, tmp_path, text, message):
+    """Against the catalog (the registries' checked copy): a recipe loads before torch, for the command
+    line's own check of the method options it chooses."""
+    (tmp_path / "bad.toml").write_text('summary = "x"\n' + text)
+    monkeypatch.setattr("ltclip.recipes.RECIPE_DIR", tmp_path)
+    with pytest.raises(LtclipError, match=message):
+        load_recipe("bad")

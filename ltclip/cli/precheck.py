@@ -18,11 +18,15 @@ from ..config.fields import check_number, check_one_of, numeric_fields, option_f
 from ..config.values import SELECT_LAST, SUMMARY_KEYS
 from ..core.errors import LtclipError
 from ..core.registry import parse_options
+from ..recipes import load_recipe
 from ..recipes.catalog import option_defaults
 from ..recipes.choices import check_choices
 
 # Suffixes that make a --pretrained value a checkpoint file rather than an open_clip tag.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+# The recipe table ([STAGE]) whose method choices apply to a config class's method options.
+RECIPE_STAGES = {"TrainHeadConfig": "train-head", "FinetuneConfig": "finetune"}
 
 # What --select may name on the command line: the commands validate with the summary's metrics (the
 # engine, called from Python, also selects on a caller's own, so the field declares no set).
@@ -75,12 +79,18 @@ def check_input(kind: str, label: str, value: str, values: dict | None = None) -
 
 
 def _method_named(cls, values: dict, name: str) -> str | None:
-    """The method whose ``key=value`` options are given: named on the command line, or (no recipe
-    choosing it) the default of ``cls``; None where only a later layer knows it."""
+    """The method whose ``key=value`` options are given: named on the command line, chosen by the
+    ``--recipe`` for this stage, or the default of ``cls``; None where only a later layer knows it (a
+    recipe that chooses it per dataset)."""
     if values.get(name) is not None:
         return values[name]
     if values.get("recipe") is not None:
-        return None
+        stage = RECIPE_STAGES.get(cls.__name__)
+        recipe = load_recipe(values["recipe"])
+        if stage not in recipe.stages or any(name in table for table in recipe.datasets[stage].values()):
+            return None
+        if name in recipe.stages[stage]:
+            return recipe.stages[stage][name]
     return option_fields(cls)[name][0].default
 
 

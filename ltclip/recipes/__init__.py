@@ -73,10 +73,8 @@ def _values(options: dict) -> dict:
 
 
 def _check(recipe: Recipe) -> None:
-    """Every option of the recipe is an option of its stage, every head/loss option parses."""
-    from ..methods.losses import LOSSES
-    from ..models.heads import HEADS
-
+    """Every option of the recipe is an option of its stage, every head/loss option parses (against the
+    catalog's copy of the registries, so a recipe loads without torch)."""
     for stage, options in recipe.stages.items():
         for dataset in recipe.datasets[stage].values():
             options = {**options, **dataset}
@@ -85,9 +83,18 @@ def _check(recipe: Recipe) -> None:
             raise LtclipError(f"recipe {recipe.name}: {', '.join(flag(k) for k in unknown)}: not an option of {stage} "
                               "(head_opts / loss_opts go in their tables)")
         for head, opts in recipe.head_opts[stage].items():
-            HEADS.parse(head, opts)
+            _parse(recipe, "heads", "head_opts", head, opts)
     for loss, opts in recipe.loss_opts.items():
-        LOSSES.parse(loss, opts)
+        _parse(recipe, "losses", "loss_opts", loss, opts)
+
+
+def _parse(recipe: Recipe, kind: str, field: str, name: str, opts) -> None:
+    from ..core.registry import parse_options
+    from .catalog import names, option_defaults
+
+    if name not in names(kind):
+        raise LtclipError(f"recipe {recipe.name}: {field} for {name!r}, which is not one of the {kind} (`ltclip list {kind}`)")
+    parse_options(flag(field), *option_defaults(kind, name), opts)
 
 
 def stage_options(stage: str) -> set[str]:
