@@ -180,6 +180,7 @@ class _Payload:
         return (os.mkdir, (str(self.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch's note on the hostile pickle
 @pytest.mark.parametrize("kind", ["text", "random bytes", "pickle with code", "foreign tensors"])
 def test_pretrained_that_is_not_a_checkpoint(synthetic_root, tmp_path, kind):
     path = tmp_path / "weights.pt"
