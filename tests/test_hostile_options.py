@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 
 from conftest import TINY_MODEL, write_token_cache
 from ltclip.cli import app
-from ltclip.config import (DataConfig, EvalConfig, ExtractConfig, FinetuneConfig, OptimConfig, ReproduceConfig,
-                           SecondStageConfig, TrainHeadConfig, TuningConfig, from_flat)
+from ltclip.config import (DataConfig, EvalConfig, ExportConfig, ExtractConfig, FinetuneConfig, OptimConfig, PredictConfig,
+                           ReproduceConfig, SecondStageConfig, TrainHeadConfig, TuningConfig, from_flat)
 from ltclip.config.fields import numeric_fields
 from ltclip.core.errors import LtclipError
+from ltclip.stages.toy_clip import ToyClipSettings
 
 runner = CliRunner()
 
@@ -168,7 +169,7 @@ def test_a_workspace_file_naming_a_missing_cache_says_so_and_how_to_fix(tmp_path
 # ============================================================================ the contract: every numeric field
 
 CONFIG_CLASSES = (DataConfig, OptimConfig, TuningConfig, ExtractConfig, TrainHeadConfig, SecondStageConfig, FinetuneConfig,
-                  EvalConfig, ReproduceConfig)
+                  EvalConfig, ReproduceConfig, PredictConfig, ExportConfig, ToyClipSettings)
 NUMERIC = [(cls, name, kind, spec) for cls in CONFIG_CLASSES for name, (kind, spec) in numeric_fields(cls).items()]
 
 

@@ -134,13 +134,14 @@ def test_a_folder_holding_another_toy_or_a_changed_checkpoint_is_refused(tmp_pat
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--classes", 1, "--classes must be between 2 and 192"),
-    ("--classes", 500, "--classes must be between 2 and 192"),
-    ("--images-per-class", 0, "--images-per-class must be >= 1"),
-    ("--steps", 0, "--steps"),
-    ("--batch-size", 1, "--batch-size must be >= 2"),
+    ("--classes", 1, "--classes 1: must be an integer in [2, 192]"),
+    ("--classes", 500, "--classes 500: must be an integer in [2, 192]"),
+    ("--images-per-class", 0, "--images-per-class 0: must be an integer >= 1"),
+    ("--steps", 0, "--steps 0: must be an integer >= 1"),
+    ("--batch-size", 1, "--batch-size 1: must be an integer >= 2"),
     ("--lr", 0, "--lr 0: must be > 0"),
-    ("--weight-decay", -1, "--weight-decay"),
+    ("--weight-decay", -1, "--weight-decay -1: must be >= 0"),
+    ("--seed", -1, "--seed -1: must be an integer >= 0"),
     ("--model", "ltclip-tiny-vt", "--model 'ltclip-tiny-vt': unknown open_clip model (close: ltclip-tiny-vit"),
     ("--model", "local-dir:/x", "--model local-dir:/x: name an open_clip architecture"),
 ])

@@ -32,6 +32,7 @@ import numpy as np
 from .. import __version__
 from ..core.atomic import atomic_path
 from ..config import OptimConfig, option
+from ..config.fields import check_values
 from ..data.manifests import file_sha256
 from ..data.synthetic import MAX_CLASSES, SPLITS, render_image, synthetic_classnames
 from ..core.errors import LtclipError
@@ -66,13 +67,14 @@ class ToyClipSettings:
     """What a toy CLIP is trained with (every field is a ``pretrain-toy`` option and part of the cache key)."""
 
     model: str = option("ltclip-tiny-vit", "open_clip architecture trained from scratch.", short="-m")
-    classes: int = option(MAX_CLASSES, f"Synthetic concepts pretrained on (the first N; all: {MAX_CLASSES}).")
-    images_per_class: int = option(30, "Images drawn per concept.")
-    steps: int = option(300, "Optimizer steps.")
-    batch_size: int = option(128, "Image–caption pairs per step.")
-    lr: float = option(2e-3, "Peak AdamW learning rate.")
-    weight_decay: float = option(0.1, "AdamW weight decay.")
-    seed: int = option(0, "Seed of the weights, images, captions and order.")
+    classes: int = option(MAX_CLASSES, f"Synthetic concepts pretrained on (the first N; all: {MAX_CLASSES}).", minimum=2,
+                          maximum=MAX_CLASSES)
+    images_per_class: int = option(30, "Images drawn per concept.", minimum=1)
+    steps: int = option(300, "Optimizer steps.", minimum=1)
+    batch_size: int = option(128, "Image–caption pairs per step (a contrastive batch needs negatives: 2 at least).", minimum=2)
+    lr: float = option(2e-3, "Peak AdamW learning rate.", above=0)
+    weight_decay: float = option(0.1, "AdamW weight decay.", minimum=0)
+    seed: int = option(0, "Seed of the weights, images, captions and order.", minimum=0)
 
     def optim(self) -> OptimConfig:
         """The engine's settings: AdamW, no decay on biases/norms/logit scale, warm-up then cosine."""
@@ -83,17 +85,13 @@ class ToyClipSettings:
 
 
 def check_settings(s: ToyClipSettings) -> None:
-    """Refuse settings that cannot train, with the option to change."""
+    """Refuse settings that cannot train (a number outside its field's range, a local model folder),
+    with the option to change."""
     from ..engine import check_optim
 
+    check_values(s)
     if s.model.startswith("local-dir:"):
         raise LtclipError(f"--model {s.model}: name an open_clip architecture to train from scratch (e.g. ltclip-tiny-vit)")
-    if not 2 <= s.classes <= MAX_CLASSES:
-        raise LtclipError(f"--classes must be between 2 and {MAX_CLASSES} (the synthetic concepts); got {s.classes}")
-    if s.images_per_class < 1:
-        raise LtclipError(f"--images-per-class must be >= 1; got {s.images_per_class}")
-    if s.batch_size < 2:
-        raise LtclipError(f"--batch-size must be >= 2 (a contrastive batch needs negatives); got {s.batch_size}")
     check_optim(s.optim())
 
 
