@@ -118,6 +118,25 @@ def test_every_tuning_mode_trains_saves_reloads_and_evaluates(synthetic_root, tm
         assert "retrain it" in result.output.strip().splitlines()[-1]
 
 
+def assert_forward_batches_of_images_times_views(run: Path, images: int) -> None:
+    """--batch-size counts a finetuned run's images, each forwarded with its views (5 with fivecrop): the
+    forward passes stay that small, and the scores do not depend on it."""
+    from ltclip.artifacts.runs import load_run
+    from ltclip.config import EvalConfig
+    from ltclip.stages.image_eval import IMAGE_BATCH, image_run_logits
+
+    loaded = load_run(run)
+    sizes = []
+    loaded.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    small, _ = image_run_logits(loaded, EvalConfig(test_views="fivecrop", workers=0, batch_size=8), "cpu")
+    assert sizes == [8 * 5] * (images // 8) + ([images % 8 * 5] if images % 8 else [])
+    sizes.clear()
+    default, _ = image_run_logits(loaded, EvalConfig(test_views="fivecrop", workers=0), "cpu")
+    assert sizes == [min(images, IMAGE_BATCH) * 5] + sizes[1:] and IMAGE_BATCH == 128  # LIFT's test batch
+    np.testing.assert_allclose(small, default, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # a finetune, four evaluations of its images and an extract: ~1.7 s
 def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_path):
     run = tmp_path / "lora"
     ok("finetune", *data_args(synthetic_root), "--tune", "lora", "--head", "linear", "--epochs", "2", "--batch-size", "32",
@@ -125,6 +144,7 @@ def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_pa
     ok("eval", run, "--test-views", "flip")
     flip = json.loads((run / "eval.json").read_text())
     assert flip["num_samples"] == len(load_dataset("synthetic", synthetic_root).split("test"))
+    assert_forward_batches_of_images_times_views(run, len(load_dataset("synthetic", synthetic_root).split("test")))
     feats = tmp_path / "feats"
     result = runner.invoke(app, ["extract", "--dataset", "synthetic", "--data-root", str(synthetic_root), "--from-run", str(run),
                                  "--model", "ViT-B-32", "--out", str(feats)])

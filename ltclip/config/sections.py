@@ -262,7 +262,9 @@ class EvalConfig:
     many: int = option(100, "Classes with more training images than this are 'many'.", minimum=0)
     few: int = option(20, "Classes with fewer training images than this are 'few'.", minimum=0)
     backend: str = option("auto", "kNN search: auto, faiss or torch.", one_of=SEARCH_BACKENDS)
-    batch_size: int = option(1024, "Rows per forward pass.", minimum=1)
+    batch_size: int | None = option(None, "Per forward pass: rows of a cache, or images of a finetuned run (each with its "
+                                          "--test-views views).", default_text="1024 rows; 128 images (LIFT's test batch)",
+                                    minimum=1)
     device: str = option("auto", _DEVICE, one_of=DEVICES)
     allow_mixed: bool = option(False, "Allow runs of different datasets in one report.")
     report: str | None = option(None, "Markdown table to write.")

@@ -24,6 +24,9 @@ from ..artifacts.store import FeatureCache, load_text_embeddings
 from ..artifacts.workspace import sweep_point
 
 
+CACHE_BATCH = 1024  # --batch-size's default for cached rows (features or tokens: small beside an image's views)
+
+
 def _split_cache(features: Path, split: str, owner: str) -> FeatureCache:
     path = features / f"{split}.h5"
     if not path.is_file():
@@ -74,7 +77,7 @@ def evaluate_run(run_dir: str, cfg: EvalConfig, device, name: str) -> dict:
         return result
     with _split_cache(run.features, cfg.split, str(run_dir)) as cache:
         inputs = FeatureInputs(cache, run.model.head.input, device=device)
-        logits = average_views(run.model.predict(inputs, cfg.batch_size, device), cfg.views)
+        logits = average_views(run.model.predict(inputs, cfg.batch_size or CACHE_BATCH, device), cfg.views)
         labels = cache.labels
         if cfg.retrieval_mix > 0:
             knn = _knn_log_probs(_mean_embedding(cache, cfg.views), run.features, cfg, cfg.retrieval_k)

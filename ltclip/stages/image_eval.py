@@ -16,6 +16,11 @@ from ..evaluation.metrics import average_views
 from ..models.encoder_classifier import image_logits
 
 
+# --batch-size's default for a finetuned run: images, each forwarded with its views (ten with tencrop), as
+# LIFT's test loader batches them; 1,024 images of fivecrop views would be 5,120 ViT forwards at once.
+IMAGE_BATCH = 128
+
+
 def image_run_logits(run, cfg: EvalConfig, device) -> tuple[np.ndarray, np.ndarray]:
     """``(logits [N, C], labels)`` of a finetuned run on ``cfg.split``'s images, views averaged as ``--views`` says."""
     if cfg.retrieval_mix > 0:
@@ -35,7 +40,8 @@ def image_run_logits(run, cfg: EvalConfig, device) -> tuple[np.ndarray, np.ndarr
     split = dataset.split(cfg.split)
     workers = default_workers(DistContext()) if cfg.workers is None else cfg.workers
     parts, labels = [], []
-    batches = image_batches(dataset, cfg.split, views, range(len(split)), cfg.batch_size, workers, cfg.decode, device)
+    batches = image_batches(dataset, cfg.split, views, range(len(split)), cfg.batch_size or IMAGE_BATCH, workers, cfg.decode,
+                            device)
     for logits, y in image_logits(model, batches, device):
         parts.append(logits)
         labels.append(y)
