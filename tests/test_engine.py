@@ -797,3 +797,35 @@ def test_amp_precision_is_fp16_on_cuda_and_fp32_elsewhere():
     a, _ = train(cfg_of(precision="amp"))
     b, _ = train(cfg_of(precision="fp32"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # on a CPU: fp32
+
+
+def test_the_fp16_gradient_scaler_steps_as_unscaled_fp32_skips_inf_and_resumes():
+    """The CUDA fp16 path's scaler logic (scale, unscale before clipping, skip a non-finite step,
+    checkpoint its scale), run with torch's CPU scaler on fp32 gradients: a power-of-two scale cancels
+    exactly, so a scaled step is the plain step."""
+    from ltclip.engine.state import Trained
+
+    def trained(scaler):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return Trained(model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5), scaler)
+
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    plain, scaled = trained(None), trained(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    for step in range(3):
+        for t in (plain, scaled):
+            loss = nn.functional.cross_entropy(t.model(x), y)
+            (t.scaler.scale(loss) if t.scaler is not None else loss).backward()
+            t.update(grad_clip=0.05)  # clipping must see the unscaled gradients
+        for a, b in zip(plain.model.parameters(), scaled.model.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    before = [p.detach().clone() for p in scaled.model.parameters()]
+    loss = nn.functional.cross_entropy(scaled.model(x), y) * torch.tensor(float("inf"))
+    scaled.scaler.scale(loss).backward()
+    scaled.update(grad_clip=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(before, scaled.model.parameters()))  # the step was skipped
+    assert scaled.scaler.get_scale() == 2.0 ** 9 and scaled.schedule.last_epoch == 4  # scale halved, schedule on
+    resumed = trained(torch.amp.GradScaler("cpu"))
+    resumed.load_state_dict(scaled.state_dict())
+    assert resumed.scaler.get_scale() == 2.0 ** 9
