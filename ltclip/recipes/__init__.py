@@ -89,6 +89,7 @@ def _check(recipe: Recipe) -> None:
 
 
 def _parse(recipe: Recipe, kind: str, field: str, name: str, opts) -> None:
+    """Parse the recipe's ``field`` options of method ``name`` (of ``kind``) as the command line's are."""
     from ..core.registry import parse_options
     from .catalog import names, option_defaults
 
