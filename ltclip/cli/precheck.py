@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ..artifacts.workspace import RUN_FILE
 from ..config import DataConfig
-from ..config.fields import check_number, check_one_of, numeric_fields, option_fields
-from ..config.values import SELECT_LAST, SUMMARY_KEYS
+from ..config.fields import check_number, check_one_of, check_select, numeric_fields, option_fields
 from ..core.errors import LtclipError
 from ..core.registry import parse_options
 from ..recipes import load_recipe
@@ -28,14 +27,11 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # The recipe table ([STAGE]) whose method choices apply to a config class's method options.
 RECIPE_STAGES = {"TrainHeadConfig": "train-head", "FinetuneConfig": "finetune"}
 
-# What --select may name on the command line: the commands validate with the summary's metrics (the
-# engine, called from Python, also selects on a caller's own, so the field declares no set).
-SELECTABLE = (*SUMMARY_KEYS, SELECT_LAST)
-
 
 def check_given(values: dict, *classes) -> None:
     """Every value given in ``values`` (flat option values; None: not given) for an option of config
     classes ``classes``: its number range or set of values, its registered name, the input it names."""
+    check_select(values.get("select"))  # the commands validate with the summary's metrics
     for cls in classes:
         for name, (kind, spec) in numeric_fields(cls).items():
             check_number(name, kind, spec, values.get(name))
@@ -43,8 +39,6 @@ def check_given(values: dict, *classes) -> None:
         fields = option_fields(cls)
         for name, (_, spec) in fields.items():
             check_one_of(name, spec, values.get(name))
-            if name == "select" and values.get(name) is not None and values[name] not in SELECTABLE:
-                raise LtclipError(f"--select {values[name]!r}: choose one of {', '.join(SELECTABLE)}")
             if spec.input and values.get(name) is not None:
                 check_input(spec.input, spec.flag_of(name), str(values[name]), values)
             entry = _method_named(cls, values, spec.choices_of) if spec.choices_of else None

@@ -6,7 +6,6 @@ run trains with are chosen by :func:`ltclip.recipes.resolve.train_head_config`.
 
 from __future__ import annotations
 
-
 import typer
 
 from ..config import SecondStageConfig, TrainHeadConfig

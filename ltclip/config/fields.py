@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..core.errors import LtclipError
+from .values import SELECT_LAST, SUMMARY_KEYS
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class OptionSpec:
                 and (self.above is None or value > self.above) and (self.below is None or value < self.below))
 
 
-# What an input option names (checked before a stage loads: ltclip.cli.inputs): a folder, the data
+# What an input option names (checked before a stage loads: ltclip.cli.precheck): a folder, the data
 # root (a folder unless --download fills it), a file, a file found as given or in the manifest folder
 # or the data root, a feature cache, a finished run, or open_clip weights (a tag, or a checkpoint file
 # when the value looks like a path).
@@ -139,6 +140,14 @@ def check_one_of(name: str, spec: OptionSpec, value) -> None:
     """``value`` of option ``name`` (None: not set) is one of the values its field declares."""
     if spec.one_of is not None and value is not None and not takes(spec.one_of, value):
         raise LtclipError(f"{spec.flag_of(name)} {value!r}: choose one of {', '.join(spec.one_of)}")
+
+
+def check_select(select: str | None, metrics=SUMMARY_KEYS) -> None:
+    """``--select`` names one of the validation ``metrics`` (the summary's, on the command line) or
+    ``last``; None (validation only logged) passes. The field declares no set: the engine, called from
+    Python, selects on a caller's own metrics too."""
+    if select is not None and select != SELECT_LAST and select not in metrics:
+        raise LtclipError(f"--select {select!r}: choose one of {', '.join((*metrics, SELECT_LAST))}")
 
 
 def check_number(name: str, kind: type, spec: OptionSpec, value) -> None:

@@ -15,13 +15,13 @@ from typing import Callable
 import torch
 
 from ..core.distributed import DistContext
+from ..config.values import SELECT_LAST
 from ..core.errors import LtclipError
 from ..core.progress import Progress
 from ..evaluation.metrics import improves
 from .checkpoint import BEST_FILE, LAST_FILE, load_checkpoint, rng_state, save_checkpoint, to_python
 from .log import TrainLog
 from .options import RunEnv
-from .plan import SELECT_LAST
 from .state import FitState, LossTally, Trained, load_model_state, model_state
 
 NAN_CHECK_EVERY = 25  # optimizer steps between finiteness checks (each is a host sync)

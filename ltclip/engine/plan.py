@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Collection
 
-from ..config.fields import check_values
-from ..config.values import SELECT_LAST, SUMMARY_KEYS
+from ..config.fields import check_select, check_values
+from ..config.values import SUMMARY_KEYS
 from ..core.errors import LtclipError
 from .optim import SCHEDULES, schedule_epoch_steps, warmup_steps
 from .options import ParamGroups
@@ -33,8 +33,8 @@ def check_optim(cfg, world_size: int = 1, metrics: Collection[str] | None = SUMM
                           f"({world_size} × {cfg.accum}); it is the rows of one optimizer step in total")
     if cfg.schedule not in SCHEDULES:
         raise LtclipError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES.names())}")
-    if metrics is not None and cfg.select not in (None, SELECT_LAST, *metrics):
-        raise LtclipError(f"--select {cfg.select!r}: choose one of {', '.join((*metrics, SELECT_LAST))}")
+    if metrics is not None:
+        check_select(cfg.select, metrics)
 
 
 def check_warmup(cfg, per_epoch: int) -> None:
