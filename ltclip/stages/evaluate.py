@@ -10,7 +10,7 @@ import numpy as np
 
 from ..core.atomic import save_json
 from ..config import EvalConfig
-from ..config.values import VIEW_POOLS
+from ..config.fields import check_values
 from ..artifacts.feature_batches import FeatureInputs
 from ..artifacts.outputs import check_output_files, dataset_inputs, folder_input, run_folder_inputs
 from ..core.distributed import DistContext, resolve_device
@@ -180,10 +180,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     from ..evaluation.plots import write_plots
     from ..evaluation.report import run_labels, write_csv, write_json, write_markdown
 
-    if cfg.views not in VIEW_POOLS:
-        raise LtclipError(f"--views {cfg.views!r}: choose one of {', '.join(VIEW_POOLS)}")
-    if not 0 <= cfg.retrieval_mix <= 1:
-        raise LtclipError(f"--retrieval-mix {cfg.retrieval_mix}: must lie in [0, 1]")
+    check_values(cfg)  # --views among VIEW_POOLS, --retrieval-mix in [0, 1], ... (also for a config built in Python)
     wants_baseline = cfg.zero_shot or cfg.knn > 0 or cfg.ncm
     if wants_baseline and not cfg.features:
         raise LtclipError("--zero-shot / --knn / --ncm need --features DIR (the cache to evaluate)")
