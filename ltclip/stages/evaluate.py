@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.atomic import save_json
-from ..config import EvalConfig
+from ..config import EvalConfig, flag
 from ..config.fields import check_values
 from ..artifacts.feature_batches import FeatureInputs
 from ..artifacts.outputs import check_output_files, dataset_inputs, folder_input, run_folder_inputs
@@ -138,9 +138,8 @@ def _check_image_options(cfg: EvalConfig, infos: dict[str, dict]) -> None:
     defaults = EvalConfig()
     for option in IMAGE_OPTIONS:
         if getattr(cfg, option) != getattr(defaults, option):
-            flag = "--" + option.replace("_", "-")
-            raise LtclipError(f"{flag}: only finetuned runs are scored on images, and none is named (a cache's views "
-                              f"were chosen by `ltclip extract --test-views`); drop {flag}")
+            raise LtclipError(f"{flag(option, EvalConfig)}: only finetuned runs are scored on images, and none is named "
+                              f"(a cache's views were chosen by `ltclip extract --test-views`); drop {flag(option, EvalConfig)}")
 
 
 def _data_inputs(info: dict, cfg: EvalConfig) -> list:
