@@ -122,6 +122,33 @@ def jpeg_root(synthetic_root, tmp_path_factory) -> Path:
     return root
 
 
+def test_a_file_of_another_format_is_not_read_whole_before_the_cpu_decode_reads_it(tmp_path, monkeypatch):
+    png = tmp_path / "big.png"
+    smooth_image(512, 512).save(png)
+    read = []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(device_decode, "open_regular", lambda path: Counted(open(path, "rb")))
+    assert jpeg_file(png) is None and sum(read) == 3  # its signature only
+    read.clear()
+    jpg = save_jpeg(tmp_path / "a.jpg", smooth_image(64, 64))
+    assert jpeg_file(jpg)[0] == jpg.read_bytes() and sum(read) == jpg.stat().st_size
+
+
 def test_png_and_cmyk_files_fall_back_to_the_cpu_decode(jpeg_root, tmp_path):
     jpeg_root = shutil.copytree(jpeg_root, tmp_path / "root")
     dataset = open_dataset(DataConfig(dataset="synthetic", data_root=str(jpeg_root)))

@@ -88,10 +88,10 @@ def jpeg_file(path: Path) -> tuple[bytes, int] | None:
         return None
     try:
         with open_regular(path) as f:
-            data = f.read()
+            if f.read(len(_JPEG_START)) != _JPEG_START:  # another format: read once, by the CPU decode
+                return None
+            data = _JPEG_START + f.read()
     except (OSError, ValueError):
-        return None
-    if not data.startswith(_JPEG_START):
         return None
     with Image.open(io.BytesIO(data)) as im:
         if im.mode not in ("RGB", "L"):  # CMYK/YCCK: PIL's conversion, as on the CPU path
