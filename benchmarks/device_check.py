@@ -43,7 +43,9 @@ import torch
 from benchmarks.device_parts import device_info, part_decoder, part_extract, part_faiss, part_finetune, part_prompt
 
 TINY = "ltclip-tiny-vit"
-PARTS = ("extract", "decoder", "finetune", "prompt", "faiss")
+FUNCTIONS = {"extract": part_extract, "decoder": part_decoder, "finetune": part_finetune, "prompt": part_prompt,
+             "faiss": part_faiss}
+PARTS = tuple(FUNCTIONS)
 SIZES = {
     "full": {"extract_model": "ViT-B-16", "extract_images": 4096, "extract_batch": 256,
              "decoder_models": ("ViT-B-16", "ViT-L-14"), "decoder_rows": 2048, "decoder_classes": 1000, "decoder_batch": 128,
@@ -83,7 +85,7 @@ def time_cap(seconds: float):
 
 
 
-def run_part(name: str, fn, cap_s: float, *args) -> tuple[dict, list]:
+def run_part(fn, cap_s: float, *args) -> tuple[dict, list]:
     """Run one part under its cap: its rows and ``{status, wall_s, cap_s, notes}``; never raises for a
     cap, a missing dependency, a device out of memory or an error of the part (status "failed": the
     next parts still run on the few minutes a device is lent for)."""
@@ -126,10 +128,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-FUNCTIONS = {"extract": part_extract, "decoder": part_decoder, "finetune": part_finetune, "prompt": part_prompt,
-             "faiss": part_faiss}
-
-
 def main(argv: list[str] | None = None) -> dict:
     from ltclip.core.distributed import DistContext, resolve_device
     from ltclip.models.backbone import register_tiny_configs
@@ -159,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in parts:
             work = Path(tmp) / name
             work.mkdir()
-            report["parts"][name], rows = run_part(name, FUNCTIONS[name], caps[name], size, device, work)
+            report["parts"][name], rows = run_part(FUNCTIONS[name], caps[name], size, device, work)
             report["rows"] += rows
             p = report["parts"][name]
             print(f"{name}: {p['status']} in {p['wall_s']:.1f} s" + "".join(f"; {n}" for n in p["notes"]), flush=True)

@@ -66,9 +66,10 @@ def user_precision(device: torch.device) -> str:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": str(device), "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "loadavg": os.getloadavg(),
-            **machine_info()}
+    """Where the numbers come from: the machine (:func:`machine_info`), then the CUDA version (not
+    machine_info's GPU name under the same key), the date and, on CUDA, the card."""
+    info = {**machine_info(), "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device), "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "loadavg": os.getloadavg()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=props.total_memory / 2**30,
@@ -329,5 +330,3 @@ def part_faiss(size: dict, device: torch.device, work: Path, rows: list, notes: 
     rows.append(row("faiss", case, f"faiss {faiss.__version__} ({'GPU' if gpu else 'CPU'} index)", faiss_s, "s", faiss_mib,
                     f"speed-up over torch: {torch_s / faiss_s:.2f}×; same neighbours: {np.mean(faiss_idx == torch_idx):.1%}"))
 
-
-# ------------------------------------------------------------------ run and report

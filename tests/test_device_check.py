@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from benchmarks import device_check
 from benchmarks.device_parts import TUNE_MODES
@@ -17,6 +18,7 @@ def test_every_part_measures_its_methods_side_by_side(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "out" / "device_check.json").read_text())
     assert saved["rows"] == report["rows"] and saved["device"]["device"] == "cpu"
     assert saved["device"]["date_utc"] and saved["device"]["cpu_count"] >= 1
+    assert saved["device"]["cuda"] == torch.version.cuda  # the toolkit's version, not a GPU's name or None
     assert {name: p["status"] for name, p in saved["parts"].items()} == dict.fromkeys(device_check.PARTS, "done")
     methods = {}
     for r in saved["rows"]:
@@ -40,7 +42,7 @@ def test_a_part_past_its_cap_keeps_its_rows_and_the_run_goes_on():
         rows.append({"method": "never"})
 
     t = time.perf_counter()
-    status, rows = device_check.run_part("slow", slow_part, 0.2)
+    status, rows = device_check.run_part(slow_part, 0.2)
     assert time.perf_counter() - t < 2
     assert status["status"] == "stopped" and "0 s cap" in status["notes"][0]
     assert rows == [{"method": "first"}]
@@ -50,7 +52,7 @@ def test_a_missing_dependency_skips_the_part_with_a_note():
     def needs_faiss(rows, notes):
         import ltclip_no_such_module  # noqa: F401
 
-    status, rows = device_check.run_part("faiss", needs_faiss, 5)
+    status, rows = device_check.run_part(needs_faiss, 5)
     assert status["status"] == "skipped" and "ltclip_no_such_module" in status["notes"][0] and rows == []
 
 
