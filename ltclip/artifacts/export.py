@@ -53,6 +53,7 @@ def metadata(classifier: ImageClassifier, source: dict, fmt: str, merged: int) -
 
 
 def check_format(fmt: str) -> None:
+    """``fmt`` is one of :data:`FORMATS` (a Python caller's plain string; the command's config checks its own)."""
     if fmt not in FORMATS:
         raise LtclipError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
 

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config.values import BAD_IMAGE_POLICIES
 from ..core.errors import LtclipError
 from .base import LTDataset
 from .views import Views
@@ -76,12 +75,6 @@ def worker_init(_worker_id: int) -> None:
             process_hook(exc_type, exc, tb)
 
     threading.excepthook, sys.excepthook = quiet_thread, quiet
-
-
-def check_bad_images(policy: str) -> str:
-    if policy not in BAD_IMAGE_POLICIES:
-        raise LtclipError(f"--bad-images {policy!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
-    return policy
 
 
 def apply_bad_image_policy(policy: str, problems) -> list[bool]:

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts.export import check_format, export_classifier
+from ..artifacts.export import export_classifier
 from ..artifacts.image_model import run_classifier, zero_shot_classifier
 from ..artifacts.outputs import check_output_files, folder_input, run_folder_inputs
 from ..artifacts.runs import read_run_info
 from ..config import ExportConfig
+from ..config.fields import check_values
 from ..core.distributed import DistContext, resolve_device
 from ..core.errors import LtclipError
 from .predict import check_source
 
 
 def _check(cfg: ExportConfig) -> None:
+    check_values(cfg)  # --format among the formats, --batch-size >= 1, ...
     check_source(cfg, "exports a cache's zero-shot classifier")
-    check_format(cfg.format)
 
 
 def run_export(cfg: ExportConfig) -> dict:

@@ -15,12 +15,13 @@ from torch.utils.data import DataLoader, Dataset
 from ..artifacts.image_model import ImageClassifier, run_classifier, zero_shot_classifier
 from ..artifacts.outputs import check_output_files, file_input, folder_input, run_folder_inputs
 from ..config import PredictConfig
+from ..config.fields import check_values
 from ..core.atomic import atomic_path
 from ..core.distributed import DistContext, autocast, default_workers, resolve_device
 from ..core.errors import LtclipError
 from ..data.image_files import read_rgb
 from ..data.image_paths import image_paths
-from ..data.images import apply_bad_image_policy, check_bad_images, worker_init
+from ..data.images import apply_bad_image_policy, worker_init
 from ..data.views import Views
 from ..evaluation.metrics import average_views
 
@@ -133,7 +134,7 @@ def check_source(cfg, zero_shot_does: str, run_and: str = "") -> None:
 
 
 def _check(cfg: PredictConfig) -> None:
-    check_bad_images(cfg.bad_images)
+    check_values(cfg)  # --bad-images, --test-views, ... among their sets, the numbers in their ranges
     check_source(cfg, "classifies with a cache's text embeddings", " and images")
     if cfg.out and Path(cfg.out).suffix.lower() not in OUT_FORMATS:
         raise LtclipError(f"--out {cfg.out}: name a .csv or .jsonl file")
