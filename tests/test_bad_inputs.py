@@ -410,6 +410,7 @@ def test_eval_refuses_a_test_split_or_text_file_from_another_extraction(run_on_c
     replace_split(features, "test", model="ViT-B-16")
     fails("eval", run, fragments=["test.h5 was made with model='ViT-B-16' but train.h5 beside it"])
     replace_split(features, "test")
+    fails("eval", "--zero-shot", "--features", features, fragments=["--zero-shot:", "text.h5 is missing; rerun `ltclip extract`"])
     from ltclip.artifacts.store import save_text_embeddings
 
     save_text_embeddings(features / "text.h5", np.ones((3, 8)), [f"class {i}" for i in range(3)], ["a photo of a {}."],

@@ -26,7 +26,7 @@ from ..data.image_batches import normalized_preprocess
 from ..data.views import Views, check_view_options, make_views
 from .outputs import CACHE_RECORD
 from .runs import finetuned_backbone, load_run, read_run_info
-from .store import FeatureCache, TokenCodec, load_text_embeddings
+from .store import FeatureCache, TokenCodec, zero_shot_text
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,7 @@ def run_classifier(run_dir: str | Path, device: str | torch.device = "cpu") -> I
 def zero_shot_classifier(features: str | Path, device: str | torch.device = "cpu") -> ImageClassifier:
     """CLIP zero-shot on images with the encoder and the class text embeddings (``text.h5``) of a cache."""
     features = Path(features)
-    text_path = features / "text.h5"
-    if not text_path.is_file():
-        raise LtclipError(f"--zero-shot: {text_path} is missing; rerun `ltclip extract` to write the text embeddings")
-    text = load_text_embeddings(text_path)
+    text = zero_shot_text(features)
     backbone, cache, record = _cache_encoder(features, f"--features {features}", device)
     model = ZeroShotModel(StoredFeatures(backbone, "embeds", with_tokens=cache.has_tokens), torch.from_numpy(text.embeds))
     return _classifier(model.to(device).eval(), backbone, cache, record)

@@ -20,7 +20,7 @@ from ..evaluation.plots import per_class_path
 from ..evaluation.retrieval import class_means, knn_logits, ncm_logits, normalise, retrieval_mix
 from ..artifacts.image_model import CLIP_LOGIT_SCALE
 from ..artifacts.runs import CONFIG_FILE, load_run, read_run_info
-from ..artifacts.store import FeatureCache, load_text_embeddings
+from ..artifacts.store import FeatureCache, zero_shot_text
 from ..artifacts.workspace import sweep_point
 
 
@@ -97,10 +97,7 @@ def evaluate_baselines(cfg: EvalConfig) -> list[dict]:
         with FeatureCache(features / "train.h5") as train:
             counts = train.class_counts()
         if cfg.zero_shot:
-            text_path = features / "text.h5"
-            if not text_path.is_file():
-                raise LtclipError(f"--zero-shot: {text_path} is missing; rerun `ltclip extract` to write the text embeddings")
-            text = load_text_embeddings(text_path)
+            text = zero_shot_text(features)
             per_view = normalise(cache.load_embeds().astype(np.float32).reshape(-1, cache.embed_dim)) @ text.embeds.T
             logits = average_views(CLIP_LOGIT_SCALE * per_view.reshape(cache.num_rows, cache.views, -1), cfg.views)
             results.append(_result(logits, labels, counts, cfg, name="zero-shot CLIP", kind="zero-shot", dataset=dataset))

@@ -12,7 +12,7 @@ from ._h5 import FEATURES_KIND, SCHEMA_VERSION, TEXT_KIND
 from .blocks import BlockWriter
 from .reader import FeatureCache
 from .shards import join_shards
-from .text import TextEmbeddings, load_text_embeddings, save_text_embeddings
+from .text import TextEmbeddings, load_text_embeddings, save_text_embeddings, zero_shot_text
 from .tokens import TOKEN_DTYPES, TOKEN_SCALES, EncodedTokens, PcaFit, TokenCodec, TokenFormat
 from .writer import FeatureWriter, amend_attribute, shard_path, shard_range, write_arrays
 
@@ -33,6 +33,7 @@ __all__ = [
     "amend_attribute",
     "join_shards",
     "load_text_embeddings",
+    "zero_shot_text",
     "save_text_embeddings",
     "shard_path",
     "shard_range",

@@ -80,3 +80,12 @@ def load_text_embeddings(path: str | os.PathLike) -> TextEmbeddings:
                           f"num_classes={num_classes}; re-create it")
     check_cache_folder(path, attrs, embeds.shape[1], classnames)
     return TextEmbeddings(embeds, classnames, templates, attrs, pooled, pooled_template)
+
+
+def zero_shot_text(features: str | os.PathLike) -> TextEmbeddings:
+    """The class text embeddings ``--zero-shot`` classifies with: cache ``features``'s ``text.h5``
+    (missing: one line saying how to write it)."""
+    path = Path(features) / "text.h5"
+    if not path.is_file():
+        raise LtclipError(f"--zero-shot: {path} is missing; rerun `ltclip extract` to write the text embeddings")
+    return load_text_embeddings(path)
