@@ -81,6 +81,8 @@ def test_a_cache_run_exports_to_torchscript_with_the_same_logits(world, syntheti
         clf = ltclip.load(world["runs"][kind], device="cpu")
     meta = assert_export_is_the_classifier(out, clf, test_images(synthetic_root)[:12])
     assert meta["format"] == "torchscript" and meta["lora_weights_merged"] == 0
+    keys = list(load_export(out)[0].state_dict())
+    assert any(".conv1." in k for k in keys) and not [k for k in keys if "token_embedding" in k or "text_projection" in k]
     assert meta["source"]["kind"] == {"linear": "head", "decoder": "head", "lws": "second_stage"}.get(kind, kind)
     pre = meta["preprocess"]
     assert pre["size"] == [32, 32] and pre["resize"] == 32 and pre["interpolation"] == "bicubic" and len(pre["mean"]) == 3
