@@ -61,7 +61,7 @@ class StoredFeatures(nn.Module):
 
     def __init__(self, backbone, kind: str, codec: TokenCodec | None = None, with_tokens: bool = False):
         super().__init__()
-        self.encoder = backbone.model.visual  # the image tower only: the text tower is not exported or moved with it
+        self.encoder = backbone.model.visual  # the image tower only: an export does not carry the text tower
         self.backbone, self.kind, self.codec, self.with_tokens = backbone, kind, codec, with_tokens
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
