@@ -43,8 +43,12 @@ class ImageSplit(Dataset):
         try:
             return self.views(self.dataset.open_image(self.split.name, row), row), label, row, ""
         except Exception as err:  # any decode/IO failure of one image
-            blank = torch.zeros_like(self.views(Image.new("RGB", (8, 8)), row))
-            return blank, label, row, read_problem(self.dataset, self.split, row, err)
+            return unread_views(self.views, row), label, row, read_problem(self.dataset, self.split, row, err)
+
+
+def unread_views(views: Views, index: int) -> torch.Tensor:
+    """Zeros in the shape of ``views``' output: what stands for an image that could not be read."""
+    return torch.zeros_like(views(Image.new("RGB", (8, 8)), index))
 
 
 def read_problem(dataset: LTDataset, split, row: int, err: Exception) -> str:

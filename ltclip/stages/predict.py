@@ -17,13 +17,14 @@ from ..artifacts.outputs import check_output_files, file_input, folder_input, ru
 from ..config import PredictConfig
 from ..config.fields import check_values
 from ..core.atomic import atomic_path
-from ..core.distributed import DistContext, autocast, default_workers, resolve_device
+from ..core.distributed import DistContext, default_workers, resolve_device
 from ..core.errors import LtclipError
 from ..data.image_files import read_rgb
 from ..data.image_paths import image_paths
-from ..data.images import apply_bad_image_policy, worker_init
+from ..data.images import apply_bad_image_policy, unread_views, worker_init
 from ..data.views import Views
 from ..evaluation.metrics import average_views
+from ..models.encoder_classifier import image_logits
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,7 @@ class _Images(Dataset):
             image = read_rgb(item) if isinstance(item, (str, Path)) else item.convert("RGB")
             return self.views(image, i), i, ""
         except Exception as err:  # any decode/IO failure of one image
-            problem = " ".join(f"{item}: cannot read image ({type(err).__name__}: {err})".split())
-            from PIL import Image
-
-            return torch.zeros_like(self.views(Image.new("RGB", (8, 8)), i)), i, problem
+            return unread_views(self.views, i), i, " ".join(f"{item}: cannot read image ({type(err).__name__}: {err})".split())
 
 
 @torch.inference_mode()
@@ -70,17 +68,17 @@ def predict_logits(classifier: ImageClassifier, items: list, views: Views, *, ba
     device = torch.device(device)
     loader = DataLoader(_Images(items, views), batch_size=batch_size, num_workers=workers, shuffle=False,
                         worker_init_fn=worker_init if workers else None)
+
+    def read():  # (views, index) of the images read, batch by batch, as --bad-images says
+        for x, index, problems in loader:
+            ok = torch.tensor(apply_bad_image_policy(bad_images, problems), dtype=torch.bool)
+            if ok.any():
+                yield x[ok], index[ok]
+
     kept, parts = [], []
-    for x, index, problems in loader:
-        ok = np.asarray(apply_bad_image_policy(bad_images, problems), dtype=bool)
-        if not ok.any():
-            continue
-        x = x[torch.from_numpy(ok)]
-        b, v = x.shape[:2]
-        with autocast(device, precision):
-            logits = classifier.model(x.flatten(0, 1).to(device))
-        parts.append(average_views(logits.float().view(b, v, -1).cpu().numpy(), "mean"))
-        kept.append(index.numpy()[ok])
+    for logits, index in image_logits(classifier.model, read(), device, precision):
+        parts.append(average_views(logits, "mean"))
+        kept.append(index)
     classes = len(classifier.classnames)
     return (np.concatenate(kept) if kept else np.zeros(0, np.int64),
             np.concatenate(parts) if parts else np.zeros((0, classes), np.float32))
