@@ -161,6 +161,12 @@ def test_test_time_views_and_extract_from_a_finetuned_run(synthetic_root, tmp_pa
     with FeatureCache(feats / "test.h5") as cache:
         np.testing.assert_allclose(cache.load_embeds()[:8, 0].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
         assert len(cache.attrs["finetuned_run_sha256"]) == 64
+    from ltclip.config import EvalConfig
+    from ltclip.stages.image_eval import image_run_logits
+
+    zero, _ = image_run_logits(load_run(run), EvalConfig(workers=0, eval_resize=0), "cpu")  # 0: the model's preprocessing,
+    with torch.no_grad():  # not the run's recorded --eval-resize
+        np.testing.assert_allclose(zero[:8], model.eval()(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow  # ~1.7 s

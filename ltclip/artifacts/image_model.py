@@ -126,12 +126,17 @@ def _classifier(model, backbone, cache: FeatureCache, record: dict) -> ImageClas
 
 
 def _finetuned(run_dir: str | Path, device) -> ImageClassifier:
-    """A finetuned run: its encoder and head, viewed as ``ltclip eval`` views its test images."""
     run = load_run(run_dir, device=device)
+    return finetuned_classifier(run, _dataset_classnames(run.info))
+
+
+def finetuned_classifier(run, classnames: list[str]) -> ImageClassifier:
+    """A loaded finetuned run (:func:`~ltclip.artifacts.runs.load_run`): its encoder and head, viewed as
+    it recorded (normalisation, ``--eval-resize``, ``--interpolation``)."""
     model = run.model
     normalize = run.config.get("normalize", "model")
     return ImageClassifier(model.eval(), *normalized_preprocess(model.preprocess, model.preprocess_cfg, normalize),
-                           _dataset_classnames(run.info), run.config.get("eval_resize"), run.config.get("interpolation"))
+                           list(classnames), run.config.get("eval_resize"), run.config.get("interpolation"))
 
 
 def _dataset_classnames(info: dict) -> list[str]:

@@ -252,7 +252,7 @@ class EvalConfig:
     data_root: str | None = option(None, "Images of finetuned runs.", default_text="the run's own data root", input="folder")
     test_views: str = option("center", "Views of each image for finetuned runs: center, flip, fivecrop or tencrop.", one_of=TEST_VIEWS)
     eval_resize: int | None = option(None, "Finetuned runs: resize the short side to this before cropping the "
-                                           "views, e.g. 248 with fivecrop (LIFT's tables).",
+                                           "views, e.g. 248 with fivecrop (LIFT's tables); 0: the model's preprocessing.",
                                      default_text="the run's --eval-resize, else the model's preprocessing", minimum=0)
     interpolation: str | None = option(None, "Finetuned runs: bilinear or bicubic resampling of the --eval-resize views.",
                                        default_text="the run's --interpolation, else the model's", one_of=INTERPOLATIONS)

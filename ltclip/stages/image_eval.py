@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 
 from ..config import DataConfig, EvalConfig, from_dict
-from ..data.image_batches import image_batches, normalized_preprocess
+from ..artifacts.image_model import finetuned_classifier
+from ..data.image_batches import image_batches
 from ..data.registry import open_dataset
-from ..data.views import check_view_options, make_views
 from ..core.distributed import DistContext, default_workers
 from ..core.errors import LtclipError
 from ..evaluation.metrics import average_views
@@ -30,19 +30,14 @@ def image_run_logits(run, cfg: EvalConfig, device) -> tuple[np.ndarray, np.ndarr
     if cfg.data_root:
         data = dataclasses.replace(data, data_root=cfg.data_root)
     dataset = open_dataset(data)
-    model = run.model
-    normalize = run.config.get("normalize", "model")
-    transform, preprocess_cfg = normalized_preprocess(model.preprocess, model.preprocess_cfg, normalize)
-    resize = cfg.eval_resize or run.config.get("eval_resize")
-    interpolation = cfg.interpolation or run.config.get("interpolation")
-    check_view_options(resize, interpolation)
-    views = make_views(cfg.test_views, transform, preprocess_cfg, resize=resize, interpolation=interpolation)
+    classifier = finetuned_classifier(run, dataset.classnames)
+    views = classifier.views(cfg.test_views, cfg.eval_resize, cfg.interpolation)
     split = dataset.split(cfg.split)
     workers = default_workers(DistContext()) if cfg.workers is None else cfg.workers
     parts, labels = [], []
     batches = image_batches(dataset, cfg.split, views, range(len(split)), cfg.batch_size or IMAGE_BATCH, workers, cfg.decode,
                             device)
-    for logits, y in image_logits(model, batches, device):
+    for logits, y in image_logits(classifier.model, batches, device):
         parts.append(logits)
         labels.append(y)
     return average_views(np.concatenate(parts), cfg.views), np.concatenate(labels)
